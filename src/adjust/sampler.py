@@ -1,0 +1,115 @@
+"""The one-layer joint sampler (METHOD.md section 4).
+
+    e   = RMSNorm(embed(x))                 frozen base embedding of the current tokens
+    p   = RMSNorm(prior)                    base hidden states (first unroll) or own output
+    z   = Linear(2H -> H)([e ; p])
+    z   = Block(z)                          bidirectional attention (RoPE) + SwiGLU
+    out = RMSNorm(z) + prior                post-norm plus residual
+    logits = base.lm_head(out)              frozen, shared with the base
+
+The same weights serve every unroll. Saved like a Hugging Face model (config.json +
+model.safetensors); the config records the base's identity so it refuses any other base.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import AdjustError
+from .io import atomic_path, load_state, load_weights, read_json, write_json
+from .layers import Block, RMSNorm, positions_from_mask, rope_cos_sin
+
+SAMPLER_TYPE = "adjust-sampler"
+
+
+@dataclass
+class SamplerConfig:
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    base: dict = field(default_factory=dict)  # identity of the base model it was distilled from
+
+    @classmethod
+    def for_base(cls, base, intermediate_ratio: float = 8 / 3, num_heads: int | None = None) -> "SamplerConfig":
+        """A sampler sized for `base`: head dim 64 (or the base's heads), SwiGLU width ~8/3 H."""
+        H = base.hidden_size
+        heads = num_heads or getattr(base, "num_heads", None) or max(1, H // 64)
+        inter = int(16 * round(intermediate_ratio * H / 16))
+        theta = float(getattr(base, "rope_theta", 10000.0))
+        return cls(H, heads, inter, rope_theta=theta, base=base.identity())
+
+
+class JointSampler(nn.Module):
+    def __init__(self, cfg: SamplerConfig):
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.hidden_size
+        self.embed_norm = RMSNorm(H, cfg.norm_eps)
+        self.prior_norm = RMSNorm(H, cfg.norm_eps)
+        self.proj = nn.Linear(2 * H, H, bias=False)
+        self.block = Block(H, cfg.num_heads, cfg.intermediate_size, cfg.norm_eps)
+        self.out_norm = RMSNorm(H, cfg.norm_eps)
+        for m in self.modules():  # fresh initialisation, not copied from the base
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, base, input_ids: torch.Tensor, prior: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One unroll: (B, L) tokens + (B, L, H) prior -> (B, L, H) new aligned hidden states."""
+        e = self.embed_norm(base.embed(input_ids).to(prior.dtype))
+        z = self.proj(torch.cat([e, self.prior_norm(prior)], dim=-1))  # (B, L, H)
+        pos = positions_from_mask(attention_mask, input_ids.shape, input_ids.device)
+        cos, sin = rope_cos_sin(pos, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta, z.dtype)
+        z = self.block(z, cos, sin, None if attention_mask is None else attention_mask.bool())
+        return self.out_norm(z) + prior
+
+    # --- identity and persistence ------------------------------------------------------------
+    def check_base(self, base) -> None:
+        """Refuse a base other than the one this sampler was distilled from."""
+        mine, theirs = self.cfg.base, base.identity()
+        for key in ("hidden_size", "vocab_size", "fingerprint"):
+            if mine.get(key) != theirs.get(key):
+                raise AdjustError(f"this sampler was trained for base {mine.get('name')!r} "
+                                  f"({key}={mine.get(key)}), not for {theirs.get('name')!r} "
+                                  f"({key}={theirs.get(key)}); distill a sampler for this base")
+
+    def save(self, out_dir: str | Path, extra: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(out / "model.safetensors") as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        write_json(out / "config.json", {"model_type": SAMPLER_TYPE, **asdict(self.cfg), **(extra or {})})
+
+    @classmethod
+    def load(cls, path: str | Path, base=None) -> "JointSampler":
+        """Load a sampler; with `base`, check it belongs to that base and match its device and dtype."""
+        path = Path(path)
+        if not path.is_dir():
+            raise AdjustError(f"sampler directory not found: {path}")
+        raw = read_json(path / "config.json", "sampler config.json")
+        if raw.get("model_type") != SAMPLER_TYPE:
+            raise AdjustError(f"{path} is not an ADJUST sampler (model_type={raw.get('model_type')!r})")
+        names = {f.name for f in fields(SamplerConfig)}
+        sampler = cls(SamplerConfig(**{k: v for k, v in raw.items() if k in names}))
+        if base is not None:
+            sampler.check_base(base)
+        load_state(sampler, load_weights(path / "model.safetensors", "sampler weights"), path, "sampler weights")
+        if base is not None:
+            sampler.to(device=base.device, dtype=base.dtype)
+        sampler.eval()
+        return sampler
+
+
+def default_sampler_path(base_path) -> Path | None:
+    """The sampler shipped beside a base: <base dir>/sampler, if present."""
+    p = Path(base_path) / "sampler"
+    return p if p.is_dir() else None
