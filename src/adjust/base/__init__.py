@@ -155,6 +155,9 @@ def detect_base_type(path) -> str:
     archs = " ".join(cfg.get("architectures") or []).lower()
     if model_type == "adjust-tiny":
         return "tiny"
+    stand_in = str(cfg.get("adjust_stand_in") or "").lower()  # a small Qwen2/Llama posing as Dream/LLaDA (base/hf.py)
+    if stand_in in ("dream", "llada"):
+        return stand_in
     if model_type == "dream" or "dream" in archs:
         return "dream"
     if model_type == "llada" or "llada" in archs:
