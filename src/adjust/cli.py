@@ -27,8 +27,13 @@ def cmd_train_base(args) -> None:
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                       warmup=args.warmup, eval_every=args.eval_every, seed=args.seed)
-    if min(cfg.steps, cfg.batch_size, cfg.seq_len) < 1:
-        raise_bad("--steps, --batch-size and --seq-len must be at least 1")
+    if min(cfg.steps, cfg.batch_size, cfg.seq_len, cfg.eval_every) < 1:
+        raise_bad("--steps, --batch-size, --seq-len and --eval-every must be at least 1")
+    if not cfg.lr > 0:
+        raise_bad(f"--lr must be positive, got {cfg.lr}")
+    if args.heads < 1 or args.hidden_size % args.heads or (args.hidden_size // args.heads) % 2:
+        raise_bad(f"--hidden-size ({args.hidden_size}) must be divisible by --heads ({args.heads}) "
+                  "into an even head size (rotary positions rotate pairs)")
     model_cfg = TinyConfig(hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
                            intermediate_size=args.intermediate_size, max_length=args.seq_len,
                            tokenizer_size=args.vocab_size)
@@ -66,7 +71,16 @@ def _read_prompts(args) -> list[str]:
             raise_bad(f"prompts file not found: {path}")
         lines = path.read_text().splitlines()
         if path.suffix == ".jsonl":
-            prompts += [json.loads(line)["prompt"] for line in lines if line.strip()]
+            for n, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    raise_bad(f"{path}:{n} is not valid JSON")
+                if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                    raise_bad(f'{path}:{n} needs a "prompt" string field')
+                prompts.append(rec["prompt"])
         else:
             prompts += [line for line in lines if line.strip()]
     return prompts or [""]
@@ -122,6 +136,46 @@ def format_steps(base, history) -> str:
     return "\n".join(lines)
 
 
+def cmd_rollouts(args) -> None:
+    from .distill.rollouts import make_rollouts
+
+    base = _load_base(args)
+    prompts = _read_prompts(args) if (args.prompt or args.prompts) else None
+    out = make_rollouts(base, args.out, args.num_samples, args.gen_length, _sampling_from_args(args), prompts,
+                        seed=args.seed, batch_size=args.batch_size, shard_size=args.shard_size,
+                        progress=not args.quiet)
+    print(f"rollouts in {out}")
+
+
+def cmd_distill(args) -> None:
+    from .distill.rollouts import load_rollouts
+    from .distill.train import DistillConfig, distill
+
+    base = _load_base(args)
+    rollouts = load_rollouts(args.rollouts, base)
+    cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                        max_unrolls=args.max_unrolls, eval_every=args.eval_every, seed=args.seed)
+    if min(cfg.steps, cfg.batch_size, cfg.eval_every) < 1:
+        raise_bad("--steps, --batch-size and --eval-every must be at least 1")
+    if not cfg.lr > 0:
+        raise_bad(f"--lr must be positive, got {cfg.lr}")
+    print(json.dumps(distill(base, rollouts, args.out, cfg, progress=not args.quiet)))
+
+
+def cmd_eval_joint_kl(args) -> None:
+    from .distill.rollouts import load_rollouts
+    from .eval.joint_kl import joint_kl
+
+    base = _load_base(args)
+    sampler = _load_sampler(args, base, required=True)
+    rollouts = load_rollouts(args.rollouts, base)
+    result = joint_kl(base, sampler, rollouts, args.tokens_per_pass, num_states=args.num_states,
+                      draws=args.draws, order=args.order, seed=args.seed, progress=not args.json)
+    if result.get("kl_parallel", 0) > 0 and "kl_adjust" in result:
+        result["adjust_over_parallel"] = result["kl_adjust"] / result["kl_parallel"]
+    print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+
+
 def raise_bad(msg: str):
     from .errors import AdjustError
 
@@ -168,7 +222,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print exactly one JSON object with samples and stats")
     p.add_argument("--show-steps", action="store_true", help="show which positions each pass unmasked")
     p.set_defaults(func=cmd_generate)
+    _add_rollout_parsers(sub)
+    _add_eval_parsers(sub)
     return parser
+
+
+def _add_rollout_parsers(sub) -> None:
+    from .sampling import ORDERS
+
+    p = sub.add_parser("rollouts", help="sample exact joint trajectories from the frozen base (for distill)")
+    _add_base_args(p)
+    p.add_argument("--out", required=True, help="rollouts directory (resumes after complete shards)")
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--gen-length", type=int, default=64)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable); none = unconditional")
+    p.add_argument("--prompts", default=None, help="file with one prompt per line")
+    p.add_argument("--order", default="entropy", help=f"order rule of the target use: {' | '.join(ORDERS)}")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--shard-size", type=int, default=256, help="samples per shard file (the unit of resume)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_rollouts)
+
+    p = sub.add_parser("distill", help="train the joint sampler on exact rollouts (KL to the frozen base)")
+    _add_base_args(p)
+    p.add_argument("--rollouts", required=True, help="directory written by `adjust rollouts`")
+    p.add_argument("--out", required=True, help="sampler directory (resumes if it holds a trainer state)")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--max-unrolls", type=int, default=3, help="longest unroll chain trained (K - 1)")
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_distill)
+
+
+def _add_eval_parsers(sub) -> None:
+    ev = sub.add_parser("eval", help="evaluate samplers").add_subparsers(dest="metric", required=True)
+    p = ev.add_parser("joint-kl", help="KL of parallel and ADJUST to the true K-token joint on held-out states")
+    _add_base_args(p)
+    p.add_argument("--sampler", default=None, help="joint sampler directory (default: <base>/sampler)")
+    p.add_argument("--rollouts", required=True, help="exact rollouts of this base (held-out tail is used)")
+    p.add_argument("--tokens-per-pass", "-K", type=int, default=4)
+    p.add_argument("--num-states", type=int, default=64)
+    p.add_argument("--draws", type=int, default=4, help="samples from the true joint per state")
+    p.add_argument("--order", default="entropy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval_joint_kl)
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:

@@ -119,7 +119,8 @@ class StepContext:
                            dtype=torch.float64, device=rows.device)
         slot = torch.arange(len(rows), device=rows.device) - _row_starts(rows, B)[rows]  # index within its row
         table[rows, slot] = scores.double()
-        top = table.topk(int(counts.max()), dim=1).indices  # (B, kmax), ties -> lower position
+        # stable sort: among equal scores the lower position goes first (a deterministic, documented tie rule)
+        top = table.sort(dim=1, descending=True, stable=True).indices[:, : int(counts.max())]  # (B, kmax)
         keep = torch.arange(top.shape[1], device=rows.device)[None] < counts[:, None]
         return (_row_starts(rows, B)[:, None] + top)[keep]
 

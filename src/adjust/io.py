@@ -59,9 +59,12 @@ def read_json(path: str | os.PathLike, what: str = "file"):
     if not path.is_file():
         raise AdjustError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AdjustError(f"{what} is not valid JSON: {path} ({e})") from None
+    if not isinstance(obj, dict):
+        raise AdjustError(f"{what} must hold a JSON object: {path}")
+    return obj
 
 
 def load_weights(path: str | os.PathLike, what: str = "weights") -> dict:

@@ -165,7 +165,7 @@ def train_base(data: str | Path, out: str | Path, cfg: TrainConfig, model_cfg: T
             elapsed = time.time() - t0
             history.append({"step": step, "train_loss": round(loss_ema, 4), "val_loss": round(val, 4),
                             "elapsed_s": round(elapsed, 1)})
-            bar.write(json.dumps(history[-1]))
+            bar.write(json.dumps(history[-1]), file=sys.stderr)
             checkpoint(val)
     bar.close()
     final = history[-1] if history else {"step": step}

@@ -1,0 +1,188 @@
+"""`adjust distill`: train the joint sampler on windows of exact trajectories (METHOD.md section 5).
+
+One example: a trajectory n, a start step t and an unroll count U.
+  h        = base(x^t)                                    frozen, no grad
+  prior_j  = sampler(x^{t+j}, prior_{j-1}), j = 1..U      teacher forcing, prior_0 = h
+  loss     = mean over positions masked in x^{t+U} of KL(p_base(. | x^{t+U}) || q(prior_U))
+Only the last unroll is penalised and gradients flow through the chain. U is drawn with
+probability proportional to softmax(0.5^0, 0.5^1, ...) over 1..U_max, where U_max grows
+from 1 to `max_unrolls` during the first `curriculum` fraction of training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import AdjustError
+from ..io import atomic_path
+from ..sampler import JointSampler, SamplerConfig
+from .loss import kl_per_position
+from .rollouts import Rollouts
+
+STATE_FILE = "distill_state.pt"
+
+
+@dataclass
+class DistillConfig:
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 1e-3  # paper: 5e-5 for a 7B base; a tiny fresh layer takes a larger step
+    warmup: int = 100  # paper: 250, then constant
+    grad_clip: float = 1.0
+    max_unrolls: int = 3  # K - 1 for the largest K the sampler will serve
+    curriculum: float = 0.3  # fraction of steps over which U_max grows from 1 to max_unrolls
+    val_fraction: float = 0.05
+    val_examples: int = 128
+    eval_every: int = 100
+    kl_chunk: int = 1024
+    seed: int = 0
+
+
+def unroll_probs(u_max: int) -> torch.Tensor:
+    """P(U = u), u = 1..u_max, proportional to softmax(0.5^0, 0.5^1, ...): short chains more often."""
+    return torch.softmax(torch.tensor([0.5 ** i for i in range(u_max)]), dim=0)
+
+
+def current_u_max(step: int, cfg: DistillConfig) -> int:
+    ramp = max(1, int(cfg.curriculum * cfg.steps))
+    return max(1, min(cfg.max_unrolls, 1 + (cfg.max_unrolls * step) // ramp))
+
+
+def split(rollouts: Rollouts, cfg: DistillConfig) -> tuple[list[int], list[int]]:
+    """Held-out split by trajectory (last val_fraction of sample indices)."""
+    n = len(rollouts)
+    n_val = max(1, int(round(n * cfg.val_fraction))) if n > 1 else 0
+    return list(range(n - n_val)), list(range(n - n_val, n))
+
+
+def draw_examples(rollouts: Rollouts, pool: list[int], batch: int, u: int, g: torch.Generator):
+    """Trajectories (one prompt length) and start steps t with t + u <= G - 1 (a mask is left to score)."""
+    lengths = {}
+    for n in pool:
+        lengths.setdefault(len(rollouts.prompts[n]), []).append(n)
+    groups = list(lengths.values())
+    sizes = torch.tensor([len(x) for x in groups], dtype=torch.float)
+    group = groups[int(torch.multinomial(sizes, 1, generator=g))]
+    ns = [group[i] for i in torch.randint(len(group), (batch,), generator=g).tolist()]
+    ts = torch.randint(0, rollouts.gen_length - u, (batch,), generator=g).tolist()
+    return ns, ts
+
+
+def example_loss(base, sampler, rollouts: Rollouts, ns, ts, u: int, chunk: int) -> torch.Tensor:
+    """Mean KL over the positions still masked in x^{t+u} (METHOD.md section 5)."""
+    device = base.device
+    states = [rollouts.states(ns, [t + j for t in ts], base.mask_id).to(device) for j in range(u + 1)]
+    with torch.no_grad():
+        prior = base.hidden_states(states[0])
+        target = base.hidden_states(states[u])
+    for j in range(1, u + 1):
+        prior = sampler(base, states[j], prior)
+    masked = states[u] == base.mask_id
+    return kl_per_position(base, target[masked], prior[masked], chunk).mean()
+
+
+def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampler_cfg: SamplerConfig | None = None,
+            progress: bool = True, accelerator=None) -> dict:
+    """Train (or resume) a sampler for `base` into `out`. Returns the final metrics."""
+    out = Path(out)
+    if rollouts.meta["base"]["fingerprint"] != base.identity()["fingerprint"]:
+        raise AdjustError(f"these rollouts came from base {rollouts.meta['base'].get('name')!r}, not {base.name!r}")
+    if cfg.max_unrolls < 1 or cfg.max_unrolls > rollouts.gen_length - 1:
+        raise AdjustError(f"--max-unrolls must be in 1..{rollouts.gen_length - 1} for rollouts of length "
+                          f"{rollouts.gen_length}, got {cfg.max_unrolls}")
+    train_ids, val_ids = split(rollouts, cfg)
+    if not train_ids or not val_ids:
+        raise AdjustError("need at least 2 rollouts (one to train on, one held out)")
+    torch.manual_seed(cfg.seed)
+    sampler_cfg = sampler_cfg or SamplerConfig.for_base(base)
+    sampler = JointSampler(sampler_cfg).to(device=base.device)
+    opt = torch.optim.AdamW(sampler.parameters(), lr=cfg.lr, weight_decay=0.0)  # paper: no weight decay
+    step, elapsed, history = 0, 0.0, []
+    state_path = out / STATE_FILE
+    if state_path.is_file():
+        state = torch.load(state_path, weights_only=False)
+        if state["sampler_config"] != asdict(sampler_cfg):
+            raise AdjustError(f"{state_path} was written for another sampler/base; use a new --out")
+        sampler.load_state_dict(state["sampler"])
+        opt.load_state_dict(state["optimizer"])
+        step, elapsed, history = state["step"], state["elapsed"], state["history"]
+        print(f"resuming from step {step} in {out}", file=sys.stderr)
+    model, optim = sampler, opt
+    if accelerator is not None:
+        model, optim = accelerator.prepare(sampler, opt)
+
+    val_g = torch.Generator().manual_seed(cfg.seed + 1)
+    probs = unroll_probs(cfg.max_unrolls)
+    val_batches = []
+    for _ in range(max(1, cfg.val_examples // cfg.batch_size)):
+        u = int(torch.multinomial(probs, 1, generator=val_g)) + 1
+        val_batches.append((*draw_examples(rollouts, val_ids, min(cfg.batch_size, cfg.val_examples), u, val_g), u))
+
+    def validate() -> float:
+        sampler.eval()
+        with torch.no_grad():
+            kl = sum(example_loss(base, sampler, rollouts, ns, ts, u, cfg.kl_chunk).item() for ns, ts, u in val_batches)
+        sampler.train()
+        return kl / len(val_batches)
+
+    def checkpoint(val_kl: float):
+        if accelerator is not None and not accelerator.is_main_process:
+            return
+        extra = {"training": {"step": step, "val_kl": val_kl, "rollouts": rollouts.meta.get("num_samples"),
+                              "gen_length": rollouts.gen_length, "max_unrolls": cfg.max_unrolls}}
+        sampler.save(out, extra=extra)
+        with atomic_path(state_path) as tmp:
+            torch.save({"sampler": sampler.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                        "elapsed": elapsed, "history": history, "sampler_config": asdict(sampler_cfg),
+                        "distill_config": asdict(cfg)}, tmp)
+
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    sampler.train()
+    bar = tqdm(total=cfg.steps, initial=step, desc="distill", dynamic_ncols=True,
+               disable=not progress or rank != 0)
+    t0, ema = time.time() - elapsed, None
+    while step < cfg.steps:
+        # every process draws the same global batch and takes its own slice: the same data as one process
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        u_max = current_u_max(step, cfg)
+        u = int(torch.multinomial(unroll_probs(u_max), 1, generator=g)) + 1
+        ns, ts = draw_examples(rollouts, train_ids, cfg.batch_size, u, g)
+        ns, ts = ns[rank::world], ts[rank::world]
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        for group in optim.param_groups:
+            group["lr"] = lr
+        loss = example_loss(base, model, rollouts, ns, ts, u, cfg.kl_chunk)
+        if not torch.isfinite(loss):
+            raise AdjustError(f"distillation diverged at step {step} (KL {loss.item()}); lower --lr")
+        optim.zero_grad(set_to_none=True)
+        if accelerator is not None:
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(sampler.parameters(), cfg.grad_clip)
+        optim.step()
+        step += 1
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        bar.update(1)
+        bar.set_postfix(kl=f"{ema:.4f}", u_max=u_max)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            val = validate()
+            elapsed = time.time() - t0
+            history.append({"step": step, "train_kl": round(ema, 5), "val_kl": round(val, 5), "u_max": u_max,
+                            "elapsed_s": round(elapsed, 1)})
+            if rank == 0:
+                bar.write(json.dumps(history[-1]), file=sys.stderr)
+            checkpoint(val)
+    bar.close()
+    return {**(history[-1] if history else {"step": step}), "params": sum(p.numel() for p in sampler.parameters()),
+            "train_rollouts": len(train_ids), "val_rollouts": len(val_ids)}

@@ -1,0 +1,1 @@
+"""Metrics and benchmarks: joint KL, MAUVE, NLL, task validity, throughput."""
