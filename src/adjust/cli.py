@@ -89,7 +89,8 @@ def _read_prompts(args) -> list[str]:
 def _strategy_from_args(args):
     from .strategies import make_strategy
 
-    return make_strategy(args.strategy, tokens_per_pass=args.tokens_per_pass)
+    return make_strategy(args.strategy, tokens_per_pass=args.tokens_per_pass, tau=args.tau, factor=args.factor,
+                         gamma=args.gamma, max_tokens_per_pass=args.max_tokens_per_pass)
 
 
 def _sampling_from_args(args):
@@ -136,14 +137,50 @@ def format_steps(base, history) -> str:
     return "\n".join(lines)
 
 
-def cmd_rollouts(args) -> None:
-    from .distill.rollouts import make_rollouts
+def _accelerate_cpu() -> bool:
+    """Processes on CPUs (gloo): asked for with ACCELERATE_USE_CPU=true, or no GPU here."""
+    import os
 
+    import torch
+
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+
+
+def _launched_state():
+    """accelerate's PartialState when started with more than one process (`accelerate launch`), else None.
+
+    Each process then runs on its own device (`--device` other than cpu means "this process's GPU")."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    from accelerate import PartialState
+
+    state = PartialState(cpu=_accelerate_cpu())
+    if state.num_processes != world:  # e.g. `--multi_gpu` on a machine without GPUs: each process alone
+        raise_bad(f"started as {world} processes, but accelerate set up {state.num_processes}; on CPUs launch "
+                  "with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N (gloo)")
+    return state
+
+
+def cmd_rollouts(args) -> None:
+    from .distill.rollouts import check_complete, make_rollouts
+
+    state = _launched_state()
+    if state is not None and args.device != "cpu":
+        args.device = str(state.device)
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     base = _load_base(args)
     prompts = _read_prompts(args) if (args.prompt or args.prompts) else None
     out = make_rollouts(base, args.out, args.num_samples, args.gen_length, _sampling_from_args(args), prompts,
                         seed=args.seed, batch_size=args.batch_size, shard_size=args.shard_size,
-                        progress=not args.quiet)
+                        progress=not args.quiet and rank == 0, rank=rank, world=world)
+    if state is not None:
+        state.wait_for_everyone()  # every process has written its shards
+        if not state.is_main_process:
+            return
+        check_complete(out, args.num_samples)
     print(f"rollouts in {out}")
 
 
@@ -151,6 +188,13 @@ def cmd_distill(args) -> None:
     from .distill.rollouts import load_rollouts
     from .distill.train import DistillConfig, distill
 
+    accelerator = None
+    if _launched_state() is not None:  # DDP over the processes; the frozen base is not wrapped
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=_accelerate_cpu())
+        if args.device != "cpu":
+            args.device = str(accelerator.device)
     base = _load_base(args)
     rollouts = load_rollouts(args.rollouts, base)
     cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
@@ -159,7 +203,9 @@ def cmd_distill(args) -> None:
         raise_bad("--steps, --batch-size and --eval-every must be at least 1")
     if not cfg.lr > 0:
         raise_bad(f"--lr must be positive, got {cfg.lr}")
-    print(json.dumps(distill(base, rollouts, args.out, cfg, progress=not args.quiet)))
+    result = distill(base, rollouts, args.out, cfg, progress=not args.quiet, accelerator=accelerator)
+    if accelerator is None or accelerator.is_main_process:
+        print(json.dumps(result))
 
 
 def cmd_eval_joint_kl(args) -> None:
@@ -174,6 +220,56 @@ def cmd_eval_joint_kl(args) -> None:
     if result.get("kl_parallel", 0) > 0 and "kl_adjust" in result:
         result["adjust_over_parallel"] = result["kl_adjust"] / result["kl_parallel"]
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+
+
+def cmd_bench(args) -> None:
+    from .eval.bench import format_table, run_bench
+    from .sampler import JointSampler, SamplerConfig
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+        ks = [int(k) for k in args.ks.split(",") if k.strip()]
+    except ValueError:
+        raise_bad(f"--batch-sizes and --ks take comma-separated integers, got {args.batch_sizes!r}, {args.ks!r}")
+    base = _load_base(args)
+    sampler, source = None, None
+    if args.fresh_sampler:
+        sampler = JointSampler(SamplerConfig.for_base(base)).to(device=base.device, dtype=base.dtype).eval()
+        source = "fresh"
+    else:
+        sampler = _load_sampler(args, base, required=bool(args.sampler))
+        source = None if sampler is None else str(args.sampler or "beside the base")
+    specs = None
+    if args.strategies:
+        from .eval.specs import parse_strategy_specs
+
+        specs = parse_strategy_specs(args.strategies)
+    report = run_bench(base, sampler, gen_length=args.gen_length, batch_sizes=batch_sizes, ks=ks,
+                       repeats=args.repeats, warmup=args.warmup, unroll_repeats=args.unroll_repeats, seed=args.seed,
+                       sampling=_sampling_from_args(args), specs=specs, sampler_source=source,
+                       progress=not args.json)
+    print(json.dumps(report) if args.json else format_table(report))
+
+
+def cmd_eval_quality(args) -> None:
+    from .eval.quality import markdown_table, run_quality
+    from .eval.specs import parse_strategy_specs
+
+    specs = parse_strategy_specs(args.strategies) if args.strategies else None
+    base = _load_base(args)
+    sampler = _load_sampler(args, base, required=bool(args.sampler))
+    result = run_quality(base, sampler, specs, num_samples=args.num_samples, gen_length=args.gen_length,
+                         seed=args.seed, cache_dir=args.cache_dir, featurizer=args.featurizer,
+                         evaluator=args.evaluator, joint_kl_rollouts=args.rollouts, batch_size=args.batch_size,
+                         out_dir=args.out_dir, nll_draws=args.nll_draws, progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(markdown_table(result) + "\n" + "\n".join(f"wrote {p}" for p in result["files"].values()))
 
 
 def raise_bad(msg: str):
@@ -224,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
     _add_rollout_parsers(sub)
     _add_eval_parsers(sub)
+    _add_bench_parser(sub)
     return parser
 
 
@@ -275,6 +372,70 @@ def _add_eval_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_joint_kl)
+    _add_quality_parser(ev)
+    from .eval.tasks import add_tasks_parser
+
+    add_tasks_parser(ev)  # `adjust eval tasks`: validity on verifiable parallel-decoding tasks
+
+
+def _add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="wall-clock throughput of the strategies, side by side, as ratios to exact")
+    _add_base_args(p)
+    p.add_argument("--sampler", default=None, help="joint sampler directory (default: <base>/sampler if present)")
+    p.add_argument("--fresh-sampler", action="store_true",
+                   help="time ADJUST with an untrained sampler sized for the base (fixed-K timing only)")
+    p.add_argument("--strategies", default=None,
+                   help="override the list, e.g. exact,parallel:4,adjust:4 (default: exact, parallel and adjust "
+                        "at --ks, and the adaptive ones)")
+    p.add_argument("--gen-length", type=int, default=64)
+    p.add_argument("--batch-sizes", default="1,8")
+    p.add_argument("--ks", default="2,4,8", help="K values of parallel and adjust")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per strategy (interleaved; median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per strategy first")
+    p.add_argument("--unroll-repeats", type=int, default=30, help="timings of a full pass vs an unroll")
+    p.add_argument("--order", default="entropy")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    p.set_defaults(func=cmd_bench)
+
+
+def _add_quality_parser(ev) -> None:
+    p = ev.add_parser("quality", formatter_class=argparse.RawDescriptionHelpFormatter,
+                      help="MAUVE / NLL / diversity of each strategy's samples against exact sampling, vs speed",
+                      description="Unconditional samples (T = 1) of exact (the reference) and of each strategy; "
+                      "MAUVE vs exact, NLL, distinct-n, tokens per full pass, tokens/s, joint-KL (with --rollouts). "
+                      "Writes quality.json, quality.md and quality.png to --out-dir; samples are cached per "
+                      "configuration in --cache-dir.",
+                      epilog="--strategies syntax: a comma-separated list of specs, each one of\n"
+                      "  name            the strategy with its defaults     (threshold)\n"
+                      "  name:K          K tokens per full pass             (parallel:2, adjust:4)\n"
+                      "  name:k=v;k=v    keyword parameters of the strategy (threshold:tau=0.9,\n"
+                      "                                                      adjust-threshold:tau=0.8;max_tokens_per_pass=8)\n"
+                      "Quote the list in the shell (';' separates parameters). exact is always evaluated.\n"
+                      "Default: parallel and adjust at K = 2, 3, 4, 8, plus threshold, factor, entropy-bound\n"
+                      "and adjust-threshold at a few settings (unregistered ones are skipped with a warning).")
+    _add_base_args(p)
+    p.add_argument("--sampler", default=None, help="joint sampler directory (default: <base>/sampler if present; "
+                   "strategies that need one are skipped without it)")
+    p.add_argument("--rollouts", default=None, help="exact rollouts of this base: adds joint-KL for parallel/adjust")
+    p.add_argument("--strategies", default=None, help='e.g. "parallel:2,adjust:4,threshold:tau=0.9" (syntax below)')
+    p.add_argument("--num-samples", type=int, default=500, help="samples per strategy (the paper: >= 500)")
+    p.add_argument("--gen-length", type=int, default=64, help="tokens per sample")
+    p.add_argument("--featurizer", default="minilm", help="MAUVE features: minilm (bundled, offline) or a local "
+                   "Hugging Face model path (the paper: gpt2-large)")
+    p.add_argument("--evaluator", default="base", help="NLL under: base (its masked-diffusion bound) or a local "
+                   "causal LM path")
+    p.add_argument("--nll-draws", type=int, default=8, help="Monte-Carlo draws of the base's bound per sample")
+    p.add_argument("--cache-dir", default="results/cache", help="generated samples, one file per configuration")
+    p.add_argument("--out-dir", default="results", help="where quality.json / .md / .png go")
+    p.add_argument("--seed", type=int, default=0, help="reference exact set: seed; evaluated sets: seed + 1")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object (also written to --out-dir)")
+    p.set_defaults(func=cmd_eval_quality)
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -284,6 +445,10 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
                    "entropy-bound | adjust-threshold (default: exact)")
     p.add_argument("--tokens-per-pass", "-K", type=int, default=None,
                    help="K, tokens unmasked per full pass (default: 1 for exact, 4 otherwise)")
+    p.add_argument("--tau", type=float, default=None, help="confidence threshold of threshold / adjust-threshold")
+    p.add_argument("--factor", type=float, default=None, help="f of the factor strategy")
+    p.add_argument("--gamma", type=float, default=None, help="entropy budget of entropy-bound")
+    p.add_argument("--max-tokens-per-pass", type=int, default=None, help="cap of adjust-threshold (default 8)")
     p.add_argument("--sampler", default=None, help="joint sampler directory (default: <base>/sampler)")
     p.add_argument("--gen-length", type=int, default=64, help="tokens to generate per sequence")
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")

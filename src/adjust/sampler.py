@@ -50,6 +50,8 @@ class JointSampler(nn.Module):
         super().__init__()
         self.cfg = cfg
         H = cfg.hidden_size
+        if cfg.num_heads < 1 or H % cfg.num_heads or (H // cfg.num_heads) % 2:
+            raise AdjustError(f"sampler hidden size {H} must split into {cfg.num_heads} heads of even size")
         self.embed_norm = RMSNorm(H, cfg.norm_eps)
         self.prior_norm = RMSNorm(H, cfg.norm_eps)
         self.proj = nn.Linear(2 * H, H, bias=False)

@@ -58,8 +58,9 @@ class BaseModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head in float32 with never-generated tokens (the mask itself, padding) at -inf."""
         logits = self.lm_head(hidden).float()
-        if self.banned_ids:
-            logits[..., list(self.banned_ids)] = float("-inf")
+        if self.banned_ids:  # out of place: lm_head may return a view of `hidden`
+            banned = torch.tensor(self.banned_ids, device=logits.device)
+            logits = logits.index_fill(-1, banned, float("-inf"))
         return logits
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> BaseOutput:

@@ -1,0 +1,125 @@
+"""Rollouts, the distillation loop and ADJUST's quotas with a trained-or-not sampler."""
+
+import math
+
+import pytest
+import torch
+
+from adjust.decode import full_passes_needed, generate
+from adjust.distill.rollouts import load_rollouts, make_rollouts
+from adjust.distill.train import DistillConfig, distill, draw_examples, example_loss, unroll_probs
+from adjust.errors import AdjustError
+from adjust.sampler import JointSampler, SamplerConfig
+from adjust.sampling import SamplingConfig
+from adjust.strategies import make_strategy
+
+G = 8
+
+
+@pytest.fixture(scope="module")
+def rollouts_dir(tiny_base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rollouts")
+    make_rollouts(tiny_base, out, num_samples=24, gen_length=G, sampling=SamplingConfig(), seed=3,
+                  batch_size=8, shard_size=10, progress=False)
+    return out
+
+
+def test_rollouts_store_complete_exact_trajectories(tiny_base, rollouts_dir):
+    r = load_rollouts(rollouts_dir, tiny_base)
+    assert len(r) == 24 and r.gen_length == G
+    for n in range(len(r)):
+        assert sorted(r.order[n].tolist()) == list(range(G))  # every position exactly once
+        assert not (r.state(n, G, tiny_base.mask_id) == tiny_base.mask_id).any()
+        assert (r.state(n, 0, tiny_base.mask_id) == tiny_base.mask_id).all()
+        assert (r.state(n, 3, tiny_base.mask_id) == tiny_base.mask_id).sum() == G - 3
+    # a trajectory is the exact sampler's output for its (seed, sample index)
+    again = generate(tiny_base, [[], []], make_strategy("exact"), SamplingConfig(), G, seed=3, sample_indices=[5, 17])
+    assert torch.equal(again.tokens, r.tokens[[5, 17]])
+
+
+def test_rollouts_resume_after_a_lost_shard(tiny_base, rollouts_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "r"
+    shutil.copytree(rollouts_dir, copy)
+    first = sorted(copy.glob("shard-*"))[1]
+    first.unlink()
+    make_rollouts(tiny_base, copy, num_samples=24, gen_length=G, sampling=SamplingConfig(), seed=3,
+                  batch_size=8, shard_size=10, progress=False)
+    a, b = load_rollouts(rollouts_dir), load_rollouts(copy)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.order, b.order)
+
+
+def test_rollouts_refuse_other_settings_and_missing_dirs(tiny_base, rollouts_dir, tmp_path):
+    with pytest.raises(AdjustError, match="other settings"):
+        make_rollouts(tiny_base, rollouts_dir, 24, G + 1, SamplingConfig(), seed=3, progress=False)
+    with pytest.raises(AdjustError, match="not found"):
+        load_rollouts(tmp_path / "nope")
+
+
+def test_unroll_distribution_prefers_short_chains():
+    p = unroll_probs(3)
+    assert p.sum().item() == pytest.approx(1.0)
+    assert p[0] > p[1] > p[2]
+    e = [math.exp(0.5 ** i) for i in range(3)]
+    assert p.tolist() == pytest.approx([x / sum(e) for x in e])
+
+
+def test_distillation_lowers_the_kl(tiny_base, rollouts_dir, tmp_path):
+    r = load_rollouts(rollouts_dir, tiny_base)
+    cfg = DistillConfig(steps=40, batch_size=8, lr=3e-3, warmup=5, max_unrolls=2, eval_every=20, val_examples=8)
+    g = torch.Generator().manual_seed(0)
+    batches = [(*draw_examples(r, list(range(len(r))), 8, u, g), u) for u in (1, 2, 2)]
+
+    def kl(sampler):
+        with torch.no_grad():
+            return sum(example_loss(tiny_base, sampler, r, ns, ts, u, 64).item() for ns, ts, u in batches)
+
+    torch.manual_seed(cfg.seed)
+    before = kl(JointSampler(SamplerConfig.for_base(tiny_base)))
+    result = distill(tiny_base, r, tmp_path / "s", cfg, progress=False)
+    after = kl(JointSampler.load(tmp_path / "s", tiny_base))
+    assert result["step"] == 40
+    assert after < 0.8 * before, (before, after)
+    # resume: a longer run continues from the saved step
+    more = distill(tiny_base, r, tmp_path / "s", DistillConfig(**{**cfg.__dict__, "steps": 45}), progress=False)
+    assert more["step"] == 45
+
+
+def test_distill_refuses_rollouts_of_another_base(tiny_base, tokenizer, rollouts_dir, tmp_path):
+    from tests.conftest import make_tiny_base
+
+    other = make_tiny_base(tokenizer, seed=1)
+    with pytest.raises(AdjustError, match="base"):
+        distill(other, load_rollouts(rollouts_dir), tmp_path / "s", DistillConfig(steps=1), progress=False)
+    with pytest.raises(AdjustError):
+        load_rollouts(rollouts_dir, other)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 8])
+def test_adjust_quota_and_statistics(tiny_base, k):
+    sampler = JointSampler(SamplerConfig.for_base(tiny_base))
+    gen = 16
+    out = generate(tiny_base, [[]], make_strategy("adjust", tokens_per_pass=k), SamplingConfig(), gen,
+                   sampler=sampler, record_history=True)
+    steps = out.history[0]
+    assert out.stats.full_passes == full_passes_needed(gen, k) == math.ceil(gen / k)
+    assert [len(s["unmasked"]) for s in steps] == [min(k, gen - k * i) for i in range(len(steps))]
+    # K-1 unrolls per full step, none after the last token of a step
+    assert out.stats.sampler_passes == sum(len(s["unmasked"]) - 1 for s in steps)
+    assert not (out.tokens == tiny_base.mask_id).any()
+
+
+def test_adjust_with_k1_equals_exact(tiny_base):
+    sampler = JointSampler(SamplerConfig.for_base(tiny_base))
+    for seed in range(3):
+        a = generate(tiny_base, [[]] * 2, make_strategy("adjust", tokens_per_pass=1), SamplingConfig(), 12,
+                     seed=seed, sampler=sampler)
+        e = generate(tiny_base, [[]] * 2, make_strategy("exact"), SamplingConfig(), 12, seed=seed)
+        assert torch.equal(a.tokens, e.tokens)
+        assert a.stats.sampler_passes == 0
+
+
+def test_adjust_without_sampler_is_refused(tiny_base):
+    with pytest.raises(AdjustError, match="sampler"):
+        generate(tiny_base, [[]], make_strategy("adjust"), SamplingConfig(), 8)
