@@ -1,0 +1,233 @@
+"""`adjust bench`: wall-clock throughput of the decoding strategies, side by side in one run.
+
+What is measured (unconditional generation, `gen_length` tokens per sequence):
+
+* tokens/s of every strategy at each batch size. All strategies run in one process on the
+  same base; after `warmup` untimed runs each, the timed repeats are interleaved (repeat r
+  runs every strategy once, the order rotated by r) so that machine noise hits all of them
+  alike. Repeat r uses seed `seed + r` for every strategy. Reported: the median tokens/s
+  and the median over repeats of the paired ratio tokens/s / exact's tokens/s in the same
+  repeat (exact's ratio is 1.0 by construction).
+* the cost of one sampler unroll relative to one full pass, on the same canvas (a finished
+  generation with half its positions masked again): full = base.hidden_states + logits at
+  the masked positions; unroll = sampler forward + logits at the masked positions (what
+  ADJUST's inner loop pays). Medians of `unroll_repeats` interleaved timings.
+* for ADJUST at each K: the ideal speedup K / (1 + (K - 1) * unroll_cost) over exact
+  (K tokens for one full pass and K - 1 unrolls), the achieved speedup, and their ratio.
+
+The timing of fixed-K ADJUST does not depend on the sampler's weights, so `fresh_sampler`
+(an untrained sampler sized for the base) gives valid fixed-K timings when no trained one
+exists; tokens per pass of an adaptive sampler strategy are then meaningless, and those are
+skipped.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from ..decode import generate
+from ..errors import AdjustError
+from ..sampling import SamplingConfig
+
+ADAPTIVE = ("threshold", "entropy-bound", "adjust-threshold")
+
+
+def default_specs(ks=(2, 4, 8), with_sampler: bool = True, trained_sampler: bool = True) -> tuple[list, list]:
+    """([(name, params)], [skipped]): exact, parallel:K, adjust:K, and the adaptive ones registered."""
+    from ..strategies import STRATEGIES, strategy_names
+
+    names = strategy_names()
+    specs = [("exact", {})] + [("parallel", {"tokens_per_pass": k}) for k in ks]
+    skipped = []
+    if with_sampler:
+        specs += [("adjust", {"tokens_per_pass": k}) for k in ks]
+    else:
+        skipped.append({"strategy": "adjust", "reason": "no joint sampler (pass --sampler DIR or --fresh-sampler)"})
+    for name in ADAPTIVE:
+        if name not in names:
+            skipped.append({"strategy": name, "reason": "not registered in this version"})
+        elif STRATEGIES[name].uses_sampler and not (with_sampler and trained_sampler):
+            skipped.append({"strategy": name, "reason": "needs a trained joint sampler"})
+        else:
+            specs.append((name, {}))
+    return specs, skipped
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def time_call(fn, device) -> float:
+    """Seconds one call of `fn` takes, all its device work included (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        return start.elapsed_time(stop) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def pass_vs_unroll(base, sampler, x: torch.Tensor, repeats: int = 30, warmup: int = 2) -> dict:
+    """Median time of one full pass vs one sampler unroll on canvas `x`, each + logits at its masked positions.
+
+    full = base.hidden_states(x) then base.logits at the masked positions; unroll = sampler(x, prior)
+    then base.logits at the masked positions (prior = the full pass's hidden states). Timed
+    alternately, `repeats` times each, after `warmup` untimed calls of each.
+    """
+    device = base.device
+    x = x.to(device)
+    rows, cols = (x == base.mask_id).nonzero(as_tuple=True)
+    prior = base.hidden_states(x)
+    fns = {"full": lambda: base.logits(base.hidden_states(x)[rows, cols]),
+           "unroll": lambda: base.logits(sampler(base, x, prior)[rows, cols])}
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {"full": [], "unroll": []}
+    for r in range(repeats):
+        for name in (("full", "unroll") if r % 2 == 0 else ("unroll", "full")):
+            times[name].append(time_call(fns[name], device))
+    f, u = _median(times["full"]), _median(times["unroll"])
+    return {"full_pass_ms": round(1e3 * f, 4), "unroll_ms": round(1e3 * u, 4), "unroll_cost": round(u / f, 4),
+            "masked_positions": int(len(rows)), "repeats": repeats}
+
+
+def unroll_cost(base, sampler, batch_size: int, gen_length: int, repeats: int = 30, seed: int = 0,
+                canvas: torch.Tensor | None = None) -> dict:
+    """`pass_vs_unroll` on a mid-generation canvas: `canvas` (default random tokens) with half re-masked."""
+    g = torch.Generator().manual_seed(seed)
+    if canvas is None:
+        banned = set(base.banned_ids) | {base.eos_id}
+        usable = torch.tensor([i for i in range(base.vocab_size) if i not in banned])
+        canvas = usable[torch.randint(len(usable), (batch_size, gen_length), generator=g)]
+    x = canvas[:batch_size].clone()
+    x[torch.rand(x.shape, generator=g) < 0.5] = base.mask_id
+    return pass_vs_unroll(base, sampler, x, repeats)
+
+
+def ideal_speedup(k: int, cost: float) -> float:
+    """Tokens per unit time of K-token ADJUST over exact, if only full passes and unrolls cost anything."""
+    return k / (1 + (k - 1) * cost)
+
+
+def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(2, 4, 8), repeats: int = 5,
+              warmup: int = 1, unroll_repeats: int = 30, seed: int = 0,
+              sampling: SamplingConfig = SamplingConfig(), specs: list | None = None,
+              sampler_source: str | None = None, progress: bool = False) -> dict:
+    from tqdm.auto import tqdm
+
+    from .specs import build_strategy, spec_label
+
+    if gen_length < 1 or repeats < 1 or warmup < 0 or unroll_repeats < 1:
+        raise AdjustError("--gen-length, --repeats and --unroll-repeats must be at least 1, --warmup at least 0")
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise AdjustError("--batch-sizes must list positive integers, e.g. 1,8")
+    if gen_length > base.max_length:
+        raise AdjustError(f"--gen-length {gen_length} exceeds the model's context of {base.max_length} tokens")
+    skipped = []
+    if specs is None:
+        specs, skipped = default_specs(ks, sampler is not None, sampler_source not in (None, "fresh"))
+    if not any(name == "exact" and not params for name, params in specs):
+        specs = [("exact", {})] + list(specs)
+    strategies = []
+    for name, params in specs:
+        s = build_strategy(name, params)
+        if s.uses_sampler and sampler is None:
+            skipped.append({"strategy": spec_label(name, params), "reason": "no joint sampler"})
+            continue
+        strategies.append((spec_label(name, params), s))
+    if sampler is not None:
+        sampler.check_base(base)
+
+    results, cost, vs_ideal = [], {}, []
+    total = len(batch_sizes) * len(strategies) * (warmup + repeats)
+    bar = tqdm(total=total, desc="bench", disable=not progress, leave=False)
+    for B in batch_sizes:
+        prompts = [[] for _ in range(B)]
+        runs = {label: [] for label, _ in strategies}
+        last = None
+        for w in range(warmup):
+            for label, s in strategies:
+                last = generate(base, prompts, s, sampling, gen_length, seed=seed + 10_000 + w,
+                                sample_indices=list(range(B)), sampler=sampler)
+                bar.update(1)
+        for r in range(repeats):
+            shift = r % len(strategies)
+            for label, s in strategies[shift:] + strategies[:shift]:
+                g = generate(base, prompts, s, sampling, gen_length, seed=seed + r, sample_indices=list(range(B)),
+                             sampler=sampler)
+                runs[label].append(g.stats)
+                last = g
+                bar.update(1)
+        exact_tps = [st.tokens_per_second for st in runs["exact"]]
+        for label, s in strategies:
+            stats = runs[label]
+            tps = [st.tokens_per_second for st in stats]
+            ratios = [t / e for t, e in zip(tps, exact_tps) if e > 0]
+            results.append({
+                "strategy": label, "name": s.name, "k": s.k, "batch_size": B,
+                "tokens_per_second": round(_median(tps), 3),
+                "ratio_to_exact": 1.0 if label == "exact" else round(_median(ratios), 4),
+                "tokens_per_full_pass": round(_median([st.tokens_per_full_pass for st in stats]), 4),
+                "full_passes": _median([st.full_passes for st in stats]),
+                "sampler_passes": _median([st.sampler_passes for st in stats]),
+                "seconds": [round(st.seconds, 5) for st in stats],
+            })
+        if sampler is not None:
+            canvas = last.tokens if last is not None else None
+            cost[str(B)] = unroll_cost(base, sampler, B, gen_length, unroll_repeats, seed, canvas)
+            c = cost[str(B)]["unroll_cost"]
+            for row in results:
+                if row["batch_size"] == B and row["name"] == "adjust" and row["k"] > 1:
+                    ideal = ideal_speedup(row["k"], c)
+                    vs_ideal.append({"strategy": row["strategy"], "k": row["k"], "batch_size": B, "unroll_cost": c,
+                                     "ideal_speedup": round(ideal, 4), "achieved_speedup": row["ratio_to_exact"],
+                                     "fraction_of_ideal": round(row["ratio_to_exact"] / ideal, 4)})
+    bar.close()
+    return {
+        "base": base.name, "device": str(base.device), "dtype": str(base.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(), "gen_length": gen_length, "batch_sizes": list(batch_sizes),
+        "repeats": repeats, "warmup": warmup, "seed": seed,
+        "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+                     "order": sampling.order},
+        "sampler": sampler_source, "results": results, "unroll_cost": cost, "adjust_vs_ideal": vs_ideal,
+        "skipped": skipped,
+        "notes": ("tokens_per_second: median over repeats; ratio_to_exact: median over repeats of the paired "
+                  "ratio to exact's tokens/s in the same repeat at the same batch size; ideal_speedup = "
+                  "K / (1 + (K-1) * unroll_cost)"),
+    }
+
+
+def format_table(report: dict) -> str:
+    """The report as a readable table."""
+    lines = [f"base {report['base']} on {report['device']} ({report['dtype']}, {report['threads']} threads), "
+             f"gen_length {report['gen_length']}, {report['repeats']} repeats (median), sampler: "
+             f"{report['sampler'] or 'none'}"]
+    for B in report["batch_sizes"]:
+        lines.append("")
+        lines.append(f"batch {B}")
+        lines.append(f"  {'strategy':<26}{'tokens/s':>12}{'x exact':>10}{'tok/pass':>10}{'passes':>8}{'unrolls':>9}")
+        for row in report["results"]:
+            if row["batch_size"] == B:
+                lines.append(f"  {row['strategy']:<26}{row['tokens_per_second']:>12.1f}{row['ratio_to_exact']:>10.3f}"
+                             f"{row['tokens_per_full_pass']:>10.2f}{row['full_passes']:>8g}{row['sampler_passes']:>9g}")
+        c = report["unroll_cost"].get(str(B))
+        if c:
+            lines.append(f"  one full pass {c['full_pass_ms']:.3f} ms, one sampler unroll {c['unroll_ms']:.3f} ms "
+                         f"-> unroll cost {c['unroll_cost']:.3f} of a full pass")
+        for v in report["adjust_vs_ideal"]:
+            if v["batch_size"] == B:
+                lines.append(f"  {v['strategy']:<10} ideal {v['ideal_speedup']:.2f}x, achieved "
+                             f"{v['achieved_speedup']:.2f}x = {100 * v['fraction_of_ideal']:.0f}% of ideal")
+    for s in report["skipped"]:
+        lines.append(f"skipped {s['strategy']}: {s['reason']}")
+    return "\n".join(lines)

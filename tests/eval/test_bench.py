@@ -1,0 +1,59 @@
+"""`adjust bench --json` on a tiny random model: one JSON object, every strategy timed, positive ratios."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adjust.cli import main
+from adjust.eval.bench import ideal_speedup
+
+
+def _bench(capsys, *argv):
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    return json.loads(out)  # the whole of stdout is one JSON object
+
+
+def test_bench_json_structure_and_ratios(capsys, tiny_model_dir):
+    report = _bench(capsys, "bench", "--base", tiny_model_dir, "--fresh-sampler", "--gen-length", 8,
+                    "--batch-sizes", "1,2", "--ks", "2,4", "--repeats", 2, "--warmup", 1, "--unroll-repeats", 3,
+                    "--json")
+    assert report["batch_sizes"] == [1, 2] and report["gen_length"] == 8 and report["sampler"] == "fresh"
+    labels = {r["strategy"] for r in report["results"]}
+    assert {"exact", "parallel:2", "parallel:4", "adjust:2", "adjust:4"} <= labels
+    for B in (1, 2):
+        rows = {r["strategy"]: r for r in report["results"] if r["batch_size"] == B}
+        assert set(rows) == labels  # every strategy at every batch size
+        assert rows["exact"]["ratio_to_exact"] == 1.0
+        assert rows["exact"]["full_passes"] == 8 and rows["parallel:4"]["full_passes"] == 2
+        assert rows["adjust:4"]["full_passes"] == 2 and rows["adjust:4"]["sampler_passes"] == 6
+        for r in rows.values():
+            assert r["tokens_per_second"] > 0 and r["ratio_to_exact"] > 0
+            assert len(r["seconds"]) == 2
+        c = report["unroll_cost"][str(B)]
+        assert c["full_pass_ms"] > 0 and c["unroll_ms"] > 0 and c["unroll_cost"] > 0
+        ideal = [v for v in report["adjust_vs_ideal"] if v["batch_size"] == B]
+        assert sorted(v["k"] for v in ideal) == [2, 4]
+        for v in ideal:
+            assert v["ideal_speedup"] == pytest.approx(ideal_speedup(v["k"], c["unroll_cost"]), rel=1e-3)
+            assert v["fraction_of_ideal"] == pytest.approx(v["achieved_speedup"] / v["ideal_speedup"], rel=1e-3)
+    # a sampler strategy with adaptive tokens per pass is skipped with an untrained sampler (if registered)
+    assert all(s["strategy"] != "adjust" for s in report["skipped"])
+
+
+def test_bench_without_sampler_skips_adjust(capsys, tiny_model_dir):
+    report = _bench(capsys, "bench", "--base", tiny_model_dir, "--strategies", "parallel:2,adjust:2",
+                    "--gen-length", 4, "--batch-sizes", "1", "--repeats", 1, "--warmup", 0, "--json")
+    assert [r["strategy"] for r in report["results"]] == ["exact", "parallel:2"]  # exact is always the reference
+    assert report["unroll_cost"] == {} and report["adjust_vs_ideal"] == []
+    assert any(s["strategy"] == "adjust:2" for s in report["skipped"])
+
+
+def test_ideal_speedup():
+    assert ideal_speedup(1, 0.3) == 1.0
+    assert ideal_speedup(4, 0.0) == 4.0
+    assert ideal_speedup(4, 1 / 3) == pytest.approx(2.0)
