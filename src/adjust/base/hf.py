@@ -369,6 +369,25 @@ def save_stand_in(kind: str, out_dir, tokenizer, hidden_size: int = 32, num_laye
     return out
 
 
+def stand_in_base(kind: str, net, tokenizer, name: str = "stand-in") -> "HFDecoderBase":
+    """Wrap an in-memory transformers Qwen2 (Dream) or Llama (LLaDA) as a stand-in base, without saving it.
+
+    For benchmarks that build a large random model directly on the GPU (benchmarks/gpu_bench.py).
+    The model is made bidirectional, frozen and self-checked exactly as `load_hf_base` does for
+    a saved stand-in. `tokenizer` needs mask/eos/pad token ids and a length.
+    """
+    adapters = {"dream": DreamBase, "llada": LLaDABase}
+    if kind not in adapters:
+        raise AdjustError(f"unknown stand-in kind {kind!r}; choose dream or llada")
+    _make_bidirectional(net)
+    base = adapters[kind](net, tokenizer, name, stand_in=True)
+    base.eval()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    _self_check(base, str(base.dtype).replace("torch.", ""), base.device)
+    return base
+
+
 def _make_bidirectional(net) -> None:
     """Turn a transformers decoder (Qwen2, Llama) into a bidirectional encoder (see the module docstring)."""
     net.config.is_causal = False

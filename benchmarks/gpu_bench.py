@@ -1,0 +1,280 @@
+#!/usr/bin/env python
+"""ADJUST on a Dream-7B-sized model: full pass vs sampler unroll, and tokens/s (issue 5, item 5).
+
+No download: the model is a transformers Qwen2ForCausalLM with Dream-v0-7B's shape
+(hidden 3584, 28 layers, 28 heads, 4 KV heads, MLP 18944, vocabulary 152064) and RANDOM
+weights, built directly on the device in the chosen dtype and wrapped as a Dream stand-in by
+`adjust.base.hf.stand_in_base` (bidirectional attention, Dream's one-place shift, the load-time
+self-check). Speed does not depend on the weights, so the timings are those of Dream-7B in
+this code path; the generated text is noise. The joint sampler is sized like the paper's
+(one block with the base's MLP width 18944: ~0.28B parameters here, full multi-head attention,
+vs the paper's ~0.26B with grouped KV heads), untrained: the fixed-K timings do not depend on
+its weights either.
+
+Measured, on one device, at each batch size (default 1 and 8), for a GEN-token generation
+after a PROMPT-token prompt (default 256 + 256 = a 512-token canvas):
+
+1. one full pass vs one sampler unroll on the canvas at the start of generation (all GEN
+   positions masked), each followed by the logits at the masked positions, as ADJUST's loop
+   runs them; medians of --pass-repeats alternating timings (CUDA events on a GPU). From the
+   ratio c: the ideal ADJUST speedup over exact, K / (1 + (K - 1) c).
+2. tokens/s of exact, parallel and adjust at K (default 4), side by side: after --warmup
+   untimed runs of each, --repeats rounds each running every strategy once, the order
+   rotated per round; median tokens/s and the median per-round ratio to exact. Exact needs
+   one full pass per token (256 for the whole generation), so with --max-tokens M only the
+   first M tokens of each sequence's GEN-token generation are timed (the canvas is the full
+   512 tokens throughout): exact takes M full passes, K=4 strategies M/4. Equal tokens, not
+   equal passes, so every strategy works through the same range of masked positions and its
+   logits cost matches. --max-tokens 0 times whole generations. Default: 64 for --size 7b,
+   0 for --size tiny.
+
+Usage:
+  python benchmarks/gpu_bench.py --size 7b --json results/gpu_bench_7b.json     # on one GPU, bf16
+  python benchmarks/gpu_bench.py --size tiny --device cpu                        # seconds on a CPU (CI smoke)
+
+The 7b run needs ~17 GB of GPU memory (15.2 GB of weights, 0.6 GB sampler, ~6 GB of float32
+logits at batch 8 peak) and takes about 1-3 minutes on an H100 after the model is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SIZES = {
+    # Dream-org/Dream-v0-Base-7B's config.json shape (Qwen2.5-7B), tokenizer facts included
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944, vocab_size=152064, max_position_embeddings=131072, rope_theta=1e6,
+               tokenizer_len=151667, mask_id=151666, eos_id=151643,
+               prompt_length=256, gen_length=256, max_tokens=64, dtype="bfloat16"),
+    # a few layers, small: the same code path in seconds on a CPU
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=176, vocab_size=512, max_position_embeddings=1024, rope_theta=1e4,
+                 tokenizer_len=500, mask_id=499, eos_id=498,
+                 prompt_length=32, gen_length=32, max_tokens=0, dtype="float32"),
+}
+
+
+class IdTokenizer:
+    """Stands in for Dream's tokenizer: ids only (text is the ids written out). Mask, EOS, pad and size."""
+
+    def __init__(self, size: int, mask_id: int, eos_id: int):
+        self.size, self.mask_token_id, self.eos_token_id, self.pad_token_id = size, mask_id, eos_id, eos_id
+
+    def __len__(self) -> int:
+        return self.size
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def build(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """(base, sampler): a random Qwen2 of this size as a Dream stand-in, and an untrained sampler for it."""
+    import transformers
+
+    from adjust.base import hf
+    from adjust.sampler import JointSampler, SamplerConfig
+
+    s = SIZES[size]
+    cfg = transformers.Qwen2Config(
+        vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
+        num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
+        num_key_value_heads=s["num_key_value_heads"], max_position_embeddings=s["max_position_embeddings"],
+        rope_theta=s["rope_theta"], rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
+        pad_token_id=s["eos_id"], eos_token_id=s["eos_id"], bos_token_id=s["eos_id"])
+    torch.manual_seed(seed)
+    with torch.device(device):  # weights are created (and randomly initialised) on the device, in dtype
+        net = transformers.Qwen2ForCausalLM._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    tok = IdTokenizer(s["tokenizer_len"], s["mask_id"], s["eos_id"])
+    base = hf.stand_in_base("dream", net, tok, name=f"random Qwen2 {size} as a Dream stand-in")
+    scfg = SamplerConfig.for_base(base, intermediate_ratio=s["intermediate_size"] / s["hidden_size"])
+    with torch.device(device):
+        sampler = JointSampler(scfg)
+    sampler = sampler.to(dtype=dtype).eval()
+    for p in sampler.parameters():
+        p.requires_grad_(False)
+    return base, sampler
+
+
+class _Stop(Exception):
+    pass
+
+
+class StopAfterTokens:
+    """Poses as the base inside generate(): before a full pass, stop once every row has `max_tokens` new tokens.
+
+    Everything but `hidden_states` is the real base's. The canvas generate() passes is its own
+    working tensor, updated in place, so the tokens written so far can be read back after a stop.
+    """
+
+    def __init__(self, base, prompt_length: int, max_tokens: int):
+        self._base, self._p, self._max = base, prompt_length, max_tokens
+        self.canvas, self.passes = None, 0
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
+
+    def written(self) -> torch.Tensor:
+        return (self.canvas[:, self._p:] != self._base.mask_id).sum(1)
+
+    def hidden_states(self, input_ids, attention_mask=None):
+        self.canvas = input_ids
+        if self._max and int(self.written().min()) >= self._max:
+            raise _Stop
+        self.passes += 1
+        return self._base.hidden_states(input_ids, attention_mask)
+
+
+def timed_generation(base, sampler, strategy, prompt: list[int], batch: int, gen_length: int, max_tokens: int,
+                     seed: int) -> dict:
+    from adjust.decode import generate
+    from adjust.eval.bench import time_call
+    from adjust.sampling import SamplingConfig
+
+    proxy = StopAfterTokens(base, len(prompt), max_tokens)
+    unrolls = [0]
+    hook = sampler.register_forward_hook(lambda *a: unrolls.__setitem__(0, unrolls[0] + 1))
+
+    def run():
+        try:
+            generate(proxy, [prompt] * batch, strategy, SamplingConfig(), gen_length, seed=seed,
+                     sample_indices=list(range(batch)), sampler=sampler)
+        except _Stop:
+            pass
+
+    try:
+        seconds = time_call(run, base.device)
+    finally:
+        hook.remove()
+    tokens = int(proxy.written().sum())
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds, "full_passes": proxy.passes,
+            "sampler_passes": unrolls[0]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="7b")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bf16 for 7b, fp32 for tiny)")
+    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("-K", "--tokens-per-pass", type=int, default=4)
+    ap.add_argument("--prompt-length", type=int, default=None, help="default 256 (7b) / 32 (tiny)")
+    ap.add_argument("--gen-length", type=int, default=None, help="default 256 (7b) / 32 (tiny)")
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="time the first M tokens of each generation (0 = all; default 64 for 7b, 0 for tiny)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--pass-repeats", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--json", default=None, help="write the report to this JSON file")
+    args = ap.parse_args(argv)
+
+    from adjust.base import resolve_device, resolve_dtype
+    from adjust.eval.bench import ideal_speedup, pass_vs_unroll
+    from adjust.strategies import make_strategy
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = SIZES[args.size]
+    device = resolve_device(args.device or "auto")
+    dtype = resolve_dtype(args.dtype or spec["dtype"])
+    P = spec["prompt_length"] if args.prompt_length is None else args.prompt_length
+    G = spec["gen_length"] if args.gen_length is None else args.gen_length
+    M = spec["max_tokens"] if args.max_tokens is None else args.max_tokens
+    K = args.tokens_per_pass
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    if M and M > G:
+        ap.error(f"--max-tokens {M} exceeds --gen-length {G}")
+    if M and M % K:
+        ap.error(f"--max-tokens {M} must be a multiple of K={K} (equal tokens for every strategy)")
+
+    t0 = time.perf_counter()
+    log(f"building a random {args.size} Qwen2 (Dream stand-in) on {device} in {dtype}")
+    base, sampler = build(args.size, device, dtype, args.seed)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    build_s = time.perf_counter() - t0
+    n_base = sum(p.numel() for p in base.parameters())
+    n_sampler = sum(p.numel() for p in sampler.parameters())
+    log(f"built in {build_s:.1f} s: base {n_base / 1e9:.3f}B parameters, sampler {n_sampler / 1e9:.3f}B")
+
+    g = torch.Generator().manual_seed(args.seed)
+    banned = set(base.banned_ids) | {base.eos_id}
+    usable = torch.tensor([i for i in range(base.vocab_size) if i not in banned])
+    prompt = usable[torch.randint(len(usable), (P,), generator=g)].tolist()
+
+    report = {"size": args.size, "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
+              "model": {k: v for k, v in spec.items() if k not in ("prompt_length", "gen_length", "max_tokens", "dtype")},
+              "base_params": n_base, "sampler_params": n_sampler, "sampler_intermediate": sampler.cfg.intermediate_size,
+              "build_seconds": round(build_s, 2), "prompt_length": P, "gen_length": G, "canvas": P + G, "k": K,
+              "max_tokens": M, "repeats": args.repeats, "warmup": args.warmup, "pass_vs_unroll": {},
+              "throughput": [], "adjust_vs_ideal": [],
+              "notes": ("random weights; tokens/s over the first max_tokens tokens of each sequence (0 = all), "
+                        "timed with CUDA events on a GPU; ratio_to_exact = median over rounds of the paired ratio")}
+    strategies = [("exact", make_strategy("exact")), (f"parallel:{K}", make_strategy("parallel", tokens_per_pass=K)),
+                  (f"adjust:{K}", make_strategy("adjust", tokens_per_pass=K))]
+    for B in batch_sizes:
+        x = torch.tensor(prompt + [base.mask_id] * G)[None].repeat(B, 1)
+        c = pass_vs_unroll(base, sampler, x, repeats=args.pass_repeats)
+        report["pass_vs_unroll"][str(B)] = c
+        log(f"batch {B}: full pass {c['full_pass_ms']:.2f} ms, unroll {c['unroll_ms']:.2f} ms "
+            f"(cost {c['unroll_cost']:.3f})")
+        runs = {label: [] for label, _ in strategies}
+        for w in range(args.warmup):
+            for label, s in strategies:
+                timed_generation(base, sampler, s, prompt, B, G, M, args.seed + 1000 + w)
+        for r in range(args.repeats):
+            shift = r % len(strategies)
+            for label, s in strategies[shift:] + strategies[:shift]:
+                runs[label].append(timed_generation(base, sampler, s, prompt, B, G, M, args.seed + r))
+        exact = [run["tokens_per_second"] for run in runs["exact"]]
+        for label, s in strategies:
+            rs = runs[label]
+            tps = [run["tokens_per_second"] for run in rs]
+            row = {"strategy": label, "batch_size": B, "tokens_per_second": round(statistics.median(tps), 2),
+                   "ratio_to_exact": 1.0 if label == "exact" else
+                   round(statistics.median(t / e for t, e in zip(tps, exact)), 4),
+                   "tokens": rs[0]["tokens"], "full_passes": rs[0]["full_passes"],
+                   "sampler_passes": rs[0]["sampler_passes"], "seconds": [round(run["seconds"], 4) for run in rs]}
+            report["throughput"].append(row)
+            log(f"batch {B}: {label:<12} {row['tokens_per_second']:10.1f} tokens/s  x{row['ratio_to_exact']:.3f} "
+                f"({row['tokens']} tokens, {row['full_passes']} full passes, {row['sampler_passes']} unrolls)")
+            if s.name == "adjust":
+                ideal = ideal_speedup(K, c["unroll_cost"])
+                report["adjust_vs_ideal"].append({"batch_size": B, "k": K, "unroll_cost": c["unroll_cost"],
+                                                  "ideal_speedup": round(ideal, 4),
+                                                  "achieved_speedup": row["ratio_to_exact"],
+                                                  "fraction_of_ideal": round(row["ratio_to_exact"] / ideal, 4)})
+    if device.type == "cuda":
+        report["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+    report["total_seconds"] = round(time.perf_counter() - t0, 1)
+    for v in report["adjust_vs_ideal"]:
+        log(f"batch {v['batch_size']}: adjust:{K} ideal {v['ideal_speedup']:.2f}x, achieved "
+            f"{v['achieved_speedup']:.2f}x = {100 * v['fraction_of_ideal']:.0f}% of ideal")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        log(f"wrote {args.json}")
+    print(json.dumps(report))
+    return 0 if all(math.isfinite(r["tokens_per_second"]) for r in report["throughput"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

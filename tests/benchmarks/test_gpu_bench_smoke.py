@@ -1,0 +1,54 @@
+"""benchmarks/gpu_bench.py --size tiny on the CPU: the 7B benchmark's code path, in seconds."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_bench.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_bench():
+    spec = importlib.util.spec_from_file_location("gpu_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_size_on_cpu(gpu_bench, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = gpu_bench.main(["--size", "tiny", "--device", "cpu", "--batch-sizes", "1,2", "--prompt-length", "8",
+                         "--gen-length", "16", "--max-tokens", "8", "--repeats", "1", "--warmup", "1",
+                         "--pass-repeats", "2", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == report  # stdout holds the same single JSON object
+    assert report["size"] == "tiny" and report["canvas"] == 24 and report["k"] == 4
+    assert report["sampler_params"] > 0 and report["base_params"] > report["sampler_params"]
+    for B in (1, 2):
+        c = report["pass_vs_unroll"][str(B)]
+        assert c["full_pass_ms"] > 0 and c["unroll_ms"] > 0 and c["masked_positions"] == 16 * B
+        rows = {r["strategy"]: r for r in report["throughput"] if r["batch_size"] == B}
+        assert set(rows) == {"exact", "parallel:4", "adjust:4"}
+        assert rows["exact"]["ratio_to_exact"] == 1.0
+        for r in rows.values():  # only the first 8 tokens of the 16-token generation are timed
+            assert r["tokens"] == 8 * B and r["tokens_per_second"] > 0 and r["ratio_to_exact"] > 0
+        assert (rows["exact"]["full_passes"], rows["exact"]["sampler_passes"]) == (8, 0)
+        assert (rows["parallel:4"]["full_passes"], rows["parallel:4"]["sampler_passes"]) == (2, 0)
+        assert (rows["adjust:4"]["full_passes"], rows["adjust:4"]["sampler_passes"]) == (2, 6)
+    assert [v["batch_size"] for v in report["adjust_vs_ideal"]] == [1, 2]
+
+
+def test_7b_config_has_dream_shape(gpu_bench):
+    s = gpu_bench.SIZES["7b"]
+    assert (s["hidden_size"], s["num_hidden_layers"], s["num_attention_heads"], s["num_key_value_heads"],
+            s["intermediate_size"], s["vocab_size"], s["mask_id"]) == (3584, 28, 28, 4, 18944, 152064, 151666)
+    # K must divide the timed tokens so every strategy times the same tokens
+    with pytest.raises(SystemExit):
+        gpu_bench.main(["--size", "tiny", "--device", "cpu", "--max-tokens", "6"])
