@@ -59,6 +59,17 @@ def shard_indices(start: int, stop: int, rank: int, world: int) -> list[int]:
     return list(range(start + rank, stop, world))
 
 
+def check_complete(path: str | Path, num_samples: int) -> None:
+    """Refuse a rollouts directory whose shards do not hold every sample index 0..num_samples-1 exactly once."""
+    index = torch.cat([load_weights(s, "rollout shard")["index"].long()
+                       for s in sorted(Path(path).glob("shard-*.safetensors"))] or [torch.zeros(0, dtype=torch.long)])
+    counts = torch.bincount(index, minlength=num_samples)
+    missing, repeated = int((counts[:num_samples] == 0).sum()), int((counts > 1).sum())
+    if missing or repeated or len(counts) > num_samples:
+        raise AdjustError(f"rollouts in {path} are incomplete: {missing} of {num_samples} samples missing, "
+                          f"{repeated} repeated, {max(0, len(counts) - num_samples)} out of range")
+
+
 def _history_to_order(history, gen_length: int) -> list[int]:
     order = [pos for step in history for pos, _, _ in step["unmasked"]]
     if sorted(order) != list(range(gen_length)):
@@ -68,8 +79,15 @@ def _history_to_order(history, gen_length: int) -> list[int]:
 
 def make_rollouts(base, out: str | Path, num_samples: int, gen_length: int, sampling: SamplingConfig,
                   prompts: list[str] | None = None, seed: int = 0, batch_size: int = 32,
-                  shard_size: int = 256, progress: bool = True) -> Path:
-    """Sample `num_samples` exact trajectories into `out` (resuming after complete shards)."""
+                  shard_size: int = 256, progress: bool = True, rank: int = 0, world: int = 1) -> Path:
+    """Sample `num_samples` exact trajectories into `out` (resuming after complete shards).
+
+    With `world` processes (`accelerate launch`), process `rank` writes shards rank, rank + world, ...
+    of the index ranges [0, shard_size), [shard_size, 2 shard_size), ...; each shard is named by
+    its range and a sample's tokens depend only on (seed, prompt, index), so once every process
+    has finished the shards are exactly those of one process (see `check_complete`), and a rerun
+    with any number of processes resumes. Only rank 0 writes the metadata.
+    """
     if num_samples < 1:
         raise AdjustError(f"--num-samples must be at least 1, got {num_samples}")
     out = Path(out)
@@ -81,10 +99,13 @@ def make_rollouts(base, out: str | Path, num_samples: int, gen_length: int, samp
         same = {k: old.get(k) for k in meta if k != "num_samples"} == {k: v for k, v in meta.items() if k != "num_samples"}
         if not same:
             raise AdjustError(f"{out} holds rollouts made with other settings; use a new --out")
-    write_json(out / META, meta)
+    if rank == 0:
+        write_json(out / META, meta)
     exact = make_strategy("exact")
-    shards = range(0, num_samples, shard_size)
-    bar = tqdm(total=num_samples, desc="rollouts", disable=not progress, dynamic_ncols=True)
+    starts = range(0, num_samples, shard_size)
+    shards = [starts[s] for s in shard_indices(0, len(starts), rank, world)]  # this process's shards
+    bar = tqdm(total=sum(min(shard_size, num_samples - lo) for lo in shards), desc="rollouts",
+               disable=not progress, dynamic_ncols=True)
     for lo in shards:
         hi = min(lo + shard_size, num_samples)
         path = out / f"shard-{lo:08d}-{hi:08d}.safetensors"

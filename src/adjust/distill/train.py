@@ -76,8 +76,13 @@ def draw_examples(rollouts: Rollouts, pool: list[int], batch: int, u: int, g: to
     return ns, ts
 
 
-def example_loss(base, sampler, rollouts: Rollouts, ns, ts, u: int, chunk: int) -> torch.Tensor:
-    """Mean KL over the positions still masked in x^{t+u} (METHOD.md section 5)."""
+def example_loss(base, sampler, rollouts: Rollouts, ns, ts, u: int, chunk: int,
+                 normalizer: int | None = None) -> torch.Tensor:
+    """Mean KL over the positions still masked in x^{t+u} (METHOD.md section 5).
+
+    With `normalizer`: the KL summed over those positions, divided by `normalizer` (a count of
+    positions over a larger batch, of which ns/ts are one process's slice).
+    """
     device = base.device
     states = [rollouts.states(ns, [t + j for t in ts], base.mask_id).to(device) for j in range(u + 1)]
     with torch.no_grad():
@@ -86,7 +91,8 @@ def example_loss(base, sampler, rollouts: Rollouts, ns, ts, u: int, chunk: int) 
     for j in range(1, u + 1):
         prior = sampler(base, states[j], prior)
     masked = states[u] == base.mask_id
-    return kl_per_position(base, target[masked], prior[masked], chunk).mean()
+    kl = kl_per_position(base, target[masked], prior[masked], chunk)
+    return kl.mean() if normalizer is None else kl.sum() / normalizer
 
 
 def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampler_cfg: SamplerConfig | None = None,
@@ -146,6 +152,8 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
 
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
+    if cfg.batch_size < world:
+        raise AdjustError(f"--batch-size {cfg.batch_size} is smaller than the {world} processes; each needs examples")
     sampler.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="distill", dynamic_ncols=True,
                disable=not progress or rank != 0)
@@ -155,17 +163,26 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         u_max = current_u_max(step, cfg)
         u = int(torch.multinomial(unroll_probs(u_max), 1, generator=g)) + 1
-        ns, ts = draw_examples(rollouts, train_ids, cfg.batch_size, u, g)
-        ns, ts = ns[rank::world], ts[rank::world]
+        ns_all, ts_all = draw_examples(rollouts, train_ids, cfg.batch_size, u, g)
+        ns, ts = ns_all[rank::world], ts_all[rank::world]
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         for group in optim.param_groups:
             group["lr"] = lr
-        loss = example_loss(base, model, rollouts, ns, ts, u, cfg.kl_chunk)
+        if world == 1:
+            loss = example_loss(base, model, rollouts, ns, ts, u, cfg.kl_chunk)
+        else:
+            # This slice's KL summed, over the whole batch's count of scored positions (x^{t+u} has
+            # G - t - u masks): the slices' parts add up to the full batch's mean KL. DDP averages
+            # gradients over processes, so each backpropagates world * part: the averaged gradient is
+            # the full-batch gradient of one process, whatever the slices' sizes and mask counts.
+            part = example_loss(base, model, rollouts, ns, ts, u, cfg.kl_chunk,
+                                normalizer=sum(rollouts.gen_length - t - u for t in ts_all))
+            loss = accelerator.reduce(part.detach().clone(), "sum")  # the full batch's mean KL (log, divergence)
         if not torch.isfinite(loss):
             raise AdjustError(f"distillation diverged at step {step} (KL {loss.item()}); lower --lr")
         optim.zero_grad(set_to_none=True)
         if accelerator is not None:
-            accelerator.backward(loss)
+            accelerator.backward(loss if world == 1 else part * world)
             accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         else:
             loss.backward()
