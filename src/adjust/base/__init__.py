@@ -100,9 +100,8 @@ def embedding_fingerprint(base: BaseModel) -> str:
     """A short hash of a fixed slice of the embedding matrix: cheap, and different for any other model."""
     with torch.no_grad():
         probe = torch.arange(min(64, base.vocab_size), device=base.device)[None]
-        rows = base.embed(probe).float().cpu()
-    rounded = torch.round(rows * 1e4).to(torch.int64).numpy().tobytes()
-    return hashlib.sha256(rounded).hexdigest()[:16]
+        rows = base.embed(probe).to(torch.bfloat16).cpu()  # bf16: the same hash whichever --dtype loaded it
+    return hashlib.sha256(rows.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
 
 
 BASE_TYPES = ("auto", "tiny", "dream", "llada", "masked-lm")
