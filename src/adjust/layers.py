@@ -6,13 +6,15 @@ so that a left-padded row sees exactly the rotary angles it would see alone.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """y = x / rms(x) * weight (Zhang & Sennrich 2019), computed in float32 for stability."""
+    """y = x / rms(x) * weight (Zhang & Sennrich 2019)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -20,9 +22,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.to(x.dtype) * self.weight
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused kernel
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple:
@@ -31,6 +31,19 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype)
     angles = position_ids.float()[..., None] * inv_freq  # (B, L, hd/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B, 1, L, hd)
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _rope_table(length: int, head_dim: int, theta: float, device, dtype) -> tuple:
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors: usable under autograd later
+        return rope_cos_sin(torch.arange(length, device=device)[None], head_dim, theta, dtype)
+
+
+def rope_for(attention_mask, shape, device, head_dim: int, theta: float, dtype) -> tuple:
+    """cos, sin for a batch: cached for unpadded canvases (every decoding step reuses them)."""
+    if attention_mask is None:
+        return _rope_table(shape[1], head_dim, float(theta), device, dtype)
+    return rope_cos_sin(positions_from_mask(attention_mask, shape, device), head_dim, theta, dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import AdjustError
 from .io import atomic_path, load_state, load_weights, read_json, write_json
-from .layers import Block, RMSNorm, positions_from_mask, rope_cos_sin
+from .layers import Block, RMSNorm, rope_for
 
 SAMPLER_TYPE = "adjust-sampler"
 
@@ -66,8 +66,8 @@ class JointSampler(nn.Module):
         """One unroll: (B, L) tokens + (B, L, H) prior -> (B, L, H) new aligned hidden states."""
         e = self.embed_norm(base.embed(input_ids).to(prior.dtype))
         z = self.proj(torch.cat([e, self.prior_norm(prior)], dim=-1))  # (B, L, H)
-        pos = positions_from_mask(attention_mask, input_ids.shape, input_ids.device)
-        cos, sin = rope_cos_sin(pos, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta, z.dtype)
+        cos, sin = rope_for(attention_mask, input_ids.shape, input_ids.device,
+                            self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta, z.dtype)
         z = self.block(z, cos, sin, None if attention_mask is None else attention_mask.bool())
         return self.out_norm(z) + prior
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import AdjustError
 from ..io import atomic_path, load_state, load_weights, read_json, write_json
-from ..layers import Block, RMSNorm, positions_from_mask, rope_cos_sin
+from ..layers import Block, RMSNorm, rope_for
 from . import BaseModel
 
 MODEL_TYPE = "adjust-tiny"
@@ -65,8 +65,8 @@ class TinyMDLM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None):
         x = self.embed(input_ids)  # (B, L, H)
-        pos = positions_from_mask(attention_mask, input_ids.shape, input_ids.device)
-        cos, sin = rope_cos_sin(pos, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta, x.dtype)
+        cos, sin = rope_for(attention_mask, input_ids.shape, input_ids.device,
+                            self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta, x.dtype)
         key_mask = None if attention_mask is None else attention_mask.bool()
         for block in self.blocks:
             x = block(x, cos, sin, key_mask)
