@@ -37,8 +37,10 @@ def cmd_train_base(args) -> None:
     model_cfg = TinyConfig(hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
                            intermediate_size=args.intermediate_size, max_length=args.seq_len,
                            tokenizer_size=args.vocab_size)
+    from .base import resolve_dtype
+
     result = train_base(args.data, args.out, cfg, model_cfg, tokenizer_dir=args.tokenizer, name=args.name,
-                        progress=not args.quiet)
+                        progress=not args.quiet, save_dtype=resolve_dtype(args.save_dtype))
     print(json.dumps(result))
 
 
@@ -305,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--intermediate-size", type=int, default=688)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-dtype", default="float32", help="storage type of model.safetensors: float32 | float16 "
+                   "| bfloat16 (training is float32 either way)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_base)
 

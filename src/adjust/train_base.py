@@ -83,7 +83,8 @@ def _sha256(path: Path) -> str:
 
 
 def train_base(data: str | Path, out: str | Path, cfg: TrainConfig, model_cfg: TinyConfig | None = None,
-               tokenizer_dir: str | Path | None = None, name: str | None = None, progress: bool = True) -> dict:
+               tokenizer_dir: str | Path | None = None, name: str | None = None, progress: bool = True,
+               save_dtype: torch.dtype = torch.float32) -> dict:
     """Train (or resume training) a base model into `out`. Returns the final metrics."""
     out = Path(out)
     docs = read_documents(data)
@@ -134,7 +135,7 @@ def train_base(data: str | Path, out: str | Path, cfg: TrainConfig, model_cfg: T
 
     def checkpoint(val_loss: float | None):
         extra = {"training": {"step": step, "val_loss": val_loss, "data_sha256": _sha256(Path(data))}}
-        base.save(out, extra=extra)
+        base.save(out, extra=extra, dtype=save_dtype)  # trainer_state.pt keeps float32 for resuming
         with atomic_path(state_path) as tmp:
             torch.save({"model": base.model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                         "elapsed": elapsed, "history": history, "model_config": asdict(model_cfg),

@@ -96,20 +96,25 @@ class TinyBase(BaseModel):
         return hidden @ self.model.embed.weight.T  # tied weights
 
     # --- persistence ---------------------------------------------------------------------
-    def save(self, out_dir: str | Path, extra: dict | None = None) -> None:
-        """Write config.json, model.safetensors and tokenizer.json, each atomically."""
+    def save(self, out_dir: str | Path, extra: dict | None = None, dtype: torch.dtype = torch.float32) -> None:
+        """Write config.json, model.safetensors and tokenizer.json, each atomically.
+
+        `dtype` is the storage type (float16 halves a shipped model); loading always gives float32
+        unless --dtype says otherwise.
+        """
         from safetensors.torch import save_file
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().float().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        state = {k: v.detach().to(dtype).cpu().contiguous() for k, v in self.model.state_dict().items()}
         with atomic_path(out / "model.safetensors") as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})
         if self.tokenizer is not None:
             with atomic_path(out / "tokenizer.json") as tmp:
                 self.tokenizer.backend_tokenizer.save(str(tmp))
         write_json(out / "config.json", {"model_type": MODEL_TYPE, "architectures": ["TinyMDLM"], "name": self.name,
-                                         **asdict(self.cfg), **(extra or {})})
+                                         "torch_dtype": str(dtype).removeprefix("torch."), **asdict(self.cfg),
+                                         **(extra or {})})
 
     @classmethod
     def load(cls, path: str | Path) -> "TinyBase":
