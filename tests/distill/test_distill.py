@@ -81,6 +81,8 @@ def test_distillation_lowers_the_kl(tiny_base, rollouts_dir, tmp_path):
     after = kl(JointSampler.load(tmp_path / "s", tiny_base))
     assert result["step"] == 40
     assert after < 0.8 * before, (before, after)
+    # the held-out KL without a sampler (parallel's marginals) is logged beside the sampler's
+    assert result["val_kl_parallel"] > 0
     # resume: a longer run continues from the saved step
     more = distill(tiny_base, r, tmp_path / "s", DistillConfig(**{**cfg.__dict__, "steps": 45}), progress=False)
     assert more["step"] == 45

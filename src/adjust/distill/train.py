@@ -81,14 +81,16 @@ def example_loss(base, sampler, rollouts: Rollouts, ns, ts, u: int, chunk: int,
     """Mean KL over the positions still masked in x^{t+u} (METHOD.md section 5).
 
     With `normalizer`: the KL summed over those positions, divided by `normalizer` (a count of
-    positions over a larger batch, of which ns/ts are one process's slice).
+    positions over a larger batch, of which ns/ts are one process's slice). With `sampler=None`
+    the prior is never updated: the KL of the full pass's marginals, i.e. of parallel decoding,
+    the baseline a sampler has to beat.
     """
     device = base.device
     states = [rollouts.states(ns, [t + j for t in ts], base.mask_id).to(device) for j in range(u + 1)]
     with torch.no_grad():
         prior = base.hidden_states(states[0])
         target = base.hidden_states(states[u])
-    for j in range(1, u + 1):
+    for j in range(1, u + 1) if sampler is not None else ():
         prior = sampler(base, states[j], prior)
     masked = states[u] == base.mask_id
     kl = kl_per_position(base, target[masked], prior[masked], chunk)
@@ -132,17 +134,20 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
         u = int(torch.multinomial(probs, 1, generator=val_g)) + 1
         val_batches.append((*draw_examples(rollouts, val_ids, min(cfg.batch_size, cfg.val_examples), u, val_g), u))
 
-    def validate() -> float:
+    def validate(with_sampler: bool = True) -> float:
         sampler.eval()
         with torch.no_grad():
-            kl = sum(example_loss(base, sampler, rollouts, ns, ts, u, cfg.kl_chunk).item() for ns, ts, u in val_batches)
+            kl = sum(example_loss(base, sampler if with_sampler else None, rollouts, ns, ts, u, cfg.kl_chunk).item()
+                     for ns, ts, u in val_batches)
         sampler.train()
         return kl / len(val_batches)
+
+    val_kl_parallel = round(validate(with_sampler=False), 5)  # the same held-out examples, no sampler
 
     def checkpoint(val_kl: float):
         if accelerator is not None and not accelerator.is_main_process:
             return
-        extra = {"training": {"step": step, "val_kl": val_kl, "rollouts": rollouts.meta.get("num_samples"),
+        extra = {"training": {"step": step, "val_kl": val_kl, "val_kl_parallel": val_kl_parallel, "rollouts": rollouts.meta.get("num_samples"),
                               "gen_length": rollouts.gen_length, "max_unrolls": cfg.max_unrolls}}
         sampler.save(out, extra=extra)
         with atomic_path(state_path) as tmp:
@@ -201,5 +206,5 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
                 bar.write(json.dumps(history[-1]), file=sys.stderr)
             checkpoint(val)
     bar.close()
-    return {**(history[-1] if history else {"step": step}), "params": sum(p.numel() for p in sampler.parameters()),
+    return {**(history[-1] if history else {"step": step}), "val_kl_parallel": val_kl_parallel, "params": sum(p.numel() for p in sampler.parameters()),
             "train_rollouts": len(train_ids), "val_rollouts": len(val_ids)}
