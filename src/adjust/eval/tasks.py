@@ -1,0 +1,469 @@
+"""Verifiable parallel-decoding tasks (in the spirit of ParallelBench): a wrong joint is an invalid answer.
+
+Every task prompt reads `<task>: <item> <item> ... =` and the answer follows it after one
+space; the answer ends at the first EOS (`base.decode` cuts there) or newline. Each task's
+answer has several valid forms or depends on tokens decoded in the same pass, so drawing
+positions independently from their marginals (parallel decoding) breaks it, while the
+model's true joint (exact, K = 1) keeps it valid:
+
+- list:    "list: cat dog sun =" -> the given words, each exactly once, any order
+           (" sun cat dog"). Every answer position's marginal spreads over all the words,
+           so independent draws repeat some and drop others.
+- pick:    "pick: bakori tumesa lipodu =" -> exactly one of the made-up words, each built of
+           3 syllables and so spanning several BPE tokens (" tumesa"). Independent draws
+           glue pieces of different words together (" tupodu").
+- reverse: "reverse: cat dog sun =" -> the words in reverse order (" sun dog cat"). One
+           valid answer: a control where the model is sure of every token, so parallel
+           decoding should stay valid unless the model is unsure of the alignment.
+
+Validators are reference-free: they read the task and its items from the prompt alone.
+
+Training data (`write_task_data`): one JSONL document per example, "prompt answer" followed
+by `gen_length` EOS tokens written as the tokenizer's EOS text (`train_base` joins documents
+with one more EOS). Random training windows then always show an answer followed by a run of
+EOS, which is exactly what the generation region holds at evaluation: prompt, answer, EOS
+padding to `gen_length`. In training, a prompt is also always preceded by the previous
+example's EOS run, so evaluation prompts (`write_task_prompts`) start with CONTEXT_EOS EOS
+tokens too: without them a small model copies far worse (measured on the pipeline's model at
+4,500 steps: 40% of answer tokens from the prompt without the EOS context, 77% with it).
+Held-out prompts are disjoint from training by construction: an example belongs to the eval
+split iff a hash of (task, item set) falls in a fixed tenth.
+
+Run as a module to write files:
+  python -m adjust.eval.tasks data    --out data/tasks/train.jsonl --n 60000 --seed 0
+  python -m adjust.eval.tasks prompts --out data/tasks/eval.jsonl  --n 200 --split eval --seed 1
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import AdjustError
+
+DEFAULT_GEN_LENGTH = 16
+CONTEXT_EOS = 8  # EOS tokens written before each evaluation prompt (the context a training prompt has)
+EVAL_BUCKETS = 10  # one in EVAL_BUCKETS item sets is held out for evaluation
+
+# Short common English words; each becomes one BPE token once the tokenizer sees the data.
+WORDS = (
+    "cat dog sun sky red blue tree fish bird milk book door hat cup pen box car bus map key "
+    "bed egg ice ink jam owl pig rat bee cow fox hen ant bag cake coin drum frog gold lamp"
+).split()
+# Syllables of the made-up words of `pick`: 14 consonants x 5 vowels; 3 syllables a word.
+SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+
+
+@dataclass
+class Example:
+    task: str
+    prompt: str
+    answer: str  # one valid answer (for training data); validity never compares to it
+    items: list[str] = field(default_factory=list)
+
+    def check(self, answer_text: str) -> bool:
+        return is_valid(self.prompt, answer_text)
+
+    def record(self, context: int = CONTEXT_EOS) -> dict:
+        """The evaluation record: the prompt behind `context` EOS tokens, as training prompts are."""
+        return {"task": self.task, "prompt": with_context(self.prompt, context),
+                "meta": {"items": self.items, "answer": self.answer}}
+
+
+class Task:
+    name = ""
+    description = ""
+
+    def items(self, rng: random.Random) -> list[str]:
+        raise NotImplementedError
+
+    def answer(self, items: list[str], rng: random.Random) -> list[str]:
+        raise NotImplementedError
+
+    def valid_words(self, items: list[str], words: list[str]) -> bool:
+        raise NotImplementedError
+
+    # --- shared ---------------------------------------------------------------------------
+    def prompt(self, items: list[str]) -> str:
+        return f"{self.name}: {' '.join(items)} ="
+
+    def example(self, rng: random.Random) -> Example:
+        items = self.items(rng)
+        return Example(self.name, self.prompt(items), " ".join(self.answer(items, rng)), items)
+
+    def is_valid(self, prompt: str, answer_text: str) -> bool:
+        items = parse_prompt(prompt)[1]
+        return self.valid_words(items, answer_words(answer_text))
+
+
+class ListTask(Task):
+    name = "list"
+    description = "list the given words, each exactly once, in any order"
+
+    def items(self, rng):
+        return rng.sample(WORDS, rng.randint(3, 5))
+
+    def answer(self, items, rng):
+        return rng.sample(items, len(items))
+
+    def valid_words(self, items, words):
+        return sorted(words) == sorted(items)
+
+
+class PickTask(Task):
+    name = "pick"
+    description = "answer exactly one of the given made-up (multi-token) words"
+
+    def items(self, rng):
+        n = rng.randint(3, 4)
+        out: list[str] = []
+        while len(out) < n:
+            w = "".join(rng.choice(SYLLABLES) for _ in range(3))
+            if w not in out:
+                out.append(w)
+        return out
+
+    def answer(self, items, rng):
+        return [rng.choice(items)]
+
+    def valid_words(self, items, words):
+        return len(words) == 1 and words[0] in items
+
+
+class ReverseTask(Task):
+    name = "reverse"
+    description = "copy the given words in reverse order"
+
+    def items(self, rng):
+        return rng.sample(WORDS, rng.randint(3, 5))
+
+    def answer(self, items, rng):
+        return items[::-1]
+
+    def valid_words(self, items, words):
+        return words == items[::-1]
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (ListTask(), PickTask(), ReverseTask())}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise AdjustError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def with_context(prompt: str, context: int = CONTEXT_EOS) -> str:
+    """The prompt behind `context` EOS tokens (written as the tokenizer's EOS text)."""
+    from ..base.tiny import EOS
+
+    if context < 0:
+        raise AdjustError(f"--context must be >= 0, got {context}")
+    return EOS * context + prompt
+
+
+def strip_context(prompt: str) -> str:
+    """The task prompt without leading EOS context and whitespace."""
+    from ..base.tiny import EOS
+
+    text = prompt.lstrip()
+    while text.startswith(EOS):
+        text = text[len(EOS):].lstrip()
+    return text
+
+
+def parse_prompt(prompt: str) -> tuple[str, list[str]]:
+    """("list", ["cat", "dog"]) from "list: cat dog =" (leading EOS context allowed); AdjustError if no task."""
+    head, colon, rest = strip_context(prompt).strip().partition(":")
+    rest = rest.strip()
+    if not colon or head not in TASKS or not rest.endswith("="):
+        raise AdjustError(f"not a task prompt (expected '<task>: items... ='): {prompt!r}")
+    return head, rest[:-1].split()
+
+
+def task_of(prompt: str) -> str:
+    return parse_prompt(prompt)[0]
+
+
+def answer_words(answer_text: str) -> list[str]:
+    """The answer's words: text up to the first newline or literal EOS, split on whitespace."""
+    from ..base.tiny import EOS
+
+    text = answer_text.split(EOS, 1)[0].split("\n", 1)[0]
+    return text.split()
+
+
+def is_valid(prompt: str, answer_text: str) -> bool:
+    """Whether `answer_text` (the generation after the prompt) is a valid answer to the task prompt."""
+    return TASKS[task_of(prompt)].is_valid(prompt, answer_text)
+
+
+def split_of(task: str, items: list[str]) -> str:
+    """"eval" for a fixed tenth of (task, item set) pairs, "train" otherwise (independent of seeds)."""
+    key = f"{task}|{' '.join(sorted(items))}".encode()
+    return "eval" if int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % EVAL_BUCKETS == 0 else "train"
+
+
+def examples(task: str, n: int, seed: int, split: str = "train") -> list[Example]:
+    """`n` examples of one task from one split, reproducible by (task, seed, split)."""
+    if split not in ("train", "eval"):
+        raise AdjustError(f"split must be 'train' or 'eval', got {split!r}")
+    t = get_task(task)
+    rng = random.Random(f"{task}:{seed}:{split}")
+    out: list[Example] = []
+    while len(out) < n:
+        ex = t.example(rng)
+        if split_of(task, ex.items) == split:
+            out.append(ex)
+    return out
+
+
+def _tasks_arg(tasks) -> list[str]:
+    tasks = list(TASKS) if tasks is None else [tasks] if isinstance(tasks, str) else list(tasks)
+    for name in tasks:
+        get_task(name)
+    if not tasks:
+        raise AdjustError("no tasks selected")
+    return tasks
+
+
+def _write_jsonl(out, records) -> int:
+    from ..io import atomic_path
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        with open(tmp, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    return len(records)
+
+
+def training_text(ex: Example, gen_length: int = DEFAULT_GEN_LENGTH) -> str:
+    """One training document: prompt, space, answer, then EOS padding (train_base adds one more EOS)."""
+    from ..base.tiny import EOS
+
+    return f"{ex.prompt} {ex.answer}" + EOS * max(0, gen_length - 1)
+
+
+def write_task_data(out_jsonl, n_examples: int, seed: int = 0, tasks=None,
+                    gen_length: int = DEFAULT_GEN_LENGTH) -> int:
+    """Training documents {"text": ...}, one example each, tasks interleaved; train split only."""
+    tasks = _tasks_arg(tasks)
+    if n_examples < 1:
+        raise AdjustError(f"--n must be at least 1, got {n_examples}")
+    per = [n_examples // len(tasks) + (i < n_examples % len(tasks)) for i in range(len(tasks))]
+    pools = [examples(t, k, seed, "train") for t, k in zip(tasks, per)]
+    order = [(i, j) for i, pool in enumerate(pools) for j in range(len(pool))]
+    random.Random(f"mix:{seed}").shuffle(order)
+    return _write_jsonl(out_jsonl, [{"text": training_text(pools[i][j], gen_length)} for i, j in order])
+
+
+def write_task_prompts(out_jsonl, n: int, seed: int = 1, tasks=None, split: str = "eval",
+                       context: int = CONTEXT_EOS) -> int:
+    """`n` prompts of each task as {"task", "prompt", "meta"}; the eval split is held out of training.
+
+    Each prompt starts with `context` EOS tokens, the context every prompt has in training.
+    """
+    tasks = _tasks_arg(tasks)
+    if n < 1:
+        raise AdjustError(f"--n must be at least 1, got {n}")
+    return _write_jsonl(out_jsonl, [ex.record(context) for t in tasks for ex in examples(t, n, seed, split)])
+
+
+def read_task_prompts(path) -> list[dict]:
+    """Records {"task", "prompt"} of a .jsonl written by write_task_prompts, or a file of one prompt a line."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdjustError(f"prompts file not found: {path}")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise AdjustError(f"{path}:{n} is not valid JSON") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise AdjustError(f'{path}:{n} needs a "prompt" string field')
+            prompt = rec["prompt"]
+        else:
+            prompt = line
+        task = task_of(prompt)
+        out.append({"task": task, "prompt": prompt})
+    if not out:
+        raise AdjustError(f"no prompts in {path}")
+    return out
+
+
+# --- evaluation -------------------------------------------------------------------------------
+def evaluate_tasks(base, sampler, prompts, strategies, gen_length: int = DEFAULT_GEN_LENGTH, seed: int = 0,
+                   sampling=None, num_samples: int = 1, batch_size: int = 64, examples_kept: int = 3,
+                   progress: bool = False) -> dict:
+    """Validity of each strategy's answers, per task.
+
+    prompts: records {"task", "prompt"} or prompt strings; strategies: a spec string
+    ("exact,parallel:2,adjust:2"), (name, params) pairs or strategy objects. Returns
+    {"results": [row per (task, strategy)], "validity": {task: {label: fraction}}, ...};
+    a row holds the task, strategy name, label, K, validity, n, tokens per full pass (the
+    achieved K), full and sampler passes, seconds and a few invalid answers. The task "all"
+    pools every prompt.
+    """
+    from ..decode import generate_texts
+    from ..sampling import SamplingConfig
+    from .specs import build_strategy, parse_strategy_specs, spec_label
+
+    sampling = sampling or SamplingConfig()
+    if isinstance(strategies, str):
+        strategies = parse_strategy_specs(strategies)
+    built = []
+    for s in strategies:
+        if isinstance(s, tuple):
+            built.append((spec_label(*s), build_strategy(*s)))
+        else:
+            built.append((s.describe(), s))
+    records = [p if isinstance(p, dict) else {"prompt": p} for p in prompts]
+    for r in records:
+        r.setdefault("task", task_of(r["prompt"]))
+    if not records:
+        raise AdjustError("no prompts to evaluate")
+    by_task: dict[str, list[str]] = {}
+    for r in records:
+        by_task.setdefault(r["task"], []).append(r["prompt"])
+
+    rows, validity = [], {}
+    for label, strategy in built:
+        pooled = {"valid": 0, "n": 0, "row_passes": 0, "full_passes": 0, "sampler_passes": 0, "seconds": 0.0}
+        for task, task_prompts in by_task.items():
+            samples, stats = generate_texts(base, task_prompts, strategy, sampling, gen_length=gen_length,
+                                            num_samples=num_samples, batch_size=batch_size, seed=seed,
+                                            sampler=sampler, progress=progress)
+            ok = [is_valid(s["prompt"], s["text"]) for s in samples]
+            bad = [{"prompt": strip_context(s["prompt"]), "answer": s["text"]} for s, v in zip(samples, ok) if not v]
+            d = stats.to_dict()
+            rows.append({"task": task, "strategy": strategy.name, "label": label, "K": strategy.k,
+                         "valid": round(sum(ok) / len(ok), 4), "n": len(ok),
+                         "tokens_per_full_pass": d["tokens_per_full_pass"], "full_passes": d["full_passes"],
+                         "sampler_passes": d["sampler_passes"], "seconds": d["seconds"],
+                         "invalid_examples": bad[:examples_kept]})
+            validity.setdefault(task, {})[label] = rows[-1]["valid"]
+            pooled["valid"] += sum(ok)
+            pooled["n"] += len(ok)
+            pooled["row_passes"] += stats.row_passes
+            pooled["full_passes"] += stats.full_passes
+            pooled["sampler_passes"] += stats.sampler_passes
+            pooled["seconds"] += stats.seconds
+        rows.append({"task": "all", "strategy": strategy.name, "label": label, "K": strategy.k,
+                     "valid": round(pooled["valid"] / pooled["n"], 4), "n": pooled["n"],
+                     "tokens_per_full_pass": round(gen_length * pooled["n"] / max(1, pooled["row_passes"]), 4),
+                     "full_passes": pooled["full_passes"], "sampler_passes": pooled["sampler_passes"],
+                     "seconds": round(pooled["seconds"], 4)})
+        validity.setdefault("all", {})[label] = rows[-1]["valid"]
+    return {"validity": validity, "results": rows, "gen_length": gen_length, "num_samples": num_samples,
+            "seed": seed, "sampling": sampling.__dict__, "prompts": {t: len(p) for t, p in by_task.items()}}
+
+
+def format_table(result: dict) -> str:
+    """A plain-text table: one line per (strategy, task)."""
+    lines = [f"{'strategy':<22} {'task':<8} {'valid':>6} {'n':>5} {'tok/pass':>8} {'seconds':>8}"]
+    for r in result["results"]:
+        lines.append(f"{r['label']:<22} {r['task']:<8} {r['valid']:>6.3f} {r['n']:>5} "
+                     f"{r['tokens_per_full_pass']:>8.2f} {r['seconds']:>8.2f}")
+    return "\n".join(lines)
+
+
+# --- command line ------------------------------------------------------------------------------
+def cmd_eval_tasks(args) -> None:
+    from ..cli import _load_base, _load_sampler
+    from ..sampling import SamplingConfig
+    from .specs import build_strategy, parse_strategy_specs
+
+    specs = parse_strategy_specs(args.strategies)
+    built = [build_strategy(*s) for s in specs]  # fail on a bad spec before loading anything
+    records = read_task_prompts(args.prompts)
+    if args.tasks:
+        keep = set(_tasks_arg(args.tasks.split(",")))
+        records = [r for r in records if r["task"] in keep]
+    if args.limit:
+        kept, seen = [], {}
+        for r in records:
+            seen[r["task"]] = seen.get(r["task"], 0) + 1
+            if seen[r["task"]] <= args.limit:
+                kept.append(r)
+        records = kept
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, order=args.order)
+    base = _load_base(args)
+    needs = any(s.uses_sampler for s in built)
+    sampler = _load_sampler(args, base, required=True) if needs else None
+    result = evaluate_tasks(base, sampler, records, specs, gen_length=args.gen_length, seed=args.seed,
+                            sampling=sampling, num_samples=args.num_samples, batch_size=args.batch_size,
+                            progress=not args.json)
+    result["base"] = base.name
+    print(json.dumps(result) if args.json else format_table(result))
+
+
+def add_tasks_parser(ev) -> None:
+    """Register `adjust eval tasks` under the `eval` subcommand group."""
+    from ..cli import _add_base_args
+    from ..sampling import ORDERS
+
+    p = ev.add_parser("tasks", help="validity of answers to verifiable tasks (list, pick, reverse) per strategy")
+    _add_base_args(p)
+    p.add_argument("--sampler", default=None, help="joint sampler directory (default: <base>/sampler)")
+    p.add_argument("--prompts", required=True, help="task prompts: .jsonl from `python -m adjust.eval.tasks "
+                   "prompts` or one prompt a line")
+    p.add_argument("--strategies", default="exact,parallel:2,parallel:4,adjust:2,adjust:4",
+                   help="comma-separated name, name:K or name:key=value;key=value")
+    p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS)} (default: all)")
+    p.add_argument("--limit", type=int, default=0, help="at most this many prompts per task (0 = all)")
+    p.add_argument("--gen-length", type=int, default=DEFAULT_GEN_LENGTH)
+    p.add_argument("--num-samples", type=int, default=1, help="answers per prompt")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--order", default="entropy", help=f"order rule: {' | '.join(ORDERS)}")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    p.set_defaults(func=cmd_eval_tasks)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m adjust.eval.tasks", description="write task data files")
+    sub = parser.add_subparsers(dest="what", required=True)
+    d = sub.add_parser("data", help="training documents (JSONL, one example each)")
+    d.add_argument("--out", required=True)
+    d.add_argument("--n", type=int, required=True, help="examples in all, tasks interleaved")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--gen-length", type=int, default=DEFAULT_GEN_LENGTH, help="EOS tokens after each answer")
+    d.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS)}")
+    q = sub.add_parser("prompts", help="task prompts (JSONL {task, prompt, meta})")
+    q.add_argument("--out", required=True)
+    q.add_argument("--n", type=int, required=True, help="prompts per task")
+    q.add_argument("--seed", type=int, default=1)
+    q.add_argument("--split", default="eval", choices=["eval", "train"])
+    q.add_argument("--tasks", default=None)
+    q.add_argument("--context", type=int, default=CONTEXT_EOS, help="EOS tokens before each prompt")
+    args = parser.parse_args(argv)
+    tasks = args.tasks.split(",") if args.tasks else None
+    try:
+        if args.what == "data":
+            n = write_task_data(args.out, args.n, args.seed, tasks, args.gen_length)
+        else:
+            n = write_task_prompts(args.out, args.n, args.seed, tasks, args.split, args.context)
+    except AdjustError as e:
+        print(f"adjust: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {n} records to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

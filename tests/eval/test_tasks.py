@@ -1,0 +1,239 @@
+"""Verifiable tasks: validators on hand-made answers, seeded generators, held-out split, evaluation and CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adjust.base.tiny import EOS
+from adjust.errors import AdjustError
+from adjust.eval import tasks as T
+from adjust.eval.specs import build_strategy, parse_strategy_specs, spec_label
+
+torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------------------------
+# validators: exact hand-made cases
+# --------------------------------------------------------------------------------------------
+LIST = "list: cat dog sun ="
+PICK = "pick: bakori tumesa lipodu ="
+REVERSE = "reverse: cat dog sun ="
+
+
+@pytest.mark.parametrize("answer", [" cat dog sun", " sun cat dog", " dog sun cat", "dog  sun cat ", " sun cat dog\nlist"])
+def test_list_accepts_any_order(answer):
+    assert T.is_valid(LIST, answer)
+
+
+@pytest.mark.parametrize("answer", [
+    " cat cat sun",  # duplicate (the parallel-decoding failure)
+    " cat dog",  # missing word
+    " cat dog sun sun",  # extra duplicate
+    " cat dog sun fox",  # extra foreign word
+    " cat dog fox",  # substitution
+    " catdog sun",  # glued
+    "",  # empty
+    "\ncat dog sun",  # answer after the newline does not count
+])
+def test_list_rejects_duplicates_and_wrong_sets(answer):
+    assert not T.is_valid(LIST, answer)
+
+
+@pytest.mark.parametrize("answer", [" bakori", " tumesa", "lipodu", " lipodu\n", f" tumesa{EOS}junk"])
+def test_pick_accepts_exactly_one_given_word(answer):
+    assert T.is_valid(PICK, answer)
+
+
+@pytest.mark.parametrize("answer", [
+    " bamesa",  # pieces of two words glued (the parallel-decoding failure)
+    " tukori",
+    " bakoridu",
+    " bako",  # truncated
+    " bakori tumesa",  # two words
+    " bakori bakori",
+    " pick",
+    "",
+])
+def test_pick_rejects_mixtures(answer):
+    assert not T.is_valid(PICK, answer)
+
+
+def test_reverse_accepts_only_the_reversal():
+    assert T.is_valid(REVERSE, " sun dog cat")
+    assert T.is_valid(REVERSE, "sun dog cat\n")
+    for wrong in [" cat dog sun", " sun cat dog", " sun dog", " sun dog cat cat", " sun sun cat", " Sun dog cat", ""]:
+        assert not T.is_valid(REVERSE, wrong), wrong
+
+
+def test_validators_ignore_the_eos_context_before_a_prompt():
+    assert T.with_context(LIST, 3) == EOS * 3 + LIST and T.strip_context(EOS * 8 + LIST) == LIST
+    assert T.is_valid(EOS * 8 + LIST, " sun cat dog") and not T.is_valid(EOS * 8 + LIST, " sun sun dog")
+    assert T.parse_prompt(EOS * 2 + PICK) == ("pick", ["bakori", "tumesa", "lipodu"])
+
+
+def test_validator_reads_only_the_prompt():
+    # no reference answer is consulted: the same prompt text gives the same verdicts
+    ex = T.Example("list", LIST, "dog sun cat", ["cat", "dog", "sun"])
+    assert ex.check(" sun cat dog") and not ex.check(" dog dog cat")
+    with pytest.raises(AdjustError):
+        T.is_valid("translate: cat =", " chat")
+    with pytest.raises(AdjustError):
+        T.parse_prompt("list: cat dog")  # no "="
+
+
+def test_generated_examples_are_valid_and_parse_back():
+    for name in T.TASKS:
+        for ex in T.examples(name, 50, seed=3):
+            assert T.task_of(ex.prompt) == name
+            assert T.parse_prompt(ex.prompt)[1] == ex.items
+            assert T.is_valid(ex.prompt, " " + ex.answer), ex
+    picks = T.examples("pick", 50, seed=3)
+    assert all(3 <= len(e.items) <= 4 and len(set(e.items)) == len(e.items) for e in picks)
+    lists = T.examples("list", 50, seed=3)
+    assert all(3 <= len(e.items) <= 5 and set(e.items) <= set(T.WORDS) for e in lists)
+    assert len({e.answer for e in lists}) > 1  # answers come in varied orders
+
+
+# --------------------------------------------------------------------------------------------
+# generators: seeds, held-out split, files
+# --------------------------------------------------------------------------------------------
+def test_generators_are_reproducible_by_seed(tmp_path):
+    a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    T.write_task_data(a, 90, seed=5)
+    T.write_task_data(b, 90, seed=5)
+    T.write_task_data(c, 90, seed=6)
+    assert a.read_bytes() == b.read_bytes() != c.read_bytes()
+    p1, p2 = tmp_path / "p1.jsonl", tmp_path / "p2.jsonl"
+    T.write_task_prompts(p1, 10, seed=1)
+    T.write_task_prompts(p2, 10, seed=1)
+    assert p1.read_bytes() == p2.read_bytes()
+
+
+def test_training_documents_are_prompt_answer_then_eos(tmp_path):
+    out = tmp_path / "d.jsonl"
+    assert T.write_task_data(out, 31, seed=0, gen_length=8) == 31
+    docs = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    counts = {name: 0 for name in T.TASKS}
+    for d in docs:
+        text, _, _ = d.partition(EOS)
+        assert d == text + EOS * 7
+        prompt, _, answer = text.partition(" =")
+        assert T.is_valid(prompt + " =", answer)
+        counts[T.task_of(prompt + " =")] += 1
+    assert sorted(counts.values()) == [10, 10, 11]  # tasks in equal shares, interleaved
+
+
+def test_eval_prompts_are_held_out_of_training(tmp_path):
+    train = {(e.task, frozenset(e.items)) for name in T.TASKS for e in T.examples(name, 300, seed=0)}
+    held = [e for name in T.TASKS for e in T.examples(name, 30, seed=1, split="eval")]
+    assert all(T.split_of(e.task, e.items) == "eval" for e in held)
+    assert not {(e.task, frozenset(e.items)) for e in held} & train
+    out = tmp_path / "p.jsonl"
+    assert T.write_task_prompts(out, 4, seed=1) == 4 * len(T.TASKS)
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["task"] for r in recs} == set(T.TASKS)
+    assert all(set(r) == {"task", "prompt", "meta"} and T.task_of(r["prompt"]) == r["task"] for r in recs)
+    # evaluation prompts sit behind the EOS run that precedes every prompt in training
+    assert all(r["prompt"].startswith(EOS * T.CONTEXT_EOS + r["task"] + ":") for r in recs)
+    assert T.read_task_prompts(out) == [{"task": r["task"], "prompt": r["prompt"]} for r in recs]
+    plain = tmp_path / "p.txt"
+    plain.write_text(LIST + "\n\n" + PICK + "\n")
+    assert [r["task"] for r in T.read_task_prompts(plain)] == ["list", "pick"]
+
+
+def test_module_main_writes_files(tmp_path, capsys):
+    assert T.main(["data", "--out", str(tmp_path / "d.jsonl"), "--n", "6", "--tasks", "list,pick"]) == 0
+    assert T.main(["prompts", "--out", str(tmp_path / "p.jsonl"), "--n", "2", "--split", "train"]) == 0
+    assert len((tmp_path / "d.jsonl").read_text().splitlines()) == 6
+    assert T.main(["data", "--out", str(tmp_path / "x.jsonl"), "--n", "3", "--tasks", "nope"]) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# strategy specs (shared with `adjust eval quality`)
+# --------------------------------------------------------------------------------------------
+def test_parse_strategy_specs():
+    specs = parse_strategy_specs("exact, parallel:2,adjust:4,threshold:tau=0.9,factor:f=1;K=8,x:mode=fast")
+    assert specs == [("exact", {}), ("parallel", {"tokens_per_pass": 2}), ("adjust", {"tokens_per_pass": 4}),
+                     ("threshold", {"tau": 0.9}), ("factor", {"f": 1, "tokens_per_pass": 8}),
+                     ("x", {"mode": "fast"})]
+    assert [spec_label(*s) for s in specs[:4]] == ["exact", "parallel:2", "adjust:4", "threshold:tau=0.9"]
+    for bad in ["", "parallel:two", ":2", "threshold:tau", "threshold:tau=1;tau=2"]:
+        with pytest.raises(AdjustError):
+            parse_strategy_specs(bad)
+    assert build_strategy("parallel", {"tokens_per_pass": 3}).k == 3
+    with pytest.raises(AdjustError):
+        build_strategy("parallel", {"tau": 0.5})
+    with pytest.raises(AdjustError):
+        build_strategy("nope", {})
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation on a tiny random model
+# --------------------------------------------------------------------------------------------
+def _prompts():
+    return [ex.record() for name in T.TASKS for ex in T.examples(name, 3, seed=1, split="eval")]
+
+
+def test_evaluate_tasks_on_a_random_model(tiny_base):
+    from adjust.sampler import JointSampler, SamplerConfig
+
+    torch.manual_seed(0)
+    sampler = JointSampler(SamplerConfig.for_base(tiny_base)).eval()
+    prompts = _prompts()
+    res = T.evaluate_tasks(tiny_base, sampler, prompts, "exact,parallel:4,adjust:2", gen_length=8, seed=0)
+    assert set(res["validity"]) == set(T.TASKS) | {"all"}
+    assert set(res["validity"]["all"]) == {"exact", "parallel:4", "adjust:2"}
+    rows = {(r["task"], r["label"]): r for r in res["results"]}
+    assert len(rows) == 3 * 4
+    for (task, label), r in rows.items():
+        assert 0.0 <= r["valid"] <= 1.0
+        assert r["n"] == (9 if task == "all" else 3)
+    assert rows[("list", "exact")]["tokens_per_full_pass"] == 1.0
+    assert rows[("all", "parallel:4")]["tokens_per_full_pass"] == 4.0 and rows[("all", "parallel:4")]["K"] == 4
+    assert rows[("pick", "adjust:2")]["sampler_passes"] > 0
+    json.dumps(res)  # serialisable
+    # same seed, same answers
+    again = T.evaluate_tasks(tiny_base, sampler, prompts, [("parallel", {"tokens_per_pass": 4})], gen_length=8)
+    assert again["validity"]["all"]["parallel:4"] == res["validity"]["all"]["parallel:4"]
+
+
+def test_evaluate_counts_valid_answers(tiny_base, monkeypatch):
+    """Validity is the fraction of answers the validator accepts (generation stubbed)."""
+    import adjust.decode as D
+
+    answers = {LIST: " dog sun cat", PICK: " bamesa", REVERSE: " sun dog cat"}
+
+    def fake(base, prompts, strategy, sampling, **kw):
+        stats = D.Stats(full_passes=2, row_passes=2 * len(prompts), new_tokens=kw["gen_length"], sequences=len(prompts))
+        return [{"prompt": p, "text": answers[p]} for p in prompts], stats
+
+    monkeypatch.setattr(D, "generate_texts", fake)
+    res = T.evaluate_tasks(tiny_base, None, [LIST, PICK, REVERSE, LIST], "parallel:2", gen_length=8)
+    assert res["validity"] == {"list": {"parallel:2": 1.0}, "pick": {"parallel:2": 0.0},
+                               "reverse": {"parallel:2": 1.0}, "all": {"parallel:2": 0.75}}
+    pick = next(r for r in res["results"] if r["task"] == "pick")
+    assert pick["invalid_examples"] == [{"prompt": PICK, "answer": " bamesa"}]
+
+
+def test_cli_eval_tasks_prints_one_json_object(tiny_model_dir, tmp_path, capsys):
+    from adjust.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    T.write_task_prompts(prompts, 2, seed=1)
+    capsys.readouterr()
+    rc = main(["eval", "tasks", "--base", str(tiny_model_dir), "--prompts", str(prompts), "--strategies",
+               "exact,parallel:2", "--gen-length", "6", "--limit", "1", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    res = json.loads(out)
+    assert set(res["validity"]["all"]) == {"exact", "parallel:2"}
+    assert res["prompts"] == {name: 1 for name in T.TASKS}
+    rc = main(["eval", "tasks", "--base", str(tiny_model_dir), "--prompts", str(prompts), "--strategies", "adjust:2",
+               "--json"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("adjust: error:") and "sampler" in err
+    rc = main(["eval", "tasks", "--base", str(tiny_model_dir), "--prompts", str(prompts), "--strategies", "parallel:x"])
+    assert rc == 2
