@@ -16,6 +16,6 @@ finished() { [[ -f $1/model.safetensors && ! -f $1/$2 ]]; }  # finished: weights
 finished $BASE trainer_state.pt || $ADJUST train-base --data data/shakespeare.jsonl --out $BASE --steps 2000 --seed 0 --save-dtype float16
 # 3. exact joint trajectories: 1024 unconditional samples of 64 tokens, T = 1, entropy order
 $ADJUST rollouts --base $BASE --out $RUNS/rollouts --num-samples 1024 --gen-length 64 --batch-size 64 --seed 0
-# 4. the sampler: chains of up to 7 unrolls (serves K <= 8)
-finished $BASE/sampler distill_state.pt || $ADJUST distill --base $BASE --rollouts $RUNS/rollouts --out $BASE/sampler --steps 1200 --max-unrolls 7 --seed 0
+# 4. the sampler: chains of up to 3 unrolls (trained for K <= 4)
+finished $BASE/sampler distill_state.pt || $ADJUST distill --base $BASE --rollouts $RUNS/rollouts --out $BASE/sampler --steps 1500 --max-unrolls 3 --seed 0
 rm -f $BASE/trainer_state.pt $BASE/sampler/distill_state.pt   # resume state, not shipped
