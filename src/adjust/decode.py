@@ -217,6 +217,8 @@ def generate(base, prompts: list[list[int]], strategy, sampling: SamplingConfig 
     so results do not depend on batching.
     """
     check_request(base, prompts, gen_length, block_length)
+    if not strategy.adaptive and strategy.k > gen_length:
+        raise AdjustError(f"--tokens-per-pass {strategy.k} is larger than --gen-length {gen_length}")
     if strategy.uses_sampler and sampler is None:
         raise AdjustError(f"strategy {strategy.name!r} needs a joint sampler; pass --sampler DIR")
     if strategy.uses_sampler:

@@ -125,3 +125,10 @@ def test_adjust_with_k1_equals_exact(tiny_base):
 def test_adjust_without_sampler_is_refused(tiny_base):
     with pytest.raises(AdjustError, match="sampler"):
         generate(tiny_base, [[]], make_strategy("adjust"), SamplingConfig(), 8)
+
+
+def test_k_larger_than_the_generation_is_refused(tiny_base):
+    sampler = JointSampler(SamplerConfig.for_base(tiny_base))
+    for name in ("parallel", "adjust"):
+        with pytest.raises(AdjustError, match="larger than --gen-length"):
+            generate(tiny_base, [[]], make_strategy(name, tokens_per_pass=9), SamplingConfig(), 8, sampler=sampler)
