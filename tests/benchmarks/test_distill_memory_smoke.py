@@ -6,23 +6,17 @@ RSS, so it is deterministic and the chunked path can be compared strictly with t
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("transformers")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "distill_memory.py"
-
-
 @pytest.fixture(scope="module")
 def distill_memory():
-    spec = importlib.util.spec_from_file_location("distill_memory", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from tests.benchmarks.conftest import load_benchmark
+
+    return load_benchmark("distill_memory")
 
 
 def test_tiny_sizes_on_cpu(distill_memory, tmp_path, capsys):
