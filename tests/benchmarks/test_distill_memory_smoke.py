@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def distill_memory():
-    from tests.benchmarks.conftest import load_benchmark
+    from tests.benchmarks.bench_loader import load_benchmark
 
     return load_benchmark("distill_memory")
 

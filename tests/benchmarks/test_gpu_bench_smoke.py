@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def gpu_bench():
-    from tests.benchmarks.conftest import load_benchmark
+    from tests.benchmarks.bench_loader import load_benchmark
 
     return load_benchmark("gpu_bench")
 
