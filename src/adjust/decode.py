@@ -68,7 +68,7 @@ class StepContext:
     hidden: torch.Tensor  # (B, L, H) aligned hidden states of this step's full pass
     step: int
     unroll: int = 0  # 0 = the full pass's distributions, j = after j sampler unrolls
-    _full_logits: torch.Tensor | None = field(default=None, repr=False)
+    _full_logits: tuple | None = field(default=None, repr=False)  # (candidates, logits) of the full pass
 
     @property
     def x(self) -> torch.Tensor:
@@ -91,9 +91,9 @@ class StepContext:
         """(rows, cols, logp): filtered log-probs at the candidates, from `hidden` (default: the full pass)."""
         rows, cols = self.candidates()
         if hidden is None or hidden is self.hidden:
-            if self._full_logits is None or self._full_logits.shape[0] != len(rows):
-                self._full_logits = self.loop.base.logits(self.hidden[rows, cols])
-            logits = self._full_logits
+            if self._full_logits is None or self._full_logits[0] is not self.loop._cand:
+                self._full_logits = (self.loop._cand, self.loop.base.logits(self.hidden[rows, cols]))
+            logits = self._full_logits[1]
         else:
             logits = self.loop.base.logits(hidden[rows, cols])
         return rows, cols, log_probs(logits, self.sampling)
@@ -112,17 +112,17 @@ class StepContext:
     def choose(self, scores: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Indices of the entries to unmask: the counts[b] best-scored entries of each row b."""
         B = self.x.shape[0]
-        counts = torch.minimum(counts, torch.bincount(rows, minlength=B))
+        per_row = torch.bincount(rows, minlength=B)
+        counts = torch.minimum(counts, per_row)
         if counts.max() <= 0:
             return torch.empty(0, dtype=torch.long, device=rows.device)
-        table = torch.full((B, int(torch.bincount(rows, minlength=B).max())), float("-inf"),
-                           dtype=torch.float64, device=rows.device)
-        slot = torch.arange(len(rows), device=rows.device) - _row_starts(rows, B)[rows]  # index within its row
-        table[rows, slot] = scores.double()
+        starts = torch.cumsum(per_row, 0) - per_row  # first entry of each row
+        table = torch.full((B, int(per_row.max())), float("-inf"), dtype=torch.float64, device=rows.device)
+        table[rows, torch.arange(len(rows), device=rows.device) - starts[rows]] = scores.double()
         # stable sort: among equal scores the lower position goes first (a deterministic, documented tie rule)
         top = table.sort(dim=1, descending=True, stable=True).indices[:, : int(counts.max())]  # (B, kmax)
         keep = torch.arange(top.shape[1], device=rows.device)[None] < counts[:, None]
-        return (_row_starts(rows, B)[:, None] + top)[keep]
+        return (starts[:, None] + top)[keep]
 
     def commit(self, entries: torch.Tensor, rows, cols, logp) -> torch.Tensor:
         """Sample tokens for the chosen entries and write them into the canvas; returns the tokens."""
@@ -139,11 +139,6 @@ class StepContext:
         self.loop.stats.sampler_passes += 1
         self.unroll += 1
         return sampler(self.loop.base, self.x, prior, self.loop.attention_mask)
-
-
-def _row_starts(rows: torch.Tensor, B: int) -> torch.Tensor:
-    counts = torch.bincount(rows, minlength=B)
-    return torch.cumsum(counts, 0) - counts
 
 
 class _Loop:
