@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from adjust.data import read_documents
+from adjust.data import read_documents, read_examples
 from adjust.errors import AdjustError
 
 
@@ -22,8 +22,16 @@ def test_jsonl_documents(tmp_path):
     assert read_documents(p) == ["first", "second"]  # blank lines and blank documents skipped
 
 
+def test_prompt_completion_records(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text(json.dumps({"prompt": "list: a b =", "completion": " b a"}) + "\n" + json.dumps({"text": "plain"}))
+    assert read_examples(p) == [("list: a b =", " b a"), ("", "plain")]
+    assert read_documents(p) == ["list: a b = b a", "plain"]
+
+
 @pytest.mark.parametrize("content,match", [
-    ("", "empty"), ("   \n\n", "empty"), ('{"text": "a"}\nnot json\n', ":2"), ('{"body": "a"}\n', "text")])
+    ("", "empty"), ("   \n\n", "empty"), ('{"text": "a"}\nnot json\n', ":2"), ('{"body": "a"}\n', "text"),
+    ('{"prompt": "a"}\n', "completion"), ('{"prompt": 3, "completion": "b"}\n', "completion")])
 def test_bad_files(tmp_path, content, match):
     suffix = ".jsonl" if "{" in content or "json" in content else ".txt"
     p = tmp_path / f"f{suffix}"

@@ -129,6 +129,63 @@ def test_empty_and_missing_data_are_errors(tmp_path):
         train_base(tmp_path / "nope.txt", tmp_path / "m", train_cfg(5), model_cfg(), progress=False)
 
 
+# --- --packing documents ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    rows = [{"prompt": f"say {w}:", "completion": f" {w} {w}"} for w in " ".join(CORPUS).split()[:120]]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_document_batches_start_each_document_at_position_0():
+    docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
+    batches = tb.DocumentBatches(docs, prompt_lengths=[1, 2, 0], seq_len=8, eos_id=2)
+    g = torch.Generator().manual_seed(0)
+    lengths = set()
+    for _ in range(200):
+        ids, eligible = batches(4, g)
+        L = ids.shape[1]
+        lengths.add(L)
+        assert 3 <= L <= 8
+        for row, ok in zip(ids.tolist(), eligible.tolist()):
+            doc = next(d for d in docs if row[:len(d)] == d)  # a whole document from position 0
+            assert len(doc) < L and row[len(doc):] == [2] * (L - len(doc))  # then EOS to the end
+            n_prompt = [1, 2, 0][docs.index(doc)]
+            assert ok == [False] * n_prompt + [True] * (L - n_prompt)  # the prompt is never masked
+    assert lengths == set(range(3, 9))  # every length that fits some document is drawn
+
+
+def test_documents_packing_trains_on_completions_only(pairs_file, tmp_path):
+    out = tmp_path / "m"
+    cfg = train_cfg(20, packing="documents", seq_len=32)
+    result = train_base(pairs_file, out, cfg, model_cfg(), progress=False)
+    hist = history(out)
+    assert result["step"] == 20 and hist[-1]["val_loss"] < hist[0]["val_loss"]
+    state = torch.load(out / STATE_FILE, weights_only=False)
+    assert state["train_config"]["packing"] == "documents"
+
+
+def test_documents_packing_refuses_a_document_longer_than_the_context(pairs_file, tmp_path):
+    with pytest.raises(AdjustError, match="shorter than --seq-len 4"):
+        train_base(pairs_file, tmp_path / "m", train_cfg(5, packing="documents", seq_len=4), model_cfg(),
+                   progress=False)
+    with pytest.raises(AdjustError, match="unknown --packing"):
+        train_base(pairs_file, tmp_path / "m", train_cfg(5, packing="lines"), model_cfg(), progress=False)
+    assert not (tmp_path / "m").exists()
+
+
+def test_untied_lm_head(data_file, tmp_path):
+    cfg = model_cfg()
+    cfg.tie_embeddings = False
+    train_base(data_file, tmp_path / "m", train_cfg(10), cfg, progress=False)
+    base = load_base(tmp_path / "m")
+    assert base.model.head is not None
+    assert not torch.equal(base.model.head.weight, base.model.embed.weight)
+    h = torch.randn(3, cfg.hidden_size)
+    assert torch.allclose(base.lm_head(h), h @ base.model.head.weight.T)
+
+
 def test_tokenizer_special_tokens_come_first():
     tok = train_tokenizer(CORPUS, 300)
     assert len(tok) <= 300

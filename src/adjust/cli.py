@@ -26,7 +26,7 @@ def cmd_train_base(args) -> None:
     from .train_base import TrainConfig, train_base
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                      warmup=args.warmup, eval_every=args.eval_every, seed=args.seed)
+                      warmup=args.warmup, eval_every=args.eval_every, seed=args.seed, packing=args.packing)
     if min(cfg.steps, cfg.batch_size, cfg.seq_len, cfg.eval_every) < 1:
         raise_bad("--steps, --batch-size, --seq-len and --eval-every must be at least 1")
     if not cfg.lr > 0:
@@ -36,7 +36,7 @@ def cmd_train_base(args) -> None:
                   "into an even head size (rotary positions rotate pairs)")
     model_cfg = TinyConfig(hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
                            intermediate_size=args.intermediate_size, max_length=args.seq_len,
-                           tokenizer_size=args.vocab_size)
+                           tokenizer_size=args.vocab_size, tie_embeddings=not args.untie_embeddings)
     from .base import resolve_dtype
 
     result = train_base(args.data, args.out, cfg, model_cfg, tokenizer_dir=args.tokenizer, name=args.name,
@@ -298,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128, help="training window = the model's context length")
+    p.add_argument("--packing", choices=("stream", "documents"), default="stream",
+                   help="stream: random windows of the documents joined by EOS (running text); documents: each "
+                   "sequence is one document from position 0, EOS-padded to the batch's length (prompt/answer "
+                   "data such as the verifiable tasks)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=200)
@@ -306,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--intermediate-size", type=int, default=688)
+    p.add_argument("--untie-embeddings", action="store_true", help="a separate LM head instead of the input "
+                   "embedding (needed to learn the copying tasks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-dtype", default="float32", help="storage type of model.safetensors: float32 | float16 "
                    "| bfloat16 (training is float32 either way)")

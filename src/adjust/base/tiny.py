@@ -1,6 +1,7 @@
 """Our own small masked diffusion LM: a bidirectional LLaMA/Qwen-style transformer.
 
-RMSNorm, rotary positions, SwiGLU, tied input/output embedding. Trained with the masked
+RMSNorm, rotary positions, SwiGLU, tied input/output embedding (or a separate LM head,
+`tie_embeddings=False`, as the task model uses). Trained with the masked
 diffusion objective (see `adjust.likelihood`). Saved as config.json + model.safetensors +
 tokenizer.json, like a Hugging Face model, so the directory alone rebuilds it.
 """
@@ -39,6 +40,7 @@ class TinyConfig:
     pad_id: int = 0
     eos_id: int = 2
     tokenizer_size: int = 4096  # real tokens; ids from here to vocab_size are padding
+    tie_embeddings: bool = True  # LM head = input embedding (configs written before this field were tied)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TinyConfig":
@@ -47,7 +49,7 @@ class TinyConfig:
 
 
 class TinyMDLM(nn.Module):
-    """The network: embed -> blocks -> final RMSNorm -> tied LM head."""
+    """The network: embed -> blocks -> final RMSNorm -> LM head (tied to embed unless tie_embeddings=False)."""
 
     def __init__(self, cfg: TinyConfig):
         super().__init__()
@@ -56,6 +58,7 @@ class TinyMDLM(nn.Module):
         self.blocks = nn.ModuleList(
             Block(cfg.hidden_size, cfg.num_heads, cfg.intermediate_size, cfg.norm_eps) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.apply(self._init)
 
     @staticmethod
@@ -93,7 +96,8 @@ class TinyBase(BaseModel):
         return self.model.embed(input_ids)
 
     def lm_head(self, hidden):
-        return hidden @ self.model.embed.weight.T  # tied weights
+        head = self.model.embed if self.model.head is None else self.model.head
+        return hidden @ head.weight.T
 
     # --- persistence ---------------------------------------------------------------------
     def save(self, out_dir: str | Path, extra: dict | None = None, dtype: torch.dtype = torch.float32) -> None:

@@ -18,14 +18,13 @@ model's true joint (exact, K = 1) keeps it valid:
 
 Validators are reference-free: they read the task and its items from the prompt alone.
 
-Training data (`write_task_data`): one JSONL document per example, "prompt answer" followed
-by `gen_length` EOS tokens written as the tokenizer's EOS text (`train_base` joins documents
-with one more EOS). Random training windows then always show an answer followed by a run of
-EOS, which is exactly what the generation region holds at evaluation: prompt, answer, EOS
-padding to `gen_length`. In training, a prompt is also always preceded by the previous
-example's EOS run, so evaluation prompts (`write_task_prompts`) start with CONTEXT_EOS EOS
-tokens too: without them a small model copies far worse (measured on the pipeline's model at
-4,500 steps: 40% of answer tokens from the prompt without the EOS context, 77% with it).
+Training data (`write_task_data`): one JSONL document per example, "prompt answer". Train
+the base with `adjust train-base --packing documents`: every training sequence is then one
+example from position 0, followed by EOS padding to the batch's length, which is exactly what
+generation gives the model (prompt at position 0, answer, EOS to the end of the generation
+region). Random windows of a joined stream (`--packing stream`) are much harder to learn from
+here: a small model must first find where a prompt starts before it can copy from it
+(measured on the pipeline's model: no valid answer after 4,500 steps with stream windows).
 Held-out prompts are disjoint from training by construction: an example belongs to the eval
 split iff a hash of (task, item set) falls in a fixed tenth.
 
@@ -46,7 +45,6 @@ from pathlib import Path
 from ..errors import AdjustError
 
 DEFAULT_GEN_LENGTH = 16
-CONTEXT_EOS = 8  # EOS tokens written before each evaluation prompt (the context a training prompt has)
 EVAL_BUCKETS = 10  # one in EVAL_BUCKETS item sets is held out for evaluation
 
 # Short common English words; each becomes one BPE token once the tokenizer sees the data.
@@ -68,9 +66,9 @@ class Example:
     def check(self, answer_text: str) -> bool:
         return is_valid(self.prompt, answer_text)
 
-    def record(self, context: int = CONTEXT_EOS) -> dict:
-        """The evaluation record: the prompt behind `context` EOS tokens, as training prompts are."""
-        return {"task": self.task, "prompt": with_context(self.prompt, context),
+    def record(self) -> dict:
+        """The evaluation record."""
+        return {"task": self.task, "prompt": self.prompt,
                 "meta": {"items": self.items, "answer": self.answer}}
 
 
@@ -157,28 +155,9 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def with_context(prompt: str, context: int = CONTEXT_EOS) -> str:
-    """The prompt behind `context` EOS tokens (written as the tokenizer's EOS text)."""
-    from ..base.tiny import EOS
-
-    if context < 0:
-        raise AdjustError(f"--context must be >= 0, got {context}")
-    return EOS * context + prompt
-
-
-def strip_context(prompt: str) -> str:
-    """The task prompt without leading EOS context and whitespace."""
-    from ..base.tiny import EOS
-
-    text = prompt.lstrip()
-    while text.startswith(EOS):
-        text = text[len(EOS):].lstrip()
-    return text
-
-
 def parse_prompt(prompt: str) -> tuple[str, list[str]]:
-    """("list", ["cat", "dog"]) from "list: cat dog =" (leading EOS context allowed); AdjustError if no task."""
-    head, colon, rest = strip_context(prompt).strip().partition(":")
+    """("list", ["cat", "dog"]) from "list: cat dog ="; AdjustError if it is not a task prompt."""
+    head, colon, rest = prompt.strip().partition(":")
     rest = rest.strip()
     if not colon or head not in TASKS or not rest.endswith("="):
         raise AdjustError(f"not a task prompt (expected '<task>: items... ='): {prompt!r}")
@@ -243,15 +222,12 @@ def _write_jsonl(out, records) -> int:
     return len(records)
 
 
-def training_text(ex: Example, gen_length: int = DEFAULT_GEN_LENGTH) -> str:
-    """One training document: prompt, space, answer, then EOS padding (train_base adds one more EOS)."""
-    from ..base.tiny import EOS
-
-    return f"{ex.prompt} {ex.answer}" + EOS * max(0, gen_length - 1)
+def training_record(ex: Example) -> dict:
+    """One training example in the prompt-completion format (train-base --packing documents adds the EOS)."""
+    return {"prompt": ex.prompt, "completion": f" {ex.answer}"}
 
 
-def write_task_data(out_jsonl, n_examples: int, seed: int = 0, tasks=None,
-                    gen_length: int = DEFAULT_GEN_LENGTH) -> int:
+def write_task_data(out_jsonl, n_examples: int, seed: int = 0, tasks=None) -> int:
     """Training documents {"text": ...}, one example each, tasks interleaved; train split only."""
     tasks = _tasks_arg(tasks)
     if n_examples < 1:
@@ -260,19 +236,15 @@ def write_task_data(out_jsonl, n_examples: int, seed: int = 0, tasks=None,
     pools = [examples(t, k, seed, "train") for t, k in zip(tasks, per)]
     order = [(i, j) for i, pool in enumerate(pools) for j in range(len(pool))]
     random.Random(f"mix:{seed}").shuffle(order)
-    return _write_jsonl(out_jsonl, [{"text": training_text(pools[i][j], gen_length)} for i, j in order])
+    return _write_jsonl(out_jsonl, [training_record(pools[i][j]) for i, j in order])
 
 
-def write_task_prompts(out_jsonl, n: int, seed: int = 1, tasks=None, split: str = "eval",
-                       context: int = CONTEXT_EOS) -> int:
-    """`n` prompts of each task as {"task", "prompt", "meta"}; the eval split is held out of training.
-
-    Each prompt starts with `context` EOS tokens, the context every prompt has in training.
-    """
+def write_task_prompts(out_jsonl, n: int, seed: int = 1, tasks=None, split: str = "eval") -> int:
+    """`n` prompts of each task as {"task", "prompt", "meta"}; the eval split is held out of training."""
     tasks = _tasks_arg(tasks)
     if n < 1:
         raise AdjustError(f"--n must be at least 1, got {n}")
-    return _write_jsonl(out_jsonl, [ex.record(context) for t in tasks for ex in examples(t, n, seed, split)])
+    return _write_jsonl(out_jsonl, [ex.record() for t in tasks for ex in examples(t, n, seed, split)])
 
 
 def read_task_prompts(path) -> list[dict]:
@@ -344,7 +316,7 @@ def evaluate_tasks(base, sampler, prompts, strategies, gen_length: int = DEFAULT
                                             num_samples=num_samples, batch_size=batch_size, seed=seed,
                                             sampler=sampler, progress=progress)
             ok = [is_valid(s["prompt"], s["text"]) for s in samples]
-            bad = [{"prompt": strip_context(s["prompt"]), "answer": s["text"]} for s, v in zip(samples, ok) if not v]
+            bad = [{"prompt": s["prompt"], "answer": s["text"]} for s, v in zip(samples, ok) if not v]
             d = stats.to_dict()
             rows.append({"task": task, "strategy": strategy.name, "label": label, "K": strategy.k,
                          "valid": round(sum(ok) / len(ok), 4), "n": len(ok),
@@ -442,7 +414,6 @@ def main(argv=None) -> int:
     d.add_argument("--out", required=True)
     d.add_argument("--n", type=int, required=True, help="examples in all, tasks interleaved")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--gen-length", type=int, default=DEFAULT_GEN_LENGTH, help="EOS tokens after each answer")
     d.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS)}")
     q = sub.add_parser("prompts", help="task prompts (JSONL {task, prompt, meta})")
     q.add_argument("--out", required=True)
@@ -450,14 +421,13 @@ def main(argv=None) -> int:
     q.add_argument("--seed", type=int, default=1)
     q.add_argument("--split", default="eval", choices=["eval", "train"])
     q.add_argument("--tasks", default=None)
-    q.add_argument("--context", type=int, default=CONTEXT_EOS, help="EOS tokens before each prompt")
     args = parser.parse_args(argv)
     tasks = args.tasks.split(",") if args.tasks else None
     try:
         if args.what == "data":
-            n = write_task_data(args.out, args.n, args.seed, tasks, args.gen_length)
+            n = write_task_data(args.out, args.n, args.seed, tasks)
         else:
-            n = write_task_prompts(args.out, args.n, args.seed, tasks, args.split, args.context)
+            n = write_task_prompts(args.out, args.n, args.seed, tasks, args.split)
     except AdjustError as e:
         print(f"adjust: error: {e}", file=sys.stderr)
         return 2
