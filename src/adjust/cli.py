@@ -191,13 +191,23 @@ def cmd_distill(args) -> None:
     from .distill.train import DistillConfig, distill
 
     accelerator = None
-    if _launched_state() is not None:  # DDP over the processes; the frozen base is not wrapped
+    if _launched_state() is not None:  # DDP over the processes for the sampler
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=_accelerate_cpu())
         if args.device != "cpu":
             args.device = str(accelerator.device)
-    base = _load_base(args)
+    if args.shard_base and (accelerator is None or accelerator.num_processes < 2):
+        raise_bad("--shard-base needs several processes: start distill with `accelerate launch --num_processes N`")
+    sharding = None
+    if args.shard_base:  # load whole on the CPU, then keep 1/N of each layer on this process's device
+        device, args.device = args.device, "cpu"
+        base = _load_base(args)
+        from .distill.fsdp import shard_base
+
+        sharding = shard_base(base, accelerator.device if device != "cpu" else "cpu")
+    else:
+        base = _load_base(args)
     rollouts = load_rollouts(args.rollouts, base)
     cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                         max_unrolls=args.max_unrolls, eval_every=args.eval_every, seed=args.seed)
@@ -206,6 +216,8 @@ def cmd_distill(args) -> None:
     if not cfg.lr > 0:
         raise_bad(f"--lr must be positive, got {cfg.lr}")
     result = distill(base, rollouts, args.out, cfg, progress=not args.quiet, accelerator=accelerator)
+    if sharding is not None:
+        result["base_sharding"] = sharding
     if accelerator is None or accelerator.is_main_process:
         print(json.dumps(result))
 
@@ -363,6 +375,8 @@ def _add_rollout_parsers(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--max-unrolls", type=int, default=3, help="longest unroll chain trained (K - 1)")
+    p.add_argument("--shard-base", action="store_true", help="FSDP2: split each layer of the frozen base over the "
+                   "processes of `accelerate launch` (for a base too large for one device; docs/multi_gpu.md)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")

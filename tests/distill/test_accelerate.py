@@ -79,16 +79,20 @@ def test_rollouts_two_processes_complete_and_identical(tiny_model_dir, single_ro
     assert two.meta == one.meta
 
 
-def test_distill_two_processes_matches_one(tiny_model_dir, single_rollouts, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def single_sampler(tiny_model_dir, single_rollouts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("acc") / "sampler-1"
+    proc = subprocess.run([sys.executable, "-m", "adjust.cli", "distill", "--base", str(tiny_model_dir), "--rollouts",
+                           str(single_rollouts), "--out", str(out), *DISTILL_ARGS],
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def assert_same_sampler(out1, res1, out2, res2):
     from adjust.sampler import JointSampler
 
-    out1, out2 = tmp_path / "sampler-1", tmp_path / "sampler-2"
-    single("distill", "--base", tiny_model_dir, "--rollouts", single_rollouts, "--out", out1, *DISTILL_ARGS)
-    res1 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    proc = launch2("distill", "--base", tiny_model_dir, "--rollouts", single_rollouts, "--out", out2, *DISTILL_ARGS)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == 1  # only the main process prints (and writes the checkpoint)
-    res2 = json.loads(lines[0])
     assert res2["step"] == res1["step"] == 3
     assert res2["train_kl"] == pytest.approx(res1["train_kl"], rel=1e-4)
     assert res2["val_kl"] == pytest.approx(res1["val_kl"], rel=1e-4)
@@ -101,3 +105,37 @@ def test_distill_two_processes_matches_one(tiny_model_dir, single_rollouts, tmp_
     diff = max((s1[k] - s2[k]).abs().max().item() for k in s1)
     assert 1e-3 < moved < 1e-2 and diff < 1e-5, (moved, diff)
     assert not list(out2.glob(".*.tmp"))
+
+
+def main_process_result(proc) -> dict:
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # only the main process prints (and writes the checkpoint)
+    return json.loads(lines[0])
+
+
+def test_distill_two_processes_matches_one(tiny_model_dir, single_rollouts, single_sampler, tmp_path):
+    out2 = tmp_path / "sampler-2"
+    proc = launch2("distill", "--base", tiny_model_dir, "--rollouts", single_rollouts, "--out", out2, *DISTILL_ARGS)
+    res2 = main_process_result(proc)
+    assert "base_sharding" not in res2
+    assert_same_sampler(*single_sampler, out2, res2)
+
+
+def test_distill_with_the_base_sharded_matches_one(tiny_model_dir, single_rollouts, single_sampler, tmp_path):
+    """FSDP2 over the frozen base's layers (each process holds half of every layer): same sampler."""
+    out2 = tmp_path / "sampler-fsdp"
+    proc = launch2("distill", "--base", tiny_model_dir, "--rollouts", single_rollouts, "--out", out2, "--shard-base",
+                   *DISTILL_ARGS)
+    res2 = main_process_result(proc)
+    sh = res2["base_sharding"]
+    assert sh["world"] == 2 and sh["layers"] >= 1
+    assert sh["local_layer_params"] * 2 == sh["layer_params"]  # half of every layer on each process
+    assert sh["replicated_params"] > 0  # embedding and norms stay whole
+    assert_same_sampler(*single_sampler, out2, res2)
+
+
+def test_shard_base_needs_several_processes(tiny_model_dir, single_rollouts, tmp_path, capsys):
+    assert main(["distill", "--base", str(tiny_model_dir), "--rollouts", str(single_rollouts), "--out",
+                 str(tmp_path / "s"), "--shard-base", *DISTILL_ARGS]) == 2
+    assert "--shard-base needs several processes" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
