@@ -32,14 +32,14 @@ N_EVAL=${N_EVAL:-200}                        # held-out prompts per task
 # base model
 LAYERS=${LAYERS:-4}; HIDDEN=${HIDDEN:-128}; HEADS=${HEADS:-4}; INTER=${INTER:-344}
 SEQ_LEN=${SEQ_LEN:-40}; VOCAB=${VOCAB:-512}  # longest prompt (19 tokens) + GEN_LENGTH must fit SEQ_LEN
-BASE_STEPS=${BASE_STEPS:-4000}; BASE_BATCH=${BASE_BATCH:-64}; BASE_LR=${BASE_LR:-5e-4}
+BASE_STEPS=${BASE_STEPS:-10000}; BASE_BATCH=${BASE_BATCH:-64}; BASE_LR=${BASE_LR:-1e-3}
 EVAL_EVERY=${EVAL_EVERY:-500}
 # joint sampler
 ROLLOUTS=${ROLLOUTS:-2400}                   # exact trajectories (cycled over the rollout prompts)
-DISTILL_STEPS=${DISTILL_STEPS:-1000}; DISTILL_BATCH=${DISTILL_BATCH:-32}; DISTILL_LR=${DISTILL_LR:-1e-3}
+DISTILL_STEPS=${DISTILL_STEPS:-12000}; DISTILL_BATCH=${DISTILL_BATCH:-32}; DISTILL_LR=${DISTILL_LR:-1e-3}
 MAX_UNROLLS=${MAX_UNROLLS:-3}                # serves adjust up to K = MAX_UNROLLS + 1
 # evaluation
-STRATEGIES=${STRATEGIES:-exact,parallel:2,parallel:4,adjust:2,adjust:4}
+STRATEGIES=${STRATEGIES:-exact,parallel:2,parallel:4,adjust:2,adjust:4,threshold:tau=0.9,entropy-bound:gamma=0.5,adjust-threshold:tau=0.9}
 TEMPERATURE=${TEMPERATURE:-1.0}; ORDER=${ORDER:-entropy}
 
 if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON
@@ -84,10 +84,11 @@ mv "$RESULTS.tmp" "$RESULTS"
 import json, sys
 res = json.load(open(sys.argv[1]))
 labels = list(res["validity"]["all"])
-print(f"{'task':<8}" + "".join(f"{l:>12}" for l in labels))
+w = {l: max(12, len(l) + 2) for l in labels}
+print(f"{'task':<8}" + "".join(f"{l:>{w[l]}}" for l in labels))
 for task, row in res["validity"].items():
-    print(f"{task:<8}" + "".join(f"{row[l]:>12.3f}" for l in labels))
+    print(f"{task:<8}" + "".join(f"{row[l]:>{w[l]}.3f}" for l in labels))
 tpp = {r["label"]: r["tokens_per_full_pass"] for r in res["results"] if r["task"] == "all"}
-print(f"{'tok/pass':<8}" + "".join(f"{tpp[l]:>12.2f}" for l in labels))
+print(f"{'tok/pass':<8}" + "".join(f"{tpp[l]:>{w[l]}.2f}" for l in labels))
 EOF
 step "done; results in $RESULTS"
