@@ -16,12 +16,13 @@ cd "$(dirname "$0")/.."
 if [[ "${SMOKE:-0}" == 1 ]]; then  # tiny everything, in runs/task-smoke (ignored by git)
   : "${WORK:=runs/task-smoke}" "${N_TRAIN:=3000}" "${BASE_STEPS:=30}" "${BASE_BATCH:=16}" "${LAYERS:=1}"
   : "${HIDDEN:=64}" "${INTER:=160}" "${ROLLOUTS:=48}" "${N_ROLLOUT_PROMPTS:=8}" "${DISTILL_STEPS:=10}"
-  : "${DISTILL_BATCH:=8}" "${N_EVAL:=8}" "${EVAL_EVERY:=10}" "${BASE_DIR:=$WORK/task-base}" "${RESULTS:=$WORK/tasks.json}"
+  : "${DISTILL_BATCH:=8}" "${N_EVAL:=8}" "${EVAL_EVERY:=10}" "${BASE_DIR:=$WORK/task-base}" "${RESULTS_DIR:=$WORK}"
 fi
 WORK=${WORK:-runs/tasks}                    # data, rollouts and logs
 BASE_DIR=${BASE_DIR:-models/task-base}
 SAMPLER_DIR=${SAMPLER_DIR:-$BASE_DIR/sampler}  # found by default beside the base
-RESULTS=${RESULTS:-results/tasks.json}
+RESULTS_DIR=${RESULTS_DIR:-results}           # tasks.json, tasks.md, tasks.png
+RESULTS=$RESULTS_DIR/tasks.json
 DEVICE=${DEVICE:-cpu}                        # rollouts, distill, eval (train-base runs on CPU)
 SEED=${SEED:-0}
 GEN_LENGTH=${GEN_LENGTH:-16}                 # answer + EOS padding; rollouts and eval must agree
@@ -48,7 +49,7 @@ else PY=python3; fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 adjust() { "$PY" -m adjust.cli "$@"; }
 QUIET=$([[ -t 2 ]] && echo "" || echo --quiet)
-mkdir -p "$WORK" "$(dirname "$RESULTS")"
+mkdir -p "$WORK" "$RESULTS_DIR"
 T0=$(date +%s)
 step() { echo "[task_pipeline $(( $(date +%s) - T0 ))s] $*" >&2; }
 
@@ -78,8 +79,7 @@ adjust distill --base "$BASE_DIR" --device "$DEVICE" --rollouts "$WORK/rollouts"
 step "eval tasks -> $RESULTS"
 adjust eval tasks --base "$BASE_DIR" --sampler "$SAMPLER_DIR" --device "$DEVICE" --prompts "$WORK/eval_prompts.jsonl" \
   --strategies "$STRATEGIES" --gen-length "$GEN_LENGTH" --temperature "$TEMPERATURE" --order "$ORDER" \
-  --seed "$SEED" --json > "$RESULTS.tmp"
-mv "$RESULTS.tmp" "$RESULTS"
+  --seed "$SEED" --out-dir "$RESULTS_DIR" --json > /dev/null
 "$PY" - "$RESULTS" <<'EOF'
 import json, sys
 res = json.load(open(sys.argv[1]))

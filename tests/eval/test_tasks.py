@@ -219,12 +219,19 @@ def test_cli_eval_tasks_prints_one_json_object(tiny_model_dir, tmp_path, capsys)
     T.write_task_prompts(prompts, 2, seed=1)
     capsys.readouterr()
     rc = main(["eval", "tasks", "--base", str(tiny_model_dir), "--prompts", str(prompts), "--strategies",
-               "exact,parallel:2", "--gen-length", "6", "--limit", "1", "--json"])
+               "exact,parallel:2", "--gen-length", "6", "--limit", "1", "--json", "--out-dir", str(tmp_path / "r")])
     out, err = capsys.readouterr()
     assert rc == 0, err
     res = json.loads(out)
     assert set(res["validity"]["all"]) == {"exact", "parallel:2"}
     assert res["prompts"] == {name: 1 for name in T.TASKS}
+    # the report: the same JSON, a Markdown table with one row per task, a PNG plot
+    assert json.loads((tmp_path / "r" / "tasks.json").read_text())["validity"] == res["validity"]
+    table = (tmp_path / "r" / "tasks.md").read_text().splitlines()
+    assert table[0] == "| task | exact | parallel:2 |"
+    assert [line.split(" | ")[0] for line in table[2:6]] == [f"| {t}" for t in [*T.TASKS, "all"]]
+    assert table[6].startswith("| tokens / full pass | 1.00 | 2.00 |")
+    assert (tmp_path / "r" / "tasks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rc = main(["eval", "tasks", "--base", str(tiny_model_dir), "--prompts", str(prompts), "--strategies", "adjust:2",
                "--json"])
     err = capsys.readouterr().err

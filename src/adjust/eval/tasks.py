@@ -349,6 +349,74 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(result: dict) -> str:
+    """Validity per task (rows) and strategy (columns), with the achieved tokens per full pass."""
+    labels = list(result["validity"]["all"])
+    tpp = {r["label"]: r["tokens_per_full_pass"] for r in result["results"] if r["task"] == "all"}
+    lines = ["| task | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for task, row in result["validity"].items():
+        lines.append(f"| {task} | " + " | ".join(f"{row[label]:.3f}" for label in labels) + " |")
+    lines.append("| tokens / full pass | " + " | ".join(f"{tpp[label]:.2f}" for label in labels) + " |")
+    n = result["prompts"]
+    lines += ["", f"Validity = fraction of valid answers; held-out prompts per task: "
+              + ", ".join(f"{t} {k}" for t, k in n.items()) + f"; {result['num_samples']} answer(s) each, "
+              f"gen length {result['gen_length']}, T = {result['sampling']['temperature']}, "
+              f"order {result['sampling']['order']}, seed {result['seed']}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path) -> None:
+    """One panel per task: validity against tokens per full pass; fixed-K families start at exact."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_path
+
+    tasks = list(result["validity"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rows = [r for r in result["results"] if r["task"] == task]
+        exact = next((r for r in rows if r["strategy"] == "exact"), None)
+        families: dict[str, list] = {}
+        for r in rows:
+            if r["strategy"] != "exact":
+                families.setdefault(r["strategy"], []).append(r)
+        for name, rs in families.items():
+            pts = sorted((r["tokens_per_full_pass"], r["valid"]) for r in rs)
+            if exact is not None and name in ("parallel", "adjust"):
+                pts = [(1.0, exact["valid"])] + pts
+            ax.plot(*zip(*pts), marker="o", linestyle="-" if len(pts) > 1 else "", label=name)
+        if exact is not None:
+            ax.scatter([1.0], [exact["valid"]], marker="*", s=160, color="black", zorder=5, label="exact")
+        ax.set_title(task)
+        ax.set_xlabel("tokens per full pass")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validity")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{result.get('base', '')}: verifiable tasks, validity vs tokens per full pass", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write_report(result: dict, out_dir) -> dict:
+    """tasks.json, tasks.md and tasks.png in `out_dir`, each written atomically; returns their paths."""
+    from ..io import atomic_path, write_json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": str(out / "tasks.json"), "markdown": str(out / "tasks.md"), "plot": str(out / "tasks.png")}
+    with atomic_path(files["markdown"]) as tmp:
+        tmp.write_text(markdown_table(result))
+    plot(result, files["plot"])
+    write_json(files["json"], {**result, "files": files})
+    return files
+
+
 # --- command line ------------------------------------------------------------------------------
 def cmd_eval_tasks(args) -> None:
     from ..cli import _load_base, _load_sampler
@@ -376,6 +444,8 @@ def cmd_eval_tasks(args) -> None:
                             sampling=sampling, num_samples=args.num_samples, batch_size=args.batch_size,
                             progress=not args.json)
     result["base"] = base.name
+    if args.out_dir:
+        result["files"] = write_report(result, args.out_dir)
     print(json.dumps(result) if args.json else format_table(result))
 
 
@@ -402,6 +472,7 @@ def add_tasks_parser(ev) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    p.add_argument("--out-dir", default=None, help="also write tasks.json, tasks.md (table) and tasks.png (plot) here")
     p.set_defaults(func=cmd_eval_tasks)
 
 
