@@ -72,8 +72,8 @@ def order_scores(logp: torch.Tensor, order: str, noise: torch.Tensor | None = No
     if order == "random":
         return noise
     p = logp.exp()
-    if order == "entropy":
-        return (p * logp.clamp(min=-1e30)).nan_to_num(0.0).sum(-1)  # = -H
+    if order == "entropy":  # -H = sum p log p; filtered tokens (log p = -inf, p = 0) add 0
+        return (p * logp.nan_to_num(neginf=0.0)).sum(-1)
     top = p.topk(min(2, p.shape[-1]), dim=-1).values
     if order == "confidence":
         return top[:, 0]
