@@ -18,13 +18,15 @@ model's true joint (exact, K = 1) keeps it valid:
 
 Validators are reference-free: they read the task and its items from the prompt alone.
 
-Training data (`write_task_data`): one JSONL document per example, "prompt answer". Train
-the base with `adjust train-base --packing documents`: every training sequence is then one
-example from position 0, followed by EOS padding to the batch's length, which is exactly what
-generation gives the model (prompt at position 0, answer, EOS to the end of the generation
-region). Random windows of a joined stream (`--packing stream`) are much harder to learn from
-here: a small model must first find where a prompt starts before it can copy from it
-(measured on the pipeline's model: no valid answer after 4,500 steps with stream windows).
+Training data (`write_task_data`): one JSONL record per example in the prompt-completion
+format, {"prompt": "list: cat dog sun =", "completion": " sun cat dog"}. Train the base with
+`adjust train-base --packing documents`: every training sequence is then one example from
+position 0, followed by EOS padding to the batch's length, exactly what generation gives the
+model (prompt at position 0, answer, EOS to the end of the generation region), and only the
+completion is masked and scored. What was measured on the pipeline's 4-layer model: lr 2e-3
+never learned to copy (random windows of a joined stream, 4,500 steps; documents with a tied
+head, 3,000 steps; untied, 1,000 steps); lr 1e-3 with documents and an untied head did (list: 89% valid
+with exact decoding after 10,000 steps). Stream windows at lr 1e-3 were not tried.
 Held-out prompts are disjoint from training by construction: an example belongs to the eval
 split iff a hash of (task, item set) falls in a fixed tenth.
 
