@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--intermediate-size", type=int, default=688)
     p.add_argument("--untie-embeddings", action="store_true", help="a separate LM head instead of the input "
-                   "embedding (needed to learn the copying tasks)")
+                   "embedding (as models/task-base)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-dtype", default="float32", help="storage type of model.safetensors: float32 | float16 "
                    "| bfloat16 (training is float32 either way)")

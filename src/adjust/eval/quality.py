@@ -32,9 +32,11 @@ import torch
 
 from ..decode import Stats, generate_texts
 from ..errors import AdjustError
-from ..io import atomic_path, read_json, write_json
+from ..io import read_json, write_json
 from ..sampling import SamplingConfig
 from .metrics import MINILM, distinct_n, featurize, finite_mean, mauve_score, nll_under_base, nll_under_causal_lm
+from .report import save_figure
+from .report import write_report as _write_report
 from .specs import build_strategy, spec_label
 
 CACHE_VERSION = 1
@@ -340,18 +342,9 @@ def plot(result: dict, path) -> None:
     s = result["settings"]
     fig.suptitle(f"{s['base'].get('name')}: {s['num_samples']} samples x {s['gen_length']} tokens, T = "
                  f"{s['sampling']['temperature']} (dotted: exact vs exact noise floor)", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(result: dict, out_dir) -> dict:
     """quality.json, quality.md and quality.png in `out_dir` (each written atomically); their paths."""
-    out = Path(out_dir)
-    files = {"json": str(out / "quality.json"), "markdown": str(out / "quality.md"), "plot": str(out / "quality.png")}
-    with atomic_path(files["markdown"]) as tmp:
-        tmp.write_text(markdown_table(result))
-    plot(result, files["plot"])
-    write_json(files["json"], {**result, "files": files})
-    return files
+    return _write_report(result, out_dir, "quality", markdown_table, plot)

@@ -374,7 +374,7 @@ def plot(result: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_path
+    from .report import save_figure
 
     tasks = list(result["validity"])
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.6), squeeze=False)
@@ -399,24 +399,14 @@ def plot(result: dict, path) -> None:
     axes[0][0].set_ylabel("validity")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(f"{result.get('base', '')}: verifiable tasks, validity vs tokens per full pass", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(result: dict, out_dir) -> dict:
-    """tasks.json, tasks.md and tasks.png in `out_dir`, each written atomically; returns their paths."""
-    from ..io import atomic_path, write_json
+    """tasks.json, tasks.md and tasks.png in `out_dir`; returns their paths."""
+    from .report import write_report as write
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"json": str(out / "tasks.json"), "markdown": str(out / "tasks.md"), "plot": str(out / "tasks.png")}
-    with atomic_path(files["markdown"]) as tmp:
-        tmp.write_text(markdown_table(result))
-    plot(result, files["plot"])
-    write_json(files["json"], {**result, "files": files})
-    return files
+    return write(result, out_dir, "tasks", markdown_table, plot)
 
 
 # --- command line ------------------------------------------------------------------------------
