@@ -75,15 +75,9 @@ def save_base(kind: str, out: Path, args) -> Path:
             return hf.save_stand_in(kind, out, tok, hidden_size=H, num_layers=layers, num_heads=heads,
                                     vocab_size=args.vocab_size, max_length=max_len, seed=args.seed)
         if kind == "bert":
-            import transformers
-
-            tok.add_special_tokens({"cls_token": "<|cls|>", "unk_token": "<|unk|>", "sep_token": tok.eos_token})
-            cfg = transformers.BertConfig(vocab_size=args.vocab_size, hidden_size=H, num_hidden_layers=layers,
-                                          num_attention_heads=heads, intermediate_size=4 * H,
-                                          max_position_embeddings=max_len, pad_token_id=tok.pad_token_id)
-            transformers.BertForMaskedLM(cfg).save_pretrained(out)
-            tok.save_pretrained(out)
-            return out
+            return hf.save_random_bert(out, tok, hidden_size=H, num_layers=layers, num_heads=heads,
+                                       intermediate_size=4 * H, vocab_size=args.vocab_size, max_length=max_len,
+                                       seed=args.seed)
         if kind == "tiny":
             from adjust.base.tiny import TinyBase, TinyConfig, token_ids
 

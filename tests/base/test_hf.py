@@ -50,17 +50,7 @@ def dirs(tmp_path_factory, tokenizer):
     out = {"dream": hf.save_stand_in("dream", root / "dream", tokenizer, seed=1),
            "llada": hf.save_stand_in("llada", root / "llada", tokenizer, seed=2)}
     # A tiny BERT: the BPE tokenizer plus cls/unk; EOS (= sep) is the BPE's end-of-text token.
-    bert_tok = train_tokenizer(DOCS, 300)
-    bert_tok.add_special_tokens({"cls_token": "<|cls|>", "unk_token": "<|unk|>", "sep_token": bert_tok.eos_token})
-    cfg = transformers.BertConfig(vocab_size=320, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=128,
-                                  pad_token_id=bert_tok.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        bert = transformers.BertForMaskedLM(cfg)
-    bert.save_pretrained(root / "bert")
-    bert_tok.save_pretrained(root / "bert")
-    out["bert"] = root / "bert"
+    out["bert"] = hf.save_random_bert(root / "bert", tokenizer, vocab_size=320, intermediate_size=64, seed=3)
     return out
 
 

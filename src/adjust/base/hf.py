@@ -369,6 +369,33 @@ def save_stand_in(kind: str, out_dir, tokenizer, hidden_size: int = 32, num_laye
     return out
 
 
+def save_random_bert(out_dir, tokenizer, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 4,
+                     intermediate_size: int | None = None, vocab_size: int | None = None, max_length: int = 128,
+                     seed: int = 0) -> Path:
+    """Write a small randomly initialised BertForMaskedLM (a real masked-LM class, untrained) to `out_dir`.
+
+    For tests and benchmarks of the masked-LM adapter. A copy of `tokenizer` gains BERT's cls/unk
+    tokens and uses its EOS as sep; `vocab_size` defaults to its length rounded up to 64.
+    """
+    import copy
+
+    import transformers
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"cls_token": "<|cls|>", "unk_token": "<|unk|>", "sep_token": tok.eos_token})
+    cfg = transformers.BertConfig(vocab_size=vocab_size or -(-len(tok) // 64) * 64, hidden_size=hidden_size,
+                                  num_hidden_layers=num_layers, num_attention_heads=num_heads,
+                                  intermediate_size=intermediate_size or 4 * hidden_size,
+                                  max_position_embeddings=max_length, pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = transformers.BertForMaskedLM(cfg)
+    out = Path(out_dir)
+    net.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def stand_in_base(kind: str, net, tokenizer, name: str = "stand-in") -> "HFDecoderBase":
     """Wrap an in-memory transformers Qwen2 (Dream) or Llama (LLaDA) as a stand-in base, without saving it.
 
