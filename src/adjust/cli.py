@@ -194,7 +194,8 @@ def cmd_distill(args) -> None:
         base = _load_base(args)
     rollouts = load_rollouts(args.rollouts, base)
     cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                        max_unrolls=args.max_unrolls, eval_every=args.eval_every, seed=args.seed)
+                        max_unrolls=args.max_unrolls, eval_every=args.eval_every,
+                        entropy_windows=args.entropy_windows, seed=args.seed)
     if min(cfg.steps, cfg.batch_size, cfg.eval_every) < 1:
         raise_bad("--steps, --batch-size and --eval-every must be at least 1")
     if not cfg.lr > 0:
@@ -359,6 +360,9 @@ def _add_rollout_parsers(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--max-unrolls", type=int, default=3, help="longest unroll chain trained (K - 1)")
+    p.add_argument("--entropy-windows", type=float, default=0.0, metavar="F",
+                   help="share (0-1) of training windows drawn in proportion to the base's entropy over the "
+                        "tokens they write instead of uniformly (costs one base pass per rollout step first)")
     p.add_argument("--shard-base", action="store_true", help="FSDP2: split each layer of the frozen base over the "
                    "processes of `accelerate launch` (for a base too large for one device; docs/multi_gpu.md)")
     p.add_argument("--eval-every", type=int, default=100)

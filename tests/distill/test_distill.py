@@ -7,7 +7,8 @@ import torch
 
 from adjust.decode import full_passes_needed, generate
 from adjust.distill.rollouts import load_rollouts, make_rollouts
-from adjust.distill.train import DistillConfig, distill, draw_examples, example_loss, unroll_probs
+from adjust.distill.train import (DistillConfig, distill, draw_examples, draw_weighted, example_loss, step_entropies,
+                                  unroll_probs, window_weights)
 from adjust.errors import AdjustError
 from adjust.sampler import JointSampler, SamplerConfig
 from adjust.sampling import SamplingConfig
@@ -86,6 +87,53 @@ def test_distillation_lowers_the_kl(tiny_base, rollouts_dir, tmp_path):
     # resume: a longer run continues from the saved step
     more = distill(tiny_base, r, tmp_path / "s", DistillConfig(**{**cfg.__dict__, "steps": 45}), progress=False)
     assert more["step"] == 45
+
+
+def test_step_entropies_are_those_the_rollouts_drew_from(tiny_base, rollouts_dir):
+    from adjust.sampling import entropy, log_probs
+
+    r = load_rollouts(rollouts_dir, tiny_base)
+    h = step_entropies(tiny_base, r, batch_size=7, progress=False)  # batches cut across trajectories
+    assert h.shape == (len(r), G) and (h >= 0).all()
+    for n, s in [(0, 0), (5, 3), (23, G - 1)]:
+        x = r.state(n, s, tiny_base.mask_id)[None]
+        pos = len(r.prompts[n]) + int(r.order[n, s])
+        with torch.no_grad():
+            want = entropy(log_probs(tiny_base.logits(tiny_base.hidden_states(x)[0, pos][None]), SamplingConfig()))
+        assert h[n, s].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_window_weights_mix_uniform_and_entropy():
+    h = torch.tensor([[0.0, 0.0, 2.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 3.0]])
+    # u = 2: windows t = 0..2 write steps (t, t+1): sums [[0, 2, 3], [0, 0, 0]]
+    assert torch.equal(window_weights(h, 2, 0.0), torch.full((2, 3), 1 / 6))
+    assert window_weights(h, 2, 1.0).flatten().tolist() == pytest.approx([0, 0.4, 0.6, 0, 0, 0])
+    mixed = window_weights(h, 2, 0.5)
+    assert mixed.sum().item() == pytest.approx(1.0)
+    assert mixed[1].tolist() == pytest.approx([1 / 12] * 3)  # only the uniform share reaches row 1
+    # nothing uncertain anywhere: the uniform draw
+    assert torch.equal(window_weights(torch.zeros(2, 5), 2, 1.0), torch.full((2, 3), 1 / 6))
+
+
+def test_weighted_draw_only_takes_windows_with_weight(tiny_base, rollouts_dir):
+    r = load_rollouts(rollouts_dir, tiny_base)
+    h = torch.zeros(len(r), G)
+    h[::2, 4] = 1.0  # only even trajectories have an uncertain step, at step 4
+    g = torch.Generator().manual_seed(0)
+    ns, ts = draw_weighted(r, list(range(len(r))), 200, window_weights(h, 2, 1.0), g)
+    assert all(n % 2 == 0 for n in ns) and set(ts) <= {3, 4}  # windows (3, 4) and (4, 5) write step 4
+    assert len(set(ns)) > 5
+
+
+def test_entropy_windows_must_be_a_share(tiny_base, rollouts_dir, tmp_path):
+    r = load_rollouts(rollouts_dir, tiny_base)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(AdjustError, match="entropy-windows"):
+            distill(tiny_base, r, tmp_path / "s", DistillConfig(steps=1, entropy_windows=bad), progress=False)
+    assert not (tmp_path / "s").exists()
+    result = distill(tiny_base, r, tmp_path / "ok", DistillConfig(steps=3, batch_size=4, eval_every=3, val_examples=4,
+                                                                  entropy_windows=0.5), progress=False)
+    assert result["step"] == 3
 
 
 def test_distill_refuses_rollouts_of_another_base(tiny_base, tokenizer, rollouts_dir, tmp_path):

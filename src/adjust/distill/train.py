@@ -7,6 +7,12 @@ One example: a trajectory n, a start step t and an unroll count U.
 Only the last unroll is penalised and gradients flow through the chain. U is drawn with
 probability proportional to softmax(0.5^0, 0.5^1, ...) over 1..U_max, where U_max grows
 from 1 to `max_unrolls` during the first `curriculum` fraction of training.
+
+Window draw: uniform over (n, t) by default. With `entropy_windows` = F > 0, a share F of the
+draw is instead proportional to the base's entropy over the U tokens the window writes
+(`step_entropies`). What the sampler can learn from a window is how the tokens written in it
+change the rest, and that information is at most their entropy: a window of tokens the base
+was sure of (EOS padding, say) teaches nothing. The held-out KL keeps the uniform draw.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class DistillConfig:
     val_examples: int = 128
     eval_every: int = 100
     kl_chunk: int = 1024
+    entropy_windows: float = 0.0  # share of windows drawn in proportion to their tokens' entropy
     seed: int = 0
 
 
@@ -76,6 +83,58 @@ def draw_examples(rollouts: Rollouts, pool: list[int], batch: int, u: int, g: to
     return ns, ts
 
 
+def step_entropies(base, rollouts: Rollouts, batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+    """(N, G): entropy (nats) of the distribution each rollout step drew its token from.
+
+    Entry [n, s] is the entropy at position order[n, s] of the base's distribution at x^s, under
+    the rollouts' own sampling settings. One base pass per step: as costly as the rollouts.
+    """
+    from ..sampling import SamplingConfig, entropy, log_probs
+
+    sampling = SamplingConfig(**rollouts.meta["sampling"])
+    G = rollouts.gen_length
+    pairs = [(n, s) for n in range(len(rollouts)) for s in range(G)]
+    by_len: dict[int, list] = {}
+    for n, s in pairs:
+        by_len.setdefault(len(rollouts.prompts[n]), []).append((n, s))
+    out = torch.zeros(len(rollouts), G)
+    bar = tqdm(total=len(pairs), desc="step entropies", disable=not progress, dynamic_ncols=True)
+    with torch.no_grad():
+        for plen, group in by_len.items():
+            for lo in range(0, len(group), batch_size):
+                ns, ss = zip(*group[lo:lo + batch_size])
+                x = rollouts.states(list(ns), list(ss), base.mask_id).to(base.device)
+                cols = plen + rollouts.order[list(ns), list(ss)].to(base.device)
+                hidden = base.hidden_states(x)[torch.arange(len(ns), device=base.device), cols]
+                out[list(ns), list(ss)] = entropy(log_probs(base.logits(hidden), sampling)).float().cpu()
+                bar.update(len(ns))
+    bar.close()
+    return out
+
+
+def window_weights(step_entropy: torch.Tensor, u: int, share: float) -> torch.Tensor:
+    """(N, G - u) draw probabilities of windows (n, t) writing steps t..t+u-1: a mixture of the
+    uniform draw (1 - share) and one proportional to the entropy of the window's tokens (share)."""
+    h = step_entropy.clamp_min(0).unfold(1, u, 1).sum(-1)[:, : step_entropy.shape[1] - u]
+    uniform = torch.full_like(h, 1.0 / h.numel())
+    if share <= 0 or h.sum() <= 0:
+        return uniform
+    return (1 - share) * uniform + share * h / h.sum()
+
+
+def draw_weighted(rollouts: Rollouts, pool: list[int], batch: int, weights: torch.Tensor, g: torch.Generator):
+    """Like `draw_examples`, with windows (n, t) drawn by `weights` (one prompt length per batch)."""
+    lengths: dict[int, list[int]] = {}
+    for n in pool:
+        lengths.setdefault(len(rollouts.prompts[n]), []).append(n)
+    groups = list(lengths.values())
+    mass = torch.stack([weights[grp].sum() for grp in groups])
+    group = groups[int(torch.multinomial(mass, 1, generator=g))]
+    w = weights[group]  # (len(group), G - u)
+    picks = torch.multinomial(w.flatten(), batch, replacement=True, generator=g)
+    return [group[i] for i in (picks // w.shape[1]).tolist()], (picks % w.shape[1]).tolist()
+
+
 def example_loss(base, sampler, rollouts: Rollouts, ns, ts, u: int, chunk: int,
                  normalizer: int | None = None) -> torch.Tensor:
     """Mean KL over the positions still masked in x^{t+u} (METHOD.md section 5).
@@ -106,6 +165,8 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
     if cfg.max_unrolls < 1 or cfg.max_unrolls > rollouts.gen_length - 1:
         raise AdjustError(f"--max-unrolls must be in 1..{rollouts.gen_length - 1} for rollouts of length "
                           f"{rollouts.gen_length}, got {cfg.max_unrolls}")
+    if not 0 <= cfg.entropy_windows <= 1:
+        raise AdjustError(f"--entropy-windows must be in [0, 1], got {cfg.entropy_windows}")
     train_ids, val_ids = split(rollouts, cfg)
     if not train_ids or not val_ids:
         raise AdjustError("need at least 2 rollouts (one to train on, one held out)")
@@ -143,6 +204,8 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
         return kl / len(val_batches)
 
     val_kl_parallel = round(validate(with_sampler=False), 5)  # the same held-out examples, no sampler
+    step_h = step_entropies(base, rollouts, progress=progress and (accelerator is None or accelerator.is_main_process)) \
+        if cfg.entropy_windows > 0 else None
 
     def checkpoint(val_kl: float):
         if accelerator is not None and not accelerator.is_main_process:
@@ -168,7 +231,11 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         u_max = current_u_max(step, cfg)
         u = int(torch.multinomial(unroll_probs(u_max), 1, generator=g)) + 1
-        ns_all, ts_all = draw_examples(rollouts, train_ids, cfg.batch_size, u, g)
+        if step_h is None:
+            ns_all, ts_all = draw_examples(rollouts, train_ids, cfg.batch_size, u, g)
+        else:
+            ns_all, ts_all = draw_weighted(rollouts, train_ids, cfg.batch_size,
+                                           window_weights(step_h, u, cfg.entropy_windows), g)
         ns, ts = ns_all[rank::world], ts_all[rank::world]
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         for group in optim.param_groups:
