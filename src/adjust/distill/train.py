@@ -70,12 +70,17 @@ def split(rollouts: Rollouts, cfg: DistillConfig) -> tuple[list[int], list[int]]
     return list(range(n - n_val)), list(range(n - n_val, n))
 
 
-def draw_examples(rollouts: Rollouts, pool: list[int], batch: int, u: int, g: torch.Generator):
-    """Trajectories (one prompt length) and start steps t with t + u <= G - 1 (a mask is left to score)."""
-    lengths = {}
+def by_prompt_length(rollouts: Rollouts, pool: list[int]) -> list[list[int]]:
+    """The trajectories of `pool` grouped by prompt length (one batch stacks one group)."""
+    lengths: dict[int, list[int]] = {}
     for n in pool:
         lengths.setdefault(len(rollouts.prompts[n]), []).append(n)
-    groups = list(lengths.values())
+    return list(lengths.values())
+
+
+def draw_examples(rollouts: Rollouts, pool: list[int], batch: int, u: int, g: torch.Generator):
+    """Trajectories (one prompt length) and start steps t with t + u <= G - 1 (a mask is left to score)."""
+    groups = by_prompt_length(rollouts, pool)
     sizes = torch.tensor([len(x) for x in groups], dtype=torch.float)
     group = groups[int(torch.multinomial(sizes, 1, generator=g))]
     ns = [group[i] for i in torch.randint(len(group), (batch,), generator=g).tolist()]
@@ -93,16 +98,13 @@ def step_entropies(base, rollouts: Rollouts, batch_size: int = 256, progress: bo
 
     sampling = SamplingConfig(**rollouts.meta["sampling"])
     G = rollouts.gen_length
-    pairs = [(n, s) for n in range(len(rollouts)) for s in range(G)]
-    by_len: dict[int, list] = {}
-    for n, s in pairs:
-        by_len.setdefault(len(rollouts.prompts[n]), []).append((n, s))
     out = torch.zeros(len(rollouts), G)
-    bar = tqdm(total=len(pairs), desc="step entropies", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=out.numel(), desc="step entropies", disable=not progress, dynamic_ncols=True)
     with torch.no_grad():
-        for plen, group in by_len.items():
-            for lo in range(0, len(group), batch_size):
-                ns, ss = zip(*group[lo:lo + batch_size])
+        for group in by_prompt_length(rollouts, list(range(len(rollouts)))):
+            plen, pairs = len(rollouts.prompts[group[0]]), [(n, s) for n in group for s in range(G)]
+            for lo in range(0, len(pairs), batch_size):
+                ns, ss = zip(*pairs[lo:lo + batch_size])
                 x = rollouts.states(list(ns), list(ss), base.mask_id).to(base.device)
                 cols = plen + rollouts.order[list(ns), list(ss)].to(base.device)
                 hidden = base.hidden_states(x)[torch.arange(len(ns), device=base.device), cols]
@@ -124,10 +126,7 @@ def window_weights(step_entropy: torch.Tensor, u: int, share: float) -> torch.Te
 
 def draw_weighted(rollouts: Rollouts, pool: list[int], batch: int, weights: torch.Tensor, g: torch.Generator):
     """Like `draw_examples`, with windows (n, t) drawn by `weights` (one prompt length per batch)."""
-    lengths: dict[int, list[int]] = {}
-    for n in pool:
-        lengths.setdefault(len(rollouts.prompts[n]), []).append(n)
-    groups = list(lengths.values())
+    groups = by_prompt_length(rollouts, pool)
     mass = torch.stack([weights[grp].sum() for grp in groups])
     group = groups[int(torch.multinomial(mass, 1, generator=g))]
     w = weights[group]  # (len(group), G - u)
