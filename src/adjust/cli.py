@@ -195,7 +195,7 @@ def cmd_distill(args) -> None:
     rollouts = load_rollouts(args.rollouts, base)
     cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                         max_unrolls=args.max_unrolls, eval_every=args.eval_every,
-                        entropy_windows=args.entropy_windows, seed=args.seed)
+                        min_lr_ratio=args.min_lr_ratio, entropy_windows=args.entropy_windows, seed=args.seed)
     if min(cfg.steps, cfg.batch_size, cfg.eval_every) < 1:
         raise_bad("--steps, --batch-size and --eval-every must be at least 1")
     if not cfg.lr > 0:
@@ -359,6 +359,8 @@ def _add_rollout_parsers(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--min-lr-ratio", type=float, default=1.0, metavar="R",
+                   help="1 = constant lr after warm-up (the paper's); below 1, cosine decay to R * lr at --steps")
     p.add_argument("--max-unrolls", type=int, default=3, help="longest unroll chain trained (K - 1)")
     p.add_argument("--entropy-windows", type=float, default=0.0, metavar="F",
                    help="share (0-1) of training windows drawn in proportion to the base's entropy over the "

@@ -125,11 +125,23 @@ def test_weighted_draw_only_takes_windows_with_weight(tiny_base, rollouts_dir):
     assert len(set(ns)) > 5
 
 
-def test_entropy_windows_must_be_a_share(tiny_base, rollouts_dir, tmp_path):
+def test_distill_lr_schedule_is_constant_by_default_and_decays_on_request():
+    from adjust.train_base import lr_at
+
+    flat = DistillConfig(steps=1000, lr=1e-3, warmup=100)
+    assert [lr_at(s, flat) for s in (0, 99, 100, 500, 999)] == pytest.approx([1e-5, 1e-3, 1e-3, 1e-3, 1e-3])
+    cos = DistillConfig(steps=1000, lr=1e-3, warmup=100, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cos) for s in range(1000)]
+    assert lrs[99] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4, rel=1e-3)
+    assert all(a >= b for a, b in zip(lrs[100:], lrs[101:]))
+
+
+def test_distill_shares_must_be_in_range(tiny_base, rollouts_dir, tmp_path):
     r = load_rollouts(rollouts_dir, tiny_base)
-    for bad in (-0.1, 1.5, float("nan")):
-        with pytest.raises(AdjustError, match="entropy-windows"):
-            distill(tiny_base, r, tmp_path / "s", DistillConfig(steps=1, entropy_windows=bad), progress=False)
+    for key in ("entropy_windows", "min_lr_ratio"):
+        for bad in (-0.1, 1.5, float("nan")):
+            with pytest.raises(AdjustError, match=key.replace("_", "-")):
+                distill(tiny_base, r, tmp_path / "s", DistillConfig(steps=1, **{key: bad}), progress=False)
     assert not (tmp_path / "s").exists()
     result = distill(tiny_base, r, tmp_path / "ok", DistillConfig(steps=3, batch_size=4, eval_every=3, val_examples=4,
                                                                   entropy_windows=0.5), progress=False)

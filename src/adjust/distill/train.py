@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ..errors import AdjustError
 from ..io import atomic_path
 from ..sampler import JointSampler, SamplerConfig
+from ..train_base import lr_at
 from .loss import kl_per_position
 from .rollouts import Rollouts
 
@@ -42,6 +43,7 @@ class DistillConfig:
     batch_size: int = 32
     lr: float = 1e-3  # paper: 5e-5 for a 7B base; a tiny fresh layer takes a larger step
     warmup: int = 100  # paper: 250, then constant
+    min_lr_ratio: float = 1.0  # 1 = constant after warm-up (the paper); below 1, cosine decay to this share of lr
     grad_clip: float = 1.0
     max_unrolls: int = 3  # K - 1 for the largest K the sampler will serve
     curriculum: float = 0.3  # fraction of steps over which U_max grows from 1 to max_unrolls
@@ -164,6 +166,8 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
     if cfg.max_unrolls < 1 or cfg.max_unrolls > rollouts.gen_length - 1:
         raise AdjustError(f"--max-unrolls must be in 1..{rollouts.gen_length - 1} for rollouts of length "
                           f"{rollouts.gen_length}, got {cfg.max_unrolls}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise AdjustError(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     if not 0 <= cfg.entropy_windows <= 1:
         raise AdjustError(f"--entropy-windows must be in [0, 1], got {cfg.entropy_windows}")
     train_ids, val_ids = split(rollouts, cfg)
@@ -236,7 +240,7 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
             ns_all, ts_all = draw_weighted(rollouts, train_ids, cfg.batch_size,
                                            window_weights(step_h, u, cfg.entropy_windows), g)
         ns, ts = ns_all[rank::world], ts_all[rank::world]
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        lr = lr_at(step, cfg)
         for group in optim.param_groups:
             group["lr"] = lr
         if world == 1:
