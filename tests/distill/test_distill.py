@@ -1,5 +1,6 @@
 """Rollouts, the distillation loop and ADJUST's quotas with a trained-or-not sampler."""
 
+import json
 import math
 
 import pytest
@@ -123,6 +124,9 @@ def test_weighted_draw_only_takes_windows_with_weight(tiny_base, rollouts_dir):
     ns, ts = draw_weighted(r, list(range(len(r))), 200, window_weights(h, 2, 1.0), g)
     assert all(n % 2 == 0 for n in ns) and set(ts) <= {3, 4}  # windows (3, 4) and (4, 5) write step 4
     assert len(set(ns)) > 5
+    # a pool without any weight falls back to the uniform draw
+    ns, ts = draw_weighted(r, [1, 3, 5], 50, window_weights(h, 2, 1.0), g)
+    assert set(ns) <= {1, 3, 5} and len(set(ts)) > 2
 
 
 def test_distill_lr_schedule_is_constant_by_default_and_decays_on_request():
@@ -146,6 +150,10 @@ def test_distill_shares_must_be_in_range(tiny_base, rollouts_dir, tmp_path):
     result = distill(tiny_base, r, tmp_path / "ok", DistillConfig(steps=3, batch_size=4, eval_every=3, val_examples=4,
                                                                   entropy_windows=0.5), progress=False)
     assert result["step"] == 3
+    # held-out KL also on windows drawn by entropy, with and without the sampler, saved with it
+    assert result["val_kl_uncertain"] >= 0 and result["val_kl_uncertain_parallel"] > 0
+    saved = json.loads((tmp_path / "ok" / "config.json").read_text())["training"]
+    assert saved["entropy_windows"] == 0.5 and saved["val_kl_uncertain_parallel"] == result["val_kl_uncertain_parallel"]
 
 
 def test_distill_refuses_rollouts_of_another_base(tiny_base, tokenizer, rollouts_dir, tmp_path):

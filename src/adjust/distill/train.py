@@ -130,6 +130,8 @@ def draw_weighted(rollouts: Rollouts, pool: list[int], batch: int, weights: torc
     """Like `draw_examples`, with windows (n, t) drawn by `weights` (one prompt length per batch)."""
     groups = by_prompt_length(rollouts, pool)
     mass = torch.stack([weights[grp].sum() for grp in groups])
+    if not mass.sum() > 0:  # no weight on this pool (every window certain): the uniform draw
+        return draw_examples(rollouts, pool, batch, rollouts.gen_length - weights.shape[1], g)
     group = groups[int(torch.multinomial(mass, 1, generator=g))]
     w = weights[group]  # (len(group), G - u)
     picks = torch.multinomial(w.flatten(), batch, replacement=True, generator=g)
@@ -191,30 +193,41 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
     if accelerator is not None:
         model, optim = accelerator.prepare(sampler, opt)
 
-    val_g = torch.Generator().manual_seed(cfg.seed + 1)
-    probs = unroll_probs(cfg.max_unrolls)
-    val_batches = []
-    for _ in range(max(1, cfg.val_examples // cfg.batch_size)):
-        u = int(torch.multinomial(probs, 1, generator=val_g)) + 1
-        val_batches.append((*draw_examples(rollouts, val_ids, min(cfg.batch_size, cfg.val_examples), u, val_g), u))
-
-    def validate(with_sampler: bool = True) -> float:
-        sampler.eval()
-        with torch.no_grad():
-            kl = sum(example_loss(base, sampler if with_sampler else None, rollouts, ns, ts, u, cfg.kl_chunk).item()
-                     for ns, ts, u in val_batches)
-        sampler.train()
-        return kl / len(val_batches)
-
-    val_kl_parallel = round(validate(with_sampler=False), 5)  # the same held-out examples, no sampler
     step_h = step_entropies(base, rollouts, progress=progress and (accelerator is None or accelerator.is_main_process)) \
         if cfg.entropy_windows > 0 else None
+    val_g = torch.Generator().manual_seed(cfg.seed + 1)
+    probs = unroll_probs(cfg.max_unrolls)
 
-    def checkpoint(val_kl: float):
+    def held_out(weighted: bool) -> list:
+        batches = []
+        for _ in range(max(1, cfg.val_examples // cfg.batch_size)):
+            u, n = int(torch.multinomial(probs, 1, generator=val_g)) + 1, min(cfg.batch_size, cfg.val_examples)
+            draw = draw_weighted(rollouts, val_ids, n, window_weights(step_h, u, 1.0), val_g) if weighted \
+                else draw_examples(rollouts, val_ids, n, u, val_g)
+            batches.append((*draw, u))
+        return batches
+
+    # held-out windows: uniform (val_kl), and with entropy windows also those drawn in proportion to
+    # their tokens' entropy (val_kl_uncertain: where the sampler has something to learn)
+    val_sets = {"val_kl": held_out(False), **({"val_kl_uncertain": held_out(True)} if step_h is not None else {})}
+
+    def validate(with_sampler: bool = True) -> dict:
+        sampler.eval()
+        with torch.no_grad():
+            kls = {name: sum(example_loss(base, sampler if with_sampler else None, rollouts, ns, ts, u,
+                                          cfg.kl_chunk).item() for ns, ts, u in batches) / len(batches)
+                   for name, batches in val_sets.items()}
+        sampler.train()
+        return {name: round(kl, 5) for name, kl in kls.items()}
+
+    parallel = {f"{name}_parallel": kl for name, kl in validate(with_sampler=False).items()}  # the same windows, no sampler
+
+    def checkpoint(val: dict):
         if accelerator is not None and not accelerator.is_main_process:
             return
-        extra = {"training": {"step": step, "val_kl": val_kl, "val_kl_parallel": val_kl_parallel, "rollouts": rollouts.meta.get("num_samples"),
-                              "gen_length": rollouts.gen_length, "max_unrolls": cfg.max_unrolls}}
+        extra = {"training": {"step": step, **val, **parallel, "rollouts": rollouts.meta.get("num_samples"),
+                              "gen_length": rollouts.gen_length, "max_unrolls": cfg.max_unrolls,
+                              "entropy_windows": cfg.entropy_windows}}
         sampler.save(out, extra=extra)
         with atomic_path(state_path) as tmp:
             torch.save({"sampler": sampler.state_dict(), "optimizer": opt.state_dict(), "step": step,
@@ -270,11 +283,11 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
         if step % cfg.eval_every == 0 or step == cfg.steps:
             val = validate()
             elapsed = time.time() - t0
-            history.append({"step": step, "train_kl": round(ema, 5), "val_kl": round(val, 5), "u_max": u_max,
+            history.append({"step": step, "train_kl": round(ema, 5), **val, "u_max": u_max,
                             "elapsed_s": round(elapsed, 1)})
             if rank == 0:
                 bar.write(json.dumps(history[-1]), file=sys.stderr)
             checkpoint(val)
     bar.close()
-    return {**(history[-1] if history else {"step": step}), "val_kl_parallel": val_kl_parallel, "params": sum(p.numel() for p in sampler.parameters()),
+    return {**(history[-1] if history else {"step": step}), **parallel, "params": sum(p.numel() for p in sampler.parameters()),
             "train_rollouts": len(train_ids), "val_rollouts": len(val_ids)}
