@@ -7,7 +7,7 @@ import json
 import pytest
 
 from adjust.cli import main
-from adjust.eval.bench import ideal_speedup
+from adjust.eval.bench import count_flops, ideal_speedup
 
 
 def _bench(capsys, *argv):
@@ -41,6 +41,9 @@ def test_bench_json_structure_and_ratios(capsys, tiny_model_dir):
         for v in ideal:
             assert v["ideal_speedup"] == pytest.approx(ideal_speedup(v["k"], c["unroll_cost"]), rel=1e-3)
             assert v["fraction_of_ideal"] == pytest.approx(v["achieved_speedup"] / v["ideal_speedup"], rel=1e-3)
+            assert v["flop_bound_speedup"] == pytest.approx(ideal_speedup(v["k"], c["flop_ratio"]), rel=1e-3)
+        assert c["full_pass_flops"] > 0 and c["unroll_flops"] > 0
+        assert c["flop_ratio"] == pytest.approx(c["unroll_flops"] / c["full_pass_flops"], rel=1e-3)
     # a sampler strategy with adaptive tokens per pass is skipped with an untrained sampler (if registered)
     assert all(s["strategy"] != "adjust" for s in report["skipped"])
 
@@ -57,3 +60,12 @@ def test_ideal_speedup():
     assert ideal_speedup(1, 0.3) == 1.0
     assert ideal_speedup(4, 0.0) == 4.0
     assert ideal_speedup(4, 1 / 3) == pytest.approx(2.0)
+
+
+def test_count_flops_counts_matrix_products():
+    import torch
+
+    lin = torch.nn.Linear(8, 16, bias=False)
+    x = torch.randn(4, 8)
+    assert count_flops(lambda: lin(x)) == 2 * 4 * 8 * 16
+    assert count_flops(lambda: torch.relu(x)) == 0  # elementwise work is not counted

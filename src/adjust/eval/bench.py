@@ -14,6 +14,9 @@ What is measured (unconditional generation, `gen_length` tokens per sequence):
   ADJUST's inner loop pays). Medians of `unroll_repeats` interleaved timings.
 * for ADJUST at each K: the ideal speedup K / (1 + (K - 1) * unroll_cost) over exact
   (K tokens for one full pass and K - 1 unrolls), the achieved speedup, and their ratio.
+* the same two calls' floating-point operations (torch's FlopCounterMode: matrix products and
+  attention) and `flop_bound_speedup` = K / (1 + (K - 1) * flop_ratio): the speedup the work
+  itself allows, on any hardware that runs both calls equally efficiently.
 
 The timing of fixed-K ADJUST does not depend on the sampler's weights, so `fresh_sampler`
 (an untrained sampler sized for the base) gives valid fixed-K timings when no trained one
@@ -97,8 +100,21 @@ def pass_vs_unroll(base, sampler, x: torch.Tensor, repeats: int = 30, warmup: in
         for name in (("full", "unroll") if r % 2 == 0 else ("unroll", "full")):
             times[name].append(time_call(fns[name], device))
     f, u = _median(times["full"]), _median(times["unroll"])
+    flops = {name: count_flops(fn) for name, fn in fns.items()}
     return {"full_pass_ms": round(1e3 * f, 4), "unroll_ms": round(1e3 * u, 4), "unroll_cost": round(u / f, 4),
+            "full_pass_flops": flops["full"], "unroll_flops": flops["unroll"],
+            "flop_ratio": round(flops["unroll"] / flops["full"], 4),
             "masked_positions": int(len(rows)), "repeats": repeats}
+
+
+def count_flops(fn) -> int:
+    """Floating-point operations of one call of `fn`, as torch's FlopCounterMode counts them (the
+    matrix products and attention, which are nearly all the work; elementwise ops are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def unroll_cost(base, sampler, batch_size: int, gen_length: int, repeats: int = 30, seed: int = 0,
@@ -191,6 +207,7 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
                     ideal = ideal_speedup(row["k"], c)
                     vs_ideal.append({"strategy": row["strategy"], "k": row["k"], "batch_size": B, "unroll_cost": c,
                                      "ideal_speedup": round(ideal, 4), "achieved_speedup": row["ratio_to_exact"],
+                                     "flop_bound_speedup": round(ideal_speedup(row["k"], cost[str(B)]["flop_ratio"]), 4),
                                      "fraction_of_ideal": round(row["ratio_to_exact"] / ideal, 4)})
     bar.close()
     return {
@@ -223,11 +240,13 @@ def format_table(report: dict) -> str:
         c = report["unroll_cost"].get(str(B))
         if c:
             lines.append(f"  one full pass {c['full_pass_ms']:.3f} ms, one sampler unroll {c['unroll_ms']:.3f} ms "
-                         f"-> unroll cost {c['unroll_cost']:.3f} of a full pass")
+                         f"-> unroll cost {c['unroll_cost']:.3f} of a full pass (FLOPs: {c['unroll_flops'] / 1e9:.3f} vs "
+                         f"{c['full_pass_flops'] / 1e9:.3f} GFLOP, ratio {c['flop_ratio']:.3f})")
         for v in report["adjust_vs_ideal"]:
             if v["batch_size"] == B:
                 lines.append(f"  {v['strategy']:<10} ideal {v['ideal_speedup']:.2f}x, achieved "
-                             f"{v['achieved_speedup']:.2f}x = {100 * v['fraction_of_ideal']:.0f}% of ideal")
+                             f"{v['achieved_speedup']:.2f}x = {100 * v['fraction_of_ideal']:.0f}% of ideal; "
+                             f"by FLOPs at most {v['flop_bound_speedup']:.2f}x")
     for s in report["skipped"]:
         lines.append(f"skipped {s['strategy']}: {s['reason']}")
     return "\n".join(lines)
