@@ -30,7 +30,7 @@ SEED=${SEED:-0}
 GEN_LENGTH=${GEN_LENGTH:-16}                 # answer + EOS padding; rollouts and eval must agree
 # data
 N_TRAIN=${N_TRAIN:-60000}                    # training examples (one document each, tasks in equal shares)
-N_ROLLOUT_PROMPTS=${N_ROLLOUT_PROMPTS:-400}  # train-split prompts per task for rollouts
+N_ROLLOUT_PROMPTS=${N_ROLLOUT_PROMPTS:-1200} # train-split prompts per task for rollouts
 N_EVAL=${N_EVAL:-200}                        # held-out prompts per task
 # base model
 LAYERS=${LAYERS:-4}; HIDDEN=${HIDDEN:-128}; HEADS=${HEADS:-4}; INTER=${INTER:-344}
@@ -38,8 +38,10 @@ SEQ_LEN=${SEQ_LEN:-40}; VOCAB=${VOCAB:-512}  # longest prompt (19 tokens) + GEN_
 BASE_STEPS=${BASE_STEPS:-10000}; BASE_BATCH=${BASE_BATCH:-64}; BASE_LR=${BASE_LR:-1e-3}
 EVAL_EVERY=${EVAL_EVERY:-500}
 # joint sampler
-ROLLOUTS=${ROLLOUTS:-2400}                   # exact trajectories (cycled over the rollout prompts)
-DISTILL_STEPS=${DISTILL_STEPS:-24000}; DISTILL_BATCH=${DISTILL_BATCH:-32}; DISTILL_LR=${DISTILL_LR:-1e-3}
+ROLLOUTS=${ROLLOUTS:-7200}                   # exact trajectories (cycled over the rollout prompts)
+DISTILL_STEPS=${DISTILL_STEPS:-12000}; DISTILL_BATCH=${DISTILL_BATCH:-32}; DISTILL_LR=${DISTILL_LR:-1e-3}
+MIN_LR_RATIO=${MIN_LR_RATIO:-0.05}           # cosine decay of the distill lr to this share
+ENTROPY_WINDOWS=${ENTROPY_WINDOWS:-0.8}       # share of windows drawn by the entropy of the tokens they write
 MAX_UNROLLS=${MAX_UNROLLS:-3}                # serves adjust up to K = MAX_UNROLLS + 1
 # evaluation
 STRATEGIES=${STRATEGIES:-exact,parallel:2,parallel:4,adjust:2,adjust:4,threshold:tau=0.9,entropy-bound:gamma=0.5,adjust-threshold:tau=0.9}
@@ -76,6 +78,7 @@ adjust rollouts --base "$BASE_DIR" --device "$DEVICE" --prompts "$WORK/rollout_p
 step "distill -> $SAMPLER_DIR"
 adjust distill --base "$BASE_DIR" --device "$DEVICE" --rollouts "$WORK/rollouts" --out "$SAMPLER_DIR" \
   --steps "$DISTILL_STEPS" --batch-size "$DISTILL_BATCH" --lr "$DISTILL_LR" --max-unrolls "$MAX_UNROLLS" \
+  --min-lr-ratio "$MIN_LR_RATIO" --entropy-windows "$ENTROPY_WINDOWS" \
   --eval-every "$EVAL_EVERY" --seed "$SEED" $QUIET | tee "$WORK/distill.json"
 
 step "eval tasks -> $RESULTS"
