@@ -12,7 +12,8 @@ Window draw: uniform over (n, t) by default. With `entropy_windows` = F > 0, a s
 draw is instead proportional to the base's entropy over the U tokens the window writes
 (`step_entropies`). What the sampler can learn from a window is how the tokens written in it
 change the rest, and that information is at most their entropy: a window of tokens the base
-was sure of (EOS padding, say) teaches nothing. The held-out KL keeps the uniform draw.
+was sure of (EOS padding, say) teaches nothing. The held-out KL `val_kl` keeps the uniform
+draw; `val_kl_uncertain` is measured on held-out windows drawn by entropy alone.
 """
 
 from __future__ import annotations
@@ -195,6 +196,8 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
 
     step_h = step_entropies(base, rollouts, progress=progress and (accelerator is None or accelerator.is_main_process)) \
         if cfg.entropy_windows > 0 else None
+    train_weights = {} if step_h is None else {u: window_weights(step_h, u, cfg.entropy_windows)
+                                                for u in range(1, cfg.max_unrolls + 1)}
     val_g = torch.Generator().manual_seed(cfg.seed + 1)
     probs = unroll_probs(cfg.max_unrolls)
 
@@ -250,8 +253,7 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
         if step_h is None:
             ns_all, ts_all = draw_examples(rollouts, train_ids, cfg.batch_size, u, g)
         else:
-            ns_all, ts_all = draw_weighted(rollouts, train_ids, cfg.batch_size,
-                                           window_weights(step_h, u, cfg.entropy_windows), g)
+            ns_all, ts_all = draw_weighted(rollouts, train_ids, cfg.batch_size, train_weights[u], g)
         ns, ts = ns_all[rank::world], ts_all[rank::world]
         lr = lr_at(step, cfg)
         for group in optim.param_groups:
