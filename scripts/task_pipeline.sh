@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Verifiable parallel-decoding tasks, end to end, on CPU:
 #   task data -> train a small base -> exact rollouts -> distill the joint sampler -> eval tasks.
-# Full run (about 50 min on 2 CPU cores):      scripts/task_pipeline.sh
+# Full run (32.5 min measured on 2 CPU cores): scripts/task_pipeline.sh
 # Smoke run (about 1 min, throwaway dirs):     SMOKE=1 scripts/task_pipeline.sh
 # The base trains on prompt/completion pairs with `--packing documents` (each sequence one
 # example from position 0, EOS padding after it, only the completion masked and scored) and a
 # separate LM head. At lr 2e-3 it never learned to copy from the prompt; at 1e-3 copying appears
 # after about 2,000 steps (list: 89% valid with exact decoding at 10,000). The sampler uses the
-# words just written only after ~3,000 distill steps; list validity at K = 4 plateaus by 24,000. If
-# exact (K = 1) validity is low, the base is undertrained: raise BASE_STEPS (train-base resumes).
-# Measured costs on 1 CPU thread: train-base 0.15 s/step, rollouts 85 s, distill 0.08 s/step.
+# words just written only after ~3,000 distill steps. Distill windows drawn by the entropy of the
+# tokens they write (ENTROPY_WINDOWS), 3x the rollouts and lr decay took list validity at K = 4
+# from 0.75 to 0.85 (models/task-base/sampler/README.md). If exact (K = 1) validity is low, the
+# base is undertrained: raise BASE_STEPS (train-base resumes).
+# Measured on 2 CPU threads: train-base 0.093 s/step (15.5 min), rollouts 4 min, distill 0.057 s/step
+# (12.5 min with the step entropies), eval 0.5 min; the defaults rebuild models/task-base bit for bit.
 # Every knob is an environment variable (see below). Each step resumes: train-base, rollouts and
 # distill continue from their checkpoints when rerun with the same directories.
 set -euo pipefail
