@@ -19,7 +19,6 @@ draw; `val_kl_uncertain` is measured on held-out windows drawn by entropy alone.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass

@@ -343,7 +343,7 @@ def markdown_table(result: dict) -> str:
         lines.append(f"| {task} | " + " | ".join(f"{row[label]:.3f}" for label in labels) + " |")
     lines.append("| tokens / full pass | " + " | ".join(f"{tpp[label]:.2f}" for label in labels) + " |")
     n = result["prompts"]
-    lines += ["", f"Validity = fraction of valid answers; held-out prompts per task: "
+    lines += ["", "Validity = fraction of valid answers; held-out prompts per task: "
               + ", ".join(f"{t} {k}" for t, k in n.items()) + f"; {result['num_samples']} answer(s) each, "
               f"gen length {result['gen_length']}, T = {result['sampling']['temperature']}, "
               f"order {result['sampling']['order']}, seed {result['seed']}."]
