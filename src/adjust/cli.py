@@ -12,6 +12,8 @@ def _add_base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-type", default="auto", help="auto | tiny | dream | llada | masked-lm (auto reads config.json)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--remote-code", action="store_true", help="allow running Python code shipped in the model "
+                   "directory (transformers' trust_remote_code); off by default")
 
 
 def cmd_data(args) -> None:
@@ -44,23 +46,22 @@ def cmd_train_base(args) -> None:
     print(json.dumps(result))
 
 
+def _model_spec(args):
+    from .loader import ModelSpec
+
+    return ModelSpec(base=args.base, base_type=args.base_type, dtype=args.dtype, device=args.device,
+                     remote_code=args.remote_code, sampler=getattr(args, "sampler", None))
+
+
+def _load(args, sampler: str = "none"):
+    """(base, sampler) from the model flags; `sampler` as in `loader.load_models`."""
+    from .loader import load_models
+
+    return load_models(_model_spec(args), sampler=sampler)
+
+
 def _load_base(args):
-    from .base import load_base
-
-    return load_base(args.base, args.base_type, dtype=args.dtype, device=args.device)
-
-
-def _load_sampler(args, base, required: bool):
-    """The --sampler directory, or the one shipped beside the base; None if not required and absent."""
-    from .base import default_base_path
-    from .sampler import JointSampler, default_sampler_path
-
-    path = args.sampler or default_sampler_path(args.base or default_base_path())
-    if path is None:
-        if required:
-            raise_bad("no joint sampler found for this base; pass --sampler DIR (train one with `adjust distill`)")
-        return None
-    return JointSampler.load(path, base)
+    return _load(args)[0]
 
 
 def _read_prompts(args) -> list[str]:
@@ -90,8 +91,7 @@ def cmd_generate(args) -> None:
 
     strategy = _strategy_from_args(args)
     sampling = _sampling_from_args(args)
-    base = _load_base(args)
-    sampler = _load_sampler(args, base, required=strategy.uses_sampler) if strategy.uses_sampler else None
+    base, sampler = _load(args, "required" if strategy.uses_sampler else "none")
     prompts = _read_prompts(args)
     samples, stats = generate_texts(base, prompts, strategy, sampling, gen_length=args.gen_length,
                                     num_samples=args.num_samples, batch_size=args.batch_size,
@@ -211,8 +211,7 @@ def cmd_eval_joint_kl(args) -> None:
     from .distill.rollouts import load_rollouts
     from .eval.joint_kl import joint_kl
 
-    base = _load_base(args)
-    sampler = _load_sampler(args, base, required=True)
+    base, sampler = _load(args, "required")
     rollouts = load_rollouts(args.rollouts, base)
     result = joint_kl(base, sampler, rollouts, args.tokens_per_pass, num_states=args.num_states,
                       draws=args.draws, order=args.order, seed=args.seed, progress=not args.json)
@@ -234,14 +233,11 @@ def cmd_bench(args) -> None:
         ks = [int(k) for k in args.ks.split(",") if k.strip()]
     except ValueError:
         raise_bad(f"--batch-sizes and --ks take comma-separated integers, got {args.batch_sizes!r}, {args.ks!r}")
-    base = _load_base(args)
-    sampler, source = None, None
+    base, sampler = _load(args, "none" if args.fresh_sampler else "optional")
+    source = None if sampler is None else str(args.sampler or "beside the base")
     if args.fresh_sampler:
         sampler = JointSampler(SamplerConfig.for_base(base)).to(device=base.device, dtype=base.dtype).eval()
         source = "fresh"
-    else:
-        sampler = _load_sampler(args, base, required=bool(args.sampler))
-        source = None if sampler is None else str(args.sampler or "beside the base")
     specs = None
     if args.strategies:
         from .eval.specs import parse_strategy_specs
@@ -259,8 +255,7 @@ def cmd_eval_quality(args) -> None:
     from .eval.specs import parse_strategy_specs
 
     specs = parse_strategy_specs(args.strategies) if args.strategies else None
-    base = _load_base(args)
-    sampler = _load_sampler(args, base, required=bool(args.sampler))
+    base, sampler = _load(args, "optional")
     result = run_quality(base, sampler, specs, num_samples=args.num_samples, gen_length=args.gen_length,
                          seed=args.seed, cache_dir=args.cache_dir, featurizer=args.featurizer,
                          evaluator=args.evaluator, joint_kl_rollouts=args.rollouts, batch_size=args.batch_size,
@@ -269,6 +264,51 @@ def cmd_eval_quality(args) -> None:
         print(json.dumps(result))
     else:
         print(markdown_table(result) + "\n" + "\n".join(f"wrote {p}" for p in result["files"].values()))
+
+
+def cmd_eval_tasks(args) -> None:
+    from .eval.specs import build_strategy, parse_strategy_specs
+    from .eval.tasks import evaluate_tasks, format_table, read_task_prompts, select_records, write_report
+
+    specs = parse_strategy_specs(args.strategies)
+    built = [build_strategy(*s) for s in specs]  # fail on a bad spec before loading anything
+    records = select_records(read_task_prompts(args.prompts), args.tasks.split(",") if args.tasks else None,
+                             args.limit)
+    sampling = _sampling_from_args(args)
+    base, sampler = _load(args, "required" if any(s.uses_sampler for s in built) else "none")
+    result = evaluate_tasks(base, sampler, records, specs, gen_length=args.gen_length, seed=args.seed,
+                            sampling=sampling, num_samples=args.num_samples, batch_size=args.batch_size,
+                            progress=not args.json)
+    result["base"] = base.name
+    if args.out_dir:
+        result["files"] = write_report(result, args.out_dir)
+    print(json.dumps(result) if args.json else format_table(result))
+
+
+def _add_tasks_parser(ev) -> None:
+    from .eval.tasks import DEFAULT_GEN_LENGTH, TASKS
+    from .sampling import ORDERS
+
+    p = ev.add_parser("tasks", help="validity of answers to verifiable tasks (list, pick, reverse) per strategy")
+    _add_base_args(p)
+    p.add_argument("--sampler", default=None, help="joint sampler directory (default: <base>/sampler)")
+    p.add_argument("--prompts", required=True, help="task prompts: .jsonl from `python -m adjust.eval.tasks "
+                   "prompts` or one prompt a line")
+    p.add_argument("--strategies", default="exact,parallel:2,parallel:4,adjust:2,adjust:4",
+                   help="comma-separated name, name:K or name:key=value;key=value")
+    p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS)} (default: all)")
+    p.add_argument("--limit", type=int, default=0, help="at most this many prompts per task (0 = all)")
+    p.add_argument("--gen-length", type=int, default=DEFAULT_GEN_LENGTH)
+    p.add_argument("--num-samples", type=int, default=1, help="answers per prompt")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--order", default="entropy", help=f"order rule: {' | '.join(ORDERS)}")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    p.add_argument("--out-dir", default=None, help="also write tasks.json, tasks.md (table) and tasks.png (plot) here")
+    p.set_defaults(func=cmd_eval_tasks)
 
 
 def raise_bad(msg: str):
@@ -387,9 +427,7 @@ def _add_eval_parsers(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_joint_kl)
     _add_quality_parser(ev)
-    from .eval.tasks import add_tasks_parser
-
-    add_tasks_parser(ev)  # `adjust eval tasks`: validity on verifiable parallel-decoding tasks
+    _add_tasks_parser(ev)  # `adjust eval tasks`: validity on verifiable parallel-decoding tasks
 
 
 def _add_bench_parser(sub) -> None:

@@ -206,6 +206,22 @@ def _collect(fn, calls):
     return errors
 
 
+def test_remote_code_only_when_asked(tmp_path, monkeypatch):
+    """A checkpoint whose model class is code in its directory (auto_map) is refused without --remote-code."""
+    fake = tmp_path / "dream"
+    fake.mkdir()
+    (fake / "config.json").write_text(json.dumps({
+        "model_type": "Dream", "architectures": ["DreamModel"],
+        "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"}}))
+    (fake / "modeling_dream.py").write_text("raise SystemExit('remote code ran')\n")
+    monkeypatch.setattr(hf, "installed_transformers", lambda: "4.46.2")
+    with pytest.raises(AdjustError, match="--remote-code"):
+        load_base(fake)
+    from adjust.cli import main
+
+    assert main(["generate", "--base", str(fake), "--gen-length", "4"]) == 2
+
+
 def test_transformers_version_gate(tmp_path, monkeypatch):
     """Real Dream/LLaDA (remote code) need the pinned transformers unless ADJUST_ALLOW_TRANSFORMERS=1."""
     fake = tmp_path / "dream"
@@ -226,7 +242,7 @@ def test_transformers_version_gate(tmp_path, monkeypatch):
     hf.check_transformers_version("llada")
     monkeypatch.setattr(hf, "installed_transformers", lambda: "5.24.0")
     with pytest.raises(AdjustError, match=r"transformers==4\.46\.2"):
-        load_base(fake)  # refused before any remote code is touched
+        load_base(fake, remote_code=True)  # refused before any remote code is touched
     monkeypatch.setenv(hf.ALLOW_TRANSFORMERS_ENV, "1")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -117,8 +117,11 @@ def default_base_path() -> Path:
 
 
 def load_base(path: str | Path | None = None, base_type: str = "auto", dtype: str = "float32",
-              device: str = "cpu") -> BaseModel:
-    """Load a base model from a directory (or hub id) and return it frozen, in eval mode."""
+              device: str = "cpu", remote_code: bool = False) -> BaseModel:
+    """Load a base model from a directory (or hub id) and return it frozen, in eval mode.
+
+    `remote_code`: allow running Python code shipped in the model directory (transformers'
+    `trust_remote_code`); off unless the user asks for it (`--remote-code`)."""
     from .tiny import TinyBase
 
     if base_type not in BASE_TYPES:
@@ -132,7 +135,7 @@ def load_base(path: str | Path | None = None, base_type: str = "auto", dtype: st
     else:
         from . import hf
 
-        base = hf.load_hf_base(path, base_type, dtype=dtype, device=device)
+        base = hf.load_hf_base(path, base_type, dtype=dtype, device=device, remote_code=remote_code)
     base.eval()
     for p in base.parameters():
         p.requires_grad_(False)

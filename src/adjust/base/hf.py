@@ -63,14 +63,17 @@ FAMILY_NAMES = {"dream": "Dream", "llada": "LLaDA", "masked-lm": "masked LM"}
 
 
 # --- entry point -------------------------------------------------------------------------------
-def load_hf_base(path, base_type: str, dtype: str = "float32", device: str = "cpu") -> BaseModel:
-    """Load a Dream, LLaDA or masked-LM base from a local directory (or the local HF cache)."""
+def load_hf_base(path, base_type: str, dtype: str = "float32", device: str = "cpu",
+                 remote_code: bool = False) -> BaseModel:
+    """Load a Dream, LLaDA or masked-LM base from a local directory (or the local HF cache).
+
+    Code shipped in the model directory runs only with `remote_code=True` (`--remote-code`)."""
     torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
     src, raw = _read_config(path)
     adapters = {"dream": DreamBase, "llada": LLaDABase, "masked-lm": MaskedLMBase}
     if base_type not in adapters:
         raise AdjustError(f"base type {base_type!r} is not a Hugging Face base ({', '.join(adapters)})")
-    base = adapters[base_type].load(src, raw, torch_dtype)
+    base = adapters[base_type].load(src, raw, torch_dtype, remote_code)
     base.net.to(dev)
     base.eval()
     _self_check(base, dtype, dev)
@@ -187,7 +190,7 @@ class HFDecoderBase(_HFBase):
         self.banned_ids = _banned(self.mask_id, self.pad_id, self.eos_id, len(tokenizer), self.vocab_size)
 
     @classmethod
-    def load(cls, src: str, raw: dict, torch_dtype) -> "HFDecoderBase":
+    def load(cls, src: str, raw: dict, torch_dtype, remote_code: bool = False) -> "HFDecoderBase":
         fam = FAMILY_NAMES[cls.family]
         stand_in = str(raw.get(STAND_IN_KEY, "") or "").lower()
         if stand_in:
@@ -204,6 +207,9 @@ class HFDecoderBase(_HFBase):
             if not auto_map:
                 raise AdjustError(f"{src} holds a {raw.get('model_type') or 'unknown'} model without {fam}'s remote "
                                   f"code (no auto_map in config.json), so it is not a {fam} checkpoint")
+            if not remote_code:
+                raise AdjustError(f"{src} is a {fam} checkpoint whose model class is Python code shipped in the "
+                                  "directory (auto_map in config.json); it runs only if you pass --remote-code")
             check_transformers_version(cls.family)
             net = _from_pretrained(_auto_class(auto_map), src, torch_dtype, remote=True, what=fam)
             tokenizer = _tokenizer(src, remote=True)
@@ -295,7 +301,7 @@ class MaskedLMBase(_HFBase):
                                                                   len(tokenizer), self.vocab_size))))
 
     @classmethod
-    def load(cls, src: str, raw: dict, torch_dtype) -> "MaskedLMBase":
+    def load(cls, src: str, raw: dict, torch_dtype, remote_code: bool = False) -> "MaskedLMBase":
         from transformers import AutoModelForMaskedLM
         from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 

@@ -385,6 +385,21 @@ def plot(result: dict, path) -> None:
     save_figure(fig, path)
 
 
+def select_records(records: list[dict], tasks=None, limit: int = 0) -> list[dict]:
+    """The records of the given tasks (None: all), at most `limit` per task (0: no limit), in file order."""
+    if tasks:
+        keep = set(_tasks_arg(tasks))
+        records = [r for r in records if r["task"] in keep]
+    if limit:
+        kept, seen = [], {}
+        for r in records:
+            seen[r["task"]] = seen.get(r["task"], 0) + 1
+            if seen[r["task"]] <= limit:
+                kept.append(r)
+        records = kept
+    return records
+
+
 def write_report(result: dict, out_dir) -> dict:
     """tasks.json, tasks.md and tasks.png in `out_dir`; returns their paths."""
     from .report import write_report as write
@@ -392,65 +407,7 @@ def write_report(result: dict, out_dir) -> dict:
     return write(result, out_dir, "tasks", markdown_table, plot)
 
 
-# --- command line ------------------------------------------------------------------------------
-def cmd_eval_tasks(args) -> None:
-    from ..cli import _load_base, _load_sampler
-    from ..sampling import SamplingConfig
-    from .specs import build_strategy, parse_strategy_specs
-
-    specs = parse_strategy_specs(args.strategies)
-    built = [build_strategy(*s) for s in specs]  # fail on a bad spec before loading anything
-    records = read_task_prompts(args.prompts)
-    if args.tasks:
-        keep = set(_tasks_arg(args.tasks.split(",")))
-        records = [r for r in records if r["task"] in keep]
-    if args.limit:
-        kept, seen = [], {}
-        for r in records:
-            seen[r["task"]] = seen.get(r["task"], 0) + 1
-            if seen[r["task"]] <= args.limit:
-                kept.append(r)
-        records = kept
-    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, order=args.order)
-    base = _load_base(args)
-    needs = any(s.uses_sampler for s in built)
-    sampler = _load_sampler(args, base, required=True) if needs else None
-    result = evaluate_tasks(base, sampler, records, specs, gen_length=args.gen_length, seed=args.seed,
-                            sampling=sampling, num_samples=args.num_samples, batch_size=args.batch_size,
-                            progress=not args.json)
-    result["base"] = base.name
-    if args.out_dir:
-        result["files"] = write_report(result, args.out_dir)
-    print(json.dumps(result) if args.json else format_table(result))
-
-
-def add_tasks_parser(ev) -> None:
-    """Register `adjust eval tasks` under the `eval` subcommand group."""
-    from ..cli import _add_base_args
-    from ..sampling import ORDERS
-
-    p = ev.add_parser("tasks", help="validity of answers to verifiable tasks (list, pick, reverse) per strategy")
-    _add_base_args(p)
-    p.add_argument("--sampler", default=None, help="joint sampler directory (default: <base>/sampler)")
-    p.add_argument("--prompts", required=True, help="task prompts: .jsonl from `python -m adjust.eval.tasks "
-                   "prompts` or one prompt a line")
-    p.add_argument("--strategies", default="exact,parallel:2,parallel:4,adjust:2,adjust:4",
-                   help="comma-separated name, name:K or name:key=value;key=value")
-    p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS)} (default: all)")
-    p.add_argument("--limit", type=int, default=0, help="at most this many prompts per task (0 = all)")
-    p.add_argument("--gen-length", type=int, default=DEFAULT_GEN_LENGTH)
-    p.add_argument("--num-samples", type=int, default=1, help="answers per prompt")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--order", default="entropy", help=f"order rule: {' | '.join(ORDERS)}")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print exactly one JSON object")
-    p.add_argument("--out-dir", default=None, help="also write tasks.json, tasks.md (table) and tasks.png (plot) here")
-    p.set_defaults(func=cmd_eval_tasks)
-
-
+# --- command line (`python -m adjust.eval.tasks`: data files; `adjust eval tasks` lives in cli.py) ---
 def main(argv=None) -> int:
     import argparse
 
