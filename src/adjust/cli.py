@@ -14,6 +14,8 @@ def _add_base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--remote-code", action="store_true", help="allow running Python code shipped in the model "
                    "directory (transformers' trust_remote_code); off by default")
+    p.add_argument("--no-specials", action="store_true", help="do not start prompts with the special tokens the "
+                   "model was trained with (a masked LM's [CLS])")
 
 
 def cmd_data(args) -> None:
@@ -50,7 +52,8 @@ def _model_spec(args):
     from .loader import ModelSpec
 
     return ModelSpec(base=args.base, base_type=args.base_type, dtype=args.dtype, device=args.device,
-                     remote_code=args.remote_code, sampler=getattr(args, "sampler", None))
+                     remote_code=args.remote_code, prompt_specials=not args.no_specials,
+                     sampler=getattr(args, "sampler", None))
 
 
 def _load(args, sampler: str = "none"):
@@ -311,6 +314,12 @@ def _add_tasks_parser(ev) -> None:
     p.set_defaults(func=cmd_eval_tasks)
 
 
+def cmd_convert(args) -> None:
+    from .convert import convert_bert
+
+    print(json.dumps(convert_bert(args.weights, args.config, args.vocab, args.out)))
+
+
 def raise_bad(msg: str):
     from .errors import AdjustError
 
@@ -365,6 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print exactly one JSON object with samples and stats")
     p.add_argument("--show-steps", action="store_true", help="show which positions each pass unmasked")
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("convert", help="turn a pickled BERT masked LM (pytorch_model.bin, e.g. AntiBERTy) into a "
+                       "safetensors BertForMaskedLM directory with a tokenizer (weights-only load; no code runs)")
+    p.add_argument("format", choices=["bert"])
+    p.add_argument("--weights", required=True, help="pytorch_model.bin")
+    p.add_argument("--config", required=True, help="its config.json (model_type bert)")
+    p.add_argument("--vocab", required=True, help="its vocab.txt, one token a line, with [PAD] [UNK] [CLS] [SEP] [MASK]")
+    p.add_argument("--out", required=True, help="new model directory (must not exist, or be empty)")
+    p.set_defaults(func=cmd_convert)
     _add_rollout_parsers(sub)
     _add_eval_parsers(sub)
     _add_bench_parser(sub)

@@ -270,7 +270,7 @@ def generate_texts(base, prompts: list[str], strategy, sampling: SamplingConfig 
         raise AdjustError(f"--num-samples must be at least 1, got {num_samples}")
     if batch_size < 1:
         raise AdjustError(f"--batch-size must be at least 1, got {batch_size}")
-    encoded = [base.encode(p) if p else [] for p in prompts]
+    encoded = [base.encode(p) for p in prompts]
     check_request(base, encoded, gen_length, block_length)
     jobs = [(n, text, ids, i) for n, (text, ids) in enumerate(zip(prompts, encoded)) for i in range(num_samples)]
     # Batch prompts of equal length only: no padding, so a sequence gets bit-identical

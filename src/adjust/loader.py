@@ -24,6 +24,7 @@ class ModelSpec:
     dtype: str = "float32"
     device: str = "cpu"
     remote_code: bool = False  # run Python code shipped in a model directory (Hugging Face auto_map)
+    prompt_specials: bool = True  # prompts start with the special tokens the model was trained with ([CLS])
     sampler: str | None = None
 
 
@@ -36,6 +37,7 @@ def load_models(spec: ModelSpec, sampler: str = "optional"):
     if sampler not in SAMPLER_MODES:
         raise ValueError(f"sampler mode must be one of {SAMPLER_MODES}, got {sampler!r}")
     base = load_base(spec.base, spec.base_type, dtype=spec.dtype, device=spec.device, remote_code=spec.remote_code)
+    base.prompt_specials = spec.prompt_specials
     if sampler == "none":
         return base, None
     path = spec.sampler or default_sampler_path(spec.base or default_base_path())

@@ -40,6 +40,8 @@ class BaseModel(nn.Module):
     max_length: int
     # Token ids the model must never generate (mask, pad, vocabulary padding); set by subclasses.
     banned_ids: tuple[int, ...] = ()
+    # Whether prompts get the special tokens the model was trained with (a masked LM's [CLS]); --no-specials.
+    prompt_specials: bool = True
 
     # --- what each adapter implements ---------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,7 +87,8 @@ class BaseModel(nn.Module):
         }
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        """Prompt ids ("" = unconditional); adapters add what their model expects in front."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
 
     def decode(self, ids) -> str:
         """Text of a generation, cut at the first EOS (later positions are padding by convention)."""

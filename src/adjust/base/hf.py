@@ -316,6 +316,24 @@ class MaskedLMBase(_HFBase):
     def _call(self, input_ids, attention_mask, **kw):
         return self.net(input_ids=input_ids, attention_mask=self._padding(attention_mask), **kw)
 
+    def encode(self, text: str) -> list[int]:
+        """[CLS] first (as the model saw every sequence in training; off with --no-specials), then the text.
+
+        The end token ([SEP]) is this base's EOS: generation writes it. A prompt with a piece the
+        tokenizer does not know is refused, never silently replaced by [UNK].
+        """
+        ids = super().encode(text)
+        unk = self.tokenizer.unk_token_id
+        if unk is not None and unk in ids:
+            special = set(self.tokenizer.all_special_ids)
+            known = self.tokenizer.convert_ids_to_tokens([i for i in range(min(len(self.tokenizer), 40))
+                                                          if i not in special])
+            raise AdjustError(f"the prompt {text[:40]!r} holds text {self.name}'s tokenizer does not know "
+                              f"({self.tokenizer.unk_token}); its tokens look like: {' '.join(known[:25])}"
+                              + (" (separate residues with spaces)" if all(len(t) == 1 for t in known[:25]) else ""))
+        cls = self.tokenizer.cls_token_id
+        return ([cls] if self.prompt_specials and cls is not None else []) + ids
+
     def hidden_states(self, input_ids, attention_mask=None):
         return self._raw_hidden(input_ids, attention_mask)
 

@@ -91,7 +91,7 @@ def make_rollouts(base, out: str | Path, num_samples: int, gen_length: int, samp
     if num_samples < 1:
         raise AdjustError(f"--num-samples must be at least 1, got {num_samples}")
     out = Path(out)
-    prompt_ids = [base.encode(p) for p in prompts] if prompts else [[]]
+    prompt_ids = [base.encode(p) for p in (prompts or [""])]
     meta = {"base": base.identity(), "gen_length": gen_length, "seed": seed, "num_samples": num_samples,
             "sampling": sampling.__dict__, "prompts": prompt_ids, "shard_size": shard_size}
     if (out / META).is_file():
