@@ -85,7 +85,9 @@ class BaseModel(nn.Module):
         }
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        from ..data import check_text
+
+        return list(self.tokenizer.encode(check_text(text), add_special_tokens=False))
 
     def decode(self, ids) -> str:
         """Text of a generation, cut at the first EOS (later positions are padding by convention)."""
