@@ -30,4 +30,3 @@ def test_distill_uses_it(n):
 
     r = Rollouts([[]] * n, torch.zeros(n, 4, dtype=torch.long), torch.zeros(n, 4, dtype=torch.long), {})
     assert split(r, DistillConfig()) == held_out_split(n)
-
