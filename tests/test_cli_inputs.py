@@ -336,3 +336,12 @@ def test_sampling_settings_out_of_range(capsys, tmp_path, flag, value, words):
 def test_small_temperatures_give_finite_distributions(capsys, tiny_model_dir, temperature):
     rc, out, err = cli(capsys, "generate", "--base", tiny_model_dir, "--temperature", temperature, *GEN)
     assert rc == 0, err
+
+
+@pytest.mark.parametrize("base_type", ["llada", "dream", "masked-lm"])
+def test_unreadable_base_directory_with_a_hugging_face_base_type(capsys, model_with_sampler, base_type):
+    d = model_with_sampler
+    cli(capsys, "generate", "--base", d, *GEN)  # imports what the failing call needs while readable
+    with unreadable(d):
+        rc, out, err = cli(capsys, "generate", "--base", d, "--base-type", base_type, *GEN)
+    assert_refused(rc, err, "cannot read", str(d), "Permission denied")

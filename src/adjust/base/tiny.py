@@ -8,7 +8,6 @@ tokenizer.json, like a Hugging Face model, so the directory alone rebuilds it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
