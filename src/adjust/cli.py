@@ -68,9 +68,9 @@ def _load_base(args):
 
 
 def _read_prompts(args) -> list[str]:
-    from .data import read_prompt_file
+    from .data import check_text, read_prompt_file
 
-    prompts = list(args.prompt or [])
+    prompts = [check_text(p, f"--prompt argument {n}") for n, p in enumerate(args.prompt or [], 1)]
     if args.prompts:
         prompts += read_prompt_file(args.prompts)
     return prompts or [""]
@@ -94,8 +94,8 @@ def cmd_generate(args) -> None:
 
     strategy = _strategy_from_args(args)
     sampling = _sampling_from_args(args)
+    prompts = _read_prompts(args)  # bad prompts fail before a model loads
     base, sampler = _load(args, "required" if strategy.uses_sampler else "none")
-    prompts = _read_prompts(args)
     samples, stats = generate_texts(base, prompts, strategy, sampling, gen_length=args.gen_length,
                                     num_samples=args.num_samples, batch_size=args.batch_size,
                                     block_length=args.block_length, seed=args.seed, sampler=sampler,

@@ -32,6 +32,43 @@ def jsonl_records(path: Path, text: str):
             raise AdjustError(f"{path}:{n} is not valid JSON") from None
 
 
+def read_text(path: str | Path, what: str, strict: bool = True) -> str:
+    """The UTF-8 text of a file; one AdjustError line if it is missing or unreadable.
+
+    strict: a byte that is not UTF-8 is an error naming the file and line (prompts: the text is
+    encoded as given, so a wrong encoding must not pass unnoticed). Otherwise it becomes U+FFFD
+    with one warning (training corpora: a stray byte in bulk text need not stop a run).
+    """
+    from .io import readable_file
+
+    path = readable_file(path, what)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise AdjustError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        where = f"{path}:{line} is not valid UTF-8 (byte 0x{raw[e.start]:02x})"
+        if strict:
+            raise AdjustError(f"{where}; save the {what} as UTF-8") from None
+        print(f"adjust: warning: {where}; its undecodable bytes are read as U+FFFD", file=sys.stderr)
+        return raw.decode("utf-8", errors="replace")
+
+
+def check_text(text: str, what: str = "prompt") -> str:
+    """`text` if it is valid Unicode text; AdjustError for undecodable bytes that reached it as
+    surrogate escapes (a command-line argument in another encoding than the locale's)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise AdjustError(f"{what} {shown!r} is not valid UTF-8 text (undecodable byte at character {e.start}); "
+                          "pass it in UTF-8") from None
+    return text
+
+
 def read_examples(path: str | Path) -> list[tuple[str, str]]:
     """(prompt, completion) pairs of a data file.
 
@@ -39,9 +76,7 @@ def read_examples(path: str | Path) -> list[tuple[str, str]]:
     prompt-completion format of TRL); a plain-text file is one document with prompt "".
     """
     path = Path(path)
-    if not path.is_file():
-        raise AdjustError(f"data file not found: {path}")
-    raw = path.read_text(encoding="utf-8", errors="replace")
+    raw = read_text(path, "data file", strict=False)
     if path.suffix == ".jsonl":
         docs = []
         for n, rec in jsonl_records(path, raw):
@@ -63,16 +98,17 @@ def read_examples(path: str | Path) -> list[tuple[str, str]]:
 def read_prompt_file(path: str | Path) -> list[str]:
     """Prompts of a .jsonl file (a "prompt" string field per line) or of a text file (one per non-blank line)."""
     path = Path(path)
-    if not path.is_file():
-        raise AdjustError(f"prompts file not found: {path}")
-    text = path.read_text()
+    text = read_text(path, "prompts file")
     if path.suffix != ".jsonl":
-        return [line for line in text.splitlines() if line.strip()]
-    prompts = []
-    for n, rec in jsonl_records(path, text):
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-            raise AdjustError(f'{path}:{n} needs a "prompt" string field')
-        prompts.append(rec["prompt"])
+        prompts = [line for line in text.splitlines() if line.strip()]
+    else:
+        prompts = []
+        for n, rec in jsonl_records(path, text):
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise AdjustError(f'{path}:{n} needs a "prompt" string field')
+            prompts.append(check_text(rec["prompt"], f"{path}:{n}: prompt"))  # JSON escapes can hold lone surrogates
+    if not prompts:  # not "no prompt = unconditional": an empty file is a mistake
+        raise AdjustError(f"prompts file {path} holds no prompts")
     return prompts
 
 

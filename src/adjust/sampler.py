@@ -13,14 +13,14 @@ model.safetensors); the config records the base's identity so it refuses any oth
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .errors import AdjustError
-from .io import atomic_path, load_state, load_weights, read_json, write_json
+from .io import atomic_path, config_from_json, load_state, load_weights, read_json, write_json
 from .layers import Block, RMSNorm, rope_for
 
 SAMPLER_TYPE = "adjust-sampler"
@@ -34,6 +34,10 @@ class SamplerConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     base: dict = field(default_factory=dict)  # identity of the base model it was distilled from
+
+    # Fields a saved config.json may lack (fields added later, whose default is what older files meant);
+    # every other field must be in the file (io.config_from_json).
+    OPTIONAL_FIELDS = ()
 
     @classmethod
     def for_base(cls, base, intermediate_ratio: float = 8 / 3, num_heads: int | None = None) -> "SamplerConfig":
@@ -100,8 +104,7 @@ class JointSampler(nn.Module):
         raw = read_json(path / "config.json", "sampler config.json")
         if raw.get("model_type") != SAMPLER_TYPE:
             raise AdjustError(f"{path} is not an ADJUST sampler (model_type={raw.get('model_type')!r})")
-        names = {f.name for f in fields(SamplerConfig)}
-        sampler = cls(SamplerConfig(**{k: v for k, v in raw.items() if k in names}))
+        sampler = cls(config_from_json(SamplerConfig, raw, path / "config.json", "sampler config.json"))
         if base is not None:
             sampler.check_base(base)
         load_state(sampler, load_weights(path / "model.safetensors", "sampler weights"), path, "sampler weights")

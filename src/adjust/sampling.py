@@ -15,6 +15,9 @@ import torch
 from .errors import AdjustError
 
 ORDERS = ("entropy", "confidence", "margin", "random")
+# Smallest positive temperature: logits / T stays finite in float32 for any finite logits of a model
+# (|logit| < 1e32); below it T would round to 0 in float32 and turn logits into inf/NaN. 0 = greedy.
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -29,8 +32,10 @@ class SamplingConfig:
     def __post_init__(self):
         if self.order not in ORDERS:
             raise AdjustError(f"unknown order rule {self.order!r}; choose one of {', '.join(ORDERS)}")
-        if not (self.temperature >= 0 and self.temperature == self.temperature):
-            raise AdjustError(f"--temperature must be >= 0, got {self.temperature}")
+        t = self.temperature
+        if not (t == 0 or MIN_TEMPERATURE <= t < float("inf")):  # also refuses NaN
+            raise AdjustError(f"--temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, "
+                              f"got {t}")
         if not (0 < self.top_p <= 1):
             raise AdjustError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:

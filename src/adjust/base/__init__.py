@@ -88,7 +88,9 @@ class BaseModel(nn.Module):
 
     def encode(self, text: str) -> list[int]:
         """Prompt ids ("" = unconditional); adapters add what their model expects in front."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
+        from ..data import check_text
+
+        return list(self.tokenizer.encode(check_text(text), add_special_tokens=False)) if text else []
 
     def decode(self, ids) -> str:
         """Text of a generation, cut at the first EOS (later positions are padding by convention)."""

@@ -509,7 +509,11 @@ def _read_config(path) -> tuple[str, dict]:
     if p.exists():
         if not p.is_dir():
             raise AdjustError(f"base model path is not a directory: {path}")
-        if not (p / "config.json").is_file():
+        try:
+            has_config = (p / "config.json").is_file()
+        except OSError as e:  # e.g. a directory this user may not enter
+            raise AdjustError(f"cannot read base model directory {path}: {e.strerror or e}") from None
+        if not has_config:
             raise AdjustError(f"{path} is not a model directory (no config.json)")
         return str(p), read_json(p / "config.json", "model config.json")
     cached = None

@@ -8,15 +8,14 @@ tokenizer.json, like a Hugging Face model, so the directory alone rebuilds it.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import AdjustError
-from ..io import atomic_path, load_state, load_weights, read_json, write_json
+from ..io import atomic_path, config_from_json, load_state, load_weights, read_json, readable_file, write_json
 from ..layers import Block, RMSNorm, rope_for
 from . import BaseModel
 
@@ -42,10 +41,14 @@ class TinyConfig:
     tokenizer_size: int = 4096  # real tokens; ids from here to vocab_size are padding
     tie_embeddings: bool = True  # LM head = input embedding (configs written before this field were tied)
 
+    # Fields a config.json may lack: added after models were saved, their default is what those meant.
+    OPTIONAL_FIELDS = ("tie_embeddings",)
+
     @classmethod
-    def from_dict(cls, d: dict) -> "TinyConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def from_dict(cls, d: dict, path="config.json") -> "TinyConfig":
+        """The config a saved model's config.json describes; a missing field (other than the optional
+        ones) is an error naming it, never a silent code default."""
+        return config_from_json(cls, d, path, "model config.json")
 
 
 class TinyMDLM(nn.Module):
@@ -128,7 +131,7 @@ class TinyBase(BaseModel):
         raw = read_json(path / "config.json", "model config.json")
         if raw.get("model_type") != MODEL_TYPE:
             raise AdjustError(f"{path} is not an adjust-tiny model (model_type={raw.get('model_type')!r})")
-        cfg = TinyConfig.from_dict(raw)
+        cfg = TinyConfig.from_dict(raw, path / "config.json")
         base = cls(cfg, load_tokenizer(path), name=raw.get("name", path.name))
         weights = path / "model.safetensors"
         load_state(base.model, load_weights(weights, "model weights"), path, "model weights")
@@ -139,9 +142,7 @@ def load_tokenizer(path: str | Path):
     """Our byte-level BPE tokenizer as a transformers fast tokenizer (one API for all bases)."""
     from transformers import PreTrainedTokenizerFast
 
-    file = Path(path) / "tokenizer.json"
-    if not file.is_file():
-        raise AdjustError(f"tokenizer not found: {file}")
+    file = readable_file(Path(path) / "tokenizer.json", "tokenizer")
     try:
         return PreTrainedTokenizerFast(tokenizer_file=str(file), pad_token=PAD, mask_token=MASK, eos_token=EOS)
     except Exception as e:  # tokenizers raises plain Exceptions on corrupt JSON

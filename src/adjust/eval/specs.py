@@ -10,8 +10,6 @@ Values are read as int, then float, then left as text. The key `K` (or `k`) is a
 
 from __future__ import annotations
 
-import inspect
-
 from ..errors import AdjustError
 
 K_ALIASES = ("K", "k")
@@ -68,22 +66,18 @@ def spec_label(name: str, params: dict) -> str:
         return name
     if set(params) == {"tokens_per_pass"}:
         return f"{name}:{params['tokens_per_pass']}"
-    parts = [f"{'K' if k == 'tokens_per_pass' else k}={v}" for k, v in sorted(params.items())]
+    parts = [f"{spec_key(k)}={v}" for k, v in sorted(params.items())]
     return f"{name}:" + ";".join(parts)
 
 
-def build_strategy(name: str, params: dict):
-    """The strategy object of a spec; unknown strategy names or keyword arguments are errors."""
-    from ..strategies import STRATEGIES, make_strategy, strategy_names
+def spec_key(param: str) -> str:
+    """How a spec spells a strategy parameter: tokens_per_pass -> K, others as they are."""
+    return "K" if param == "tokens_per_pass" else param
 
-    strategy_names()  # registers the built-in strategies
-    if name not in STRATEGIES:
-        raise AdjustError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
-    accepted = [p for p in inspect.signature(STRATEGIES[name].__init__).parameters
-                if p not in ("self", "args", "kwargs")]
-    unknown = sorted(set(params) - set(accepted))
-    if unknown:
-        shown = ["K" if p == "tokens_per_pass" else p for p in accepted]
-        raise AdjustError(f"strategy {name!r} takes no {', '.join(unknown)}; it accepts: "
-                          f"{', '.join(shown) or 'nothing'}")
-    return make_strategy(name, **params)
+
+def build_strategy(name: str, params: dict):
+    """The strategy object of a spec; unknown strategy names or keyword arguments are errors
+    (the rule `adjust.strategies.build_strategy` also applies to the command line's flags)."""
+    from .. import strategies
+
+    return strategies.build_strategy(name, params, spell=spec_key)

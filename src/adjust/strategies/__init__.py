@@ -37,16 +37,40 @@ class Strategy:
         return f"{self.name}(K={self.k})"
 
 
-def make_strategy(name: str, **kwargs) -> Strategy:
-    from . import adaptive, adjust, fixed  # noqa: F401  (registers the built-in strategies)
+def cli_flag(param: str) -> str:
+    """The command-line flag of a strategy parameter: tau -> --tau, tokens_per_pass -> -K/--tokens-per-pass."""
+    return "-K/--tokens-per-pass" if param == "tokens_per_pass" else "--" + param.replace("_", "-")
 
-    if name not in STRATEGIES:
-        raise AdjustError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
-    cls = STRATEGIES[name]
+
+def accepted_params(name: str) -> list[str]:
+    """The keyword parameters strategy `name` takes (AdjustError for an unknown name)."""
     import inspect
 
-    accepted = inspect.signature(cls.__init__).parameters
-    return cls(**{k: v for k, v in kwargs.items() if k in accepted and v is not None})
+    strategy_names()  # registers the built-in strategies
+    if name not in STRATEGIES:
+        raise AdjustError(f"unknown strategy {name!r}; choose one of {', '.join(sorted(STRATEGIES))}")
+    return [p for p in inspect.signature(STRATEGIES[name].__init__).parameters if p not in ("self", "args", "kwargs")]
+
+
+def build_strategy(name: str, params: dict, spell=cli_flag) -> Strategy:
+    """Strategy `name` with `params`; a value of None means "not given" (the strategy's default).
+
+    The one rule for the command line's flags and `eval --strategies` specs: a parameter the
+    strategy does not take is refused, never ignored. `spell` names parameters in the message
+    as the user wrote them (CLI flags by default; `adjust.eval.specs` spells spec keys).
+    """
+    accepted = accepted_params(name)
+    given = {k: v for k, v in params.items() if v is not None}
+    unknown = [k for k in given if k not in accepted]
+    if unknown:
+        raise AdjustError(f"strategy {name!r} takes no {', '.join(map(spell, unknown))}; it accepts: "
+                          f"{', '.join(map(spell, accepted)) or 'nothing'}")
+    return STRATEGIES[name](**given)
+
+
+def make_strategy(name: str, /, **params) -> Strategy:
+    """`build_strategy` with keyword parameters: make_strategy("adjust", tokens_per_pass=4)."""
+    return build_strategy(name, params)
 
 
 def strategy_names() -> list[str]:

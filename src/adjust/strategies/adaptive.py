@@ -121,6 +121,8 @@ class AdjustThreshold(Strategy):
     adaptive = True
 
     def __init__(self, tau: float = 0.9, max_tokens_per_pass: int = 8):
+        if not isinstance(max_tokens_per_pass, int) or max_tokens_per_pass < 1:
+            raise AdjustError(f"--max-tokens-per-pass must be at least 1, got {max_tokens_per_pass}")
         super().__init__(max_tokens_per_pass)
         self.tau = _check_unit("tau", tau)
 

@@ -30,7 +30,7 @@ class Exact(Parallel):
     """One token per full pass: the reference joint sampler (METHOD.md section 2)."""
 
     def __init__(self, tokens_per_pass: int = 1):
-        if tokens_per_pass != 1:
+        super().__init__(tokens_per_pass)  # refuses K < 1
+        if self.k != 1:
             raise AdjustError("strategy 'exact' unmasks one token per full pass; use 'parallel' or 'adjust' "
                               "for --tokens-per-pass > 1")
-        super().__init__(1)
