@@ -205,3 +205,38 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(decay, decay[1:]))
     assert lr_at(100, cfg) == pytest.approx(0.1)
     assert lr_at(10, cfg) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("change", [{"lr": 1e-3}, {"batch_size": 4}, {"seed": 1}, {"warmup": 5}])
+def test_resume_refuses_changed_training_settings_by_name(data_file, tmp_path, change):
+    out = tmp_path / "m"
+    train_base(data_file, out, train_cfg(10), model_cfg(), progress=False)
+    key = next(iter(change))
+    with pytest.raises(AdjustError, match=f"--{key.replace('_', '-')} was {getattr(train_cfg(10), key)}, now"):
+        train_base(data_file, out, train_cfg(20, **change), model_cfg(), progress=False)
+    # --steps and --eval-every may change: they say how long to train and how often to checkpoint
+    assert train_base(data_file, out, train_cfg(20, eval_every=5), model_cfg(), progress=False)["step"] == 20
+
+
+def test_resume_refuses_other_data(data_file, tmp_path):
+    out = tmp_path / "m"
+    train_base(data_file, out, train_cfg(10), model_cfg(), progress=False)
+    other = tmp_path / "other.txt"
+    other.write_text(data_file.read_text() + "\nOne more line of text.")
+    with pytest.raises(AdjustError, match="--data"):
+        train_base(other, out, train_cfg(20), model_cfg(), progress=False)
+
+
+def test_truncated_trainer_state_is_one_clear_error(data_file, tmp_path, capsys):
+    from adjust.cli import main
+
+    out = tmp_path / "m"
+    train_base(data_file, out, train_cfg(10), model_cfg(), progress=False)
+    state = out / STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    capsys.readouterr()
+    rc = main([str(a) for a in ["train-base", "--data", data_file, "--out", out, "--steps", 20, "--batch-size", 8,
+                                "--seq-len", 32, "--hidden-size", 32, "--layers", 1, "--heads", 2,
+                                "--intermediate-size", 64, "--quiet"]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("adjust: error: corrupt trainer state"), err

@@ -286,7 +286,7 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
     sampler.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="distill", dynamic_ncols=True,
                disable=not progress or rank != 0)
-    t0, ema = time.time() - elapsed, None
+    t0 = time.time() - elapsed
     while step < cfg.steps:
         # every process draws the same global batch and takes its own slice: the same data as one process
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
