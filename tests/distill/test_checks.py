@@ -18,22 +18,11 @@ from adjust.errors import AdjustError
 from adjust.sampler import JointSampler
 from adjust.sampling import SamplingConfig
 
+from test_cli import cli  # (rc, stdout, stderr) of `adjust argv...` in-process; fails on a traceback
+
 G = 8
 ROLL = ["--gen-length", G, "--shard-size", 4, "--batch-size", 4, "--seed", 1, "--quiet"]
 DIST = ["--steps", 2, "--batch-size", 4, "--warmup", 1, "--max-unrolls", 2, "--eval-every", 2, "--quiet"]
-
-
-def cli(capsys, *argv):
-    """Run `adjust argv...` in-process: (return code, stdout, stderr); an uncaught exception fails the test."""
-    capsys.readouterr()
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as e:  # argparse
-        rc = e.code
-    except Exception as e:  # what `adjust` would show as a traceback
-        pytest.fail(f"uncaught {type(e).__name__}: {e} -- the CLI would print a Traceback")
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def one_error(rc, err, *words):
@@ -394,3 +383,28 @@ def test_sampler_records_its_rollouts_decoding_and_warns_once_on_others(capsys, 
     generate(tiny_base, [[]], adjust, same, G, block_length=4, sampler=sampler)
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "block_length 4 (distilled with None)" in err[0]
+
+
+# --------------------------------------------------------------------------------------------
+# point 8: rollouts batch prompts by length (the shared grouping)
+# --------------------------------------------------------------------------------------------
+
+def test_rollouts_batch_prompts_of_equal_length_together(tiny_base, tmp_path, monkeypatch):
+    from adjust.distill import rollouts as ro
+
+    prompts = ["The cat", "The bird", "The dog"]  # 4, 4 and 3 tokens
+    ids = [tiny_base.encode(p) for p in prompts]
+    assert len(ids[0]) == len(ids[1]) != len(ids[2])
+    batches, real = [], ro.generate
+
+    def spy(base, batch_prompts, *a, **kw):
+        batches.append(batch_prompts)
+        return real(base, batch_prompts, *a, **kw)
+
+    monkeypatch.setattr(ro, "generate", spy)
+    make_rollouts(tiny_base, tmp_path / "r", 9, G, SamplingConfig(), prompts=prompts, seed=4, batch_size=6,
+                  shard_size=9, progress=False)
+    assert [len(b) for b in batches] == [6, 3]  # samples of "The cat" and "The bird" share one batch
+    assert sorted(map(tuple, batches[0])) == sorted([tuple(ids[0])] * 3 + [tuple(ids[1])] * 3)
+    r = load_rollouts(tmp_path / "r", tiny_base)
+    assert [r.prompts[n] for n in range(9)] == [ids[n % 3] for n in range(9)]
