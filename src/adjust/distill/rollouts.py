@@ -182,7 +182,7 @@ def make_rollouts(base, out: str | Path, num_samples: int, gen_length: int, samp
         if isinstance(old.get("num_samples"), int) and num_samples < old["num_samples"]:
             raise AdjustError(f"{out} holds {old['num_samples']} rollouts; --num-samples {num_samples} would drop "
                               f"some: ask for at least {old['num_samples']} to extend them, or use a new --out")
-    elif any(out.glob("shard-*.safetensors")):
+    elif world == 1 and any(out.glob("shard-*.safetensors")):  # (with several processes, another one's shards)
         raise AdjustError(f"{out} holds rollout shards but no {META}; use a new --out")
     if rank == 0:
         # Extending a set: a shard of the earlier, smaller set that this one does not have (its partial
