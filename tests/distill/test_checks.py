@@ -72,6 +72,23 @@ def test_distill_a_low_precision_base(capsys, tiny_model_dir, tmp_path, dtype):
     assert len(json.loads(out)["samples"][0]["token_ids"]) == G
 
 
+def test_distill_a_bf16_base_under_accelerate_mixed_precision(tiny_base, made, tmp_path):
+    """docs/multi_gpu.md's recipe: accelerate's bf16 autocast hands the sampler's outputs back in float32."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState
+
+    base = type(tiny_base)(tiny_base.cfg, tiny_base.tokenizer, name=tiny_base.name)
+    base.load_state_dict(tiny_base.state_dict())
+    base = base.to(torch.bfloat16).eval().requires_grad_(False)
+    try:
+        acc = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
+        result = distill(base, load_rollouts(made, base), tmp_path / "s",
+                         DistillConfig(**{**CFG, "steps": 2, "eval_every": 2}), progress=False, accelerator=acc)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert result["step"] == 2 and torch.isfinite(torch.tensor(result["val_kl"]))
+
+
 def test_low_precision_sampler_output_keeps_the_prior_dtype(tiny_base):
     from adjust.sampler import SamplerConfig
 

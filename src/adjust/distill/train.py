@@ -185,7 +185,8 @@ def example_loss(base, sampler, rollouts: Rollouts, ns, ts, u: int, chunk: int,
         prior = base.hidden_states(states[0])
         target = base.hidden_states(states[u])
     for j in range(1, u + 1) if sampler is not None else ():
-        prior = sampler(base, states[j], prior)
+        # in the base's dtype, as in generation (accelerate's mixed precision hands outputs back in float32)
+        prior = sampler(base, states[j], prior).to(target.dtype)
     masked = states[u] == base.mask_id
     kl = kl_per_position(base, target[masked], prior[masked], chunk)
     return kl.mean() if normalizer is None else kl.sum() / normalizer
