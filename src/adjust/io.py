@@ -169,7 +169,8 @@ def load_state_file(path: str | os.PathLike, what: str, keys: tuple = ()) -> dic
         raise AdjustError(f"corrupt {what} {path} ({first}); delete it to start over") from None
     missing = [k for k in keys if not isinstance(state, dict) or k not in state]
     if missing:
-        raise AdjustError(f"corrupt {what} {path}: it lacks {', '.join(missing)}; delete it to start over")
+        raise AdjustError(f"{what} {path} lacks {', '.join(missing)} (written by another version of adjust, or "
+                          "damaged); delete it to start over")
     return state
 
 

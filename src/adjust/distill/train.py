@@ -45,8 +45,7 @@ from tqdm.auto import tqdm
 
 from ..batching import group_by_length
 from ..errors import AdjustError
-from ..io import changed_settings, check_output_dir, load_state_file, save_state
-from ..io import load_state
+from ..io import changed_settings, check_output_dir, load_state, load_state_file, save_state
 from ..sampler import JointSampler, SamplerConfig
 from ..train_base import lr_at
 from .loss import kl_per_position
