@@ -100,3 +100,72 @@ def test_weights_errors(tmp_path):
         load_weights(tmp_path / "empty.safetensors")
     with pytest.raises(AdjustError, match="do not fit"):
         load_state(nn.Linear(5, 5, bias=False), load_weights(good), tmp_path)
+
+
+def _record_syncs(monkeypatch):
+    """Log os.fsync (by the path its descriptor names) and os.replace, in order; both still run."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", str(a), str(b)))
+        return real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name a descriptor's file")
+def test_atomic_path_fsyncs_the_file_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    events = _record_syncs(monkeypatch)
+    target = tmp_path / "out.bin"
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"data")
+    tmp_name = next(e[1] for e in events if e[0] == "replace")
+    assert events == [("fsync", tmp_name), ("replace", tmp_name, str(target)), ("fsync", str(tmp_path))]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name a descriptor's file")
+def test_atomic_dir_fsyncs_its_files_before_the_rename(tmp_path, monkeypatch):
+    events = _record_syncs(monkeypatch)
+    target = tmp_path / "d"
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("x")
+        (tmp / "b").write_text("y")
+    renamed = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(target)]
+    synced = {e[1] for e in events[:renamed[0]] if e[0] == "fsync"}
+    assert {str(tmp / "a"), str(tmp / "b"), str(tmp)} <= synced
+    assert events[renamed[0] + 1] == ("fsync", str(tmp_path))
+
+
+def test_check_output_dir(tmp_path):
+    from adjust.io import check_output_dir
+
+    assert check_output_dir(tmp_path / "new" / "dir") == tmp_path / "new" / "dir"  # nothing created
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "f").write_text("x")
+    for bad in (tmp_path / "f", tmp_path / "f" / "sub"):
+        with pytest.raises(AdjustError, match="is a file, not a directory"):
+            check_output_dir(bad)
+
+
+def test_state_files_load_without_unpickling_and_fail_clearly(tmp_path):
+    from adjust.io import load_state_file, save_state
+
+    path = tmp_path / "state.pt"
+    save_state(path, {"w": torch.ones(2), "step": 3, "history": [{"a": 1.5}], "cfg": {"s": "x", "n": None}})
+    state = load_state_file(path, "test state", ("w", "step"))
+    assert state["step"] == 3 and torch.equal(state["w"], torch.ones(2)) and state["cfg"] == {"s": "x", "n": None}
+    with pytest.raises(AdjustError, match="lacks optimizer .written by another version"):
+        load_state_file(path, "test state", ("w", "optimizer"))
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(AdjustError, match="corrupt test state"):
+        load_state_file(path, "test state")
+    torch.save({"f": nn.Linear(2, 2)}, path)  # a pickled module: code, not data
+    with pytest.raises(AdjustError, match="corrupt test state"):
+        load_state_file(path, "test state")

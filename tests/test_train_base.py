@@ -35,7 +35,7 @@ def data_file(tmp_path_factory):
 
 
 def history(out_dir) -> list[dict]:
-    return torch.load(out_dir / STATE_FILE, weights_only=False)["history"]
+    return torch.load(out_dir / STATE_FILE, weights_only=True)["history"]
 
 
 def test_training_lowers_validation_loss(data_file, tmp_path):
@@ -58,16 +58,16 @@ def test_training_lowers_validation_loss(data_file, tmp_path):
 def test_resume_continues_the_step_count(data_file, tmp_path, capsys):
     out = tmp_path / "m"
     train_base(data_file, out, train_cfg(10), model_cfg(), progress=False)
-    assert torch.load(out / STATE_FILE, weights_only=False)["step"] == 10
+    assert torch.load(out / STATE_FILE, weights_only=True)["step"] == 10
     capsys.readouterr()
     result = train_base(data_file, out, train_cfg(20), model_cfg(), progress=False)
     assert "resuming from step 10" in capsys.readouterr().err
-    state = torch.load(out / STATE_FILE, weights_only=False)
+    state = torch.load(out / STATE_FILE, weights_only=True)
     assert state["step"] == 20 and result["step"] == 20
     assert [h["step"] for h in state["history"]] == [10, 20]
     # asking for no more steps than done trains nothing and keeps the state
     train_base(data_file, out, train_cfg(20), model_cfg(), progress=False)
-    assert torch.load(out / STATE_FILE, weights_only=False)["step"] == 20
+    assert torch.load(out / STATE_FILE, weights_only=True)["step"] == 20
 
 
 class Interrupted(Exception):
@@ -93,11 +93,11 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(data_file, tmp_p
     with pytest.raises(Interrupted):
         train_base(data_file, out, train_cfg(20), model_cfg(), progress=False)
     monkeypatch.setattr(tb, "masked_diffusion_nll", real)
-    assert torch.load(out / STATE_FILE, weights_only=False)["step"] == 10
+    assert torch.load(out / STATE_FILE, weights_only=True)["step"] == 10
 
     train_base(data_file, out, train_cfg(20), model_cfg(), progress=False)
-    a = torch.load(straight / STATE_FILE, weights_only=False)
-    b = torch.load(out / STATE_FILE, weights_only=False)
+    a = torch.load(straight / STATE_FILE, weights_only=True)
+    b = torch.load(out / STATE_FILE, weights_only=True)
     assert a["step"] == b["step"] == 20
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -162,8 +162,8 @@ def test_documents_packing_trains_on_completions_only(pairs_file, tmp_path):
     result = train_base(pairs_file, out, cfg, model_cfg(), progress=False)
     hist = history(out)
     assert result["step"] == 20 and hist[-1]["val_loss"] < hist[0]["val_loss"]
-    state = torch.load(out / STATE_FILE, weights_only=False)
-    assert state["train_config"]["packing"] == "documents"
+    state = torch.load(out / STATE_FILE, weights_only=True)
+    assert state["settings"]["packing"] == "documents"
 
 
 def test_documents_packing_refuses_a_document_longer_than_the_context(pairs_file, tmp_path):
@@ -205,3 +205,38 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(decay, decay[1:]))
     assert lr_at(100, cfg) == pytest.approx(0.1)
     assert lr_at(10, cfg) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("change", [{"lr": 1e-3}, {"batch_size": 4}, {"seed": 1}, {"warmup": 5}])
+def test_resume_refuses_changed_training_settings_by_name(data_file, tmp_path, change):
+    out = tmp_path / "m"
+    train_base(data_file, out, train_cfg(10), model_cfg(), progress=False)
+    key = next(iter(change))
+    with pytest.raises(AdjustError, match=f"--{key.replace('_', '-')} was {getattr(train_cfg(10), key)}, now"):
+        train_base(data_file, out, train_cfg(20, **change), model_cfg(), progress=False)
+    # --steps and --eval-every may change: they say how long to train and how often to checkpoint
+    assert train_base(data_file, out, train_cfg(20, eval_every=5), model_cfg(), progress=False)["step"] == 20
+
+
+def test_resume_refuses_other_data(data_file, tmp_path):
+    out = tmp_path / "m"
+    train_base(data_file, out, train_cfg(10), model_cfg(), progress=False)
+    other = tmp_path / "other.txt"
+    other.write_text(data_file.read_text() + "\nOne more line of text.")
+    with pytest.raises(AdjustError, match="--data"):
+        train_base(other, out, train_cfg(20), model_cfg(), progress=False)
+
+
+def test_truncated_trainer_state_is_one_clear_error(data_file, tmp_path, capsys):
+    from adjust.cli import main
+
+    out = tmp_path / "m"
+    train_base(data_file, out, train_cfg(10), model_cfg(), progress=False)
+    state = out / STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    capsys.readouterr()
+    rc = main([str(a) for a in ["train-base", "--data", data_file, "--out", out, "--steps", 20, "--batch-size", 8,
+                                "--seq-len", 32, "--hidden-size", 32, "--layers", 1, "--heads", 2,
+                                "--intermediate-size", 64, "--quiet"]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("adjust: error: corrupt trainer state"), err

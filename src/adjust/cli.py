@@ -27,8 +27,10 @@ def cmd_data(args) -> None:
 
 def cmd_train_base(args) -> None:
     from .base.tiny import TinyConfig
+    from .io import check_output_dir
     from .train_base import TrainConfig, train_base
 
+    check_output_dir(args.out)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                       warmup=args.warmup, eval_every=args.eval_every, seed=args.seed, packing=args.packing)
     if min(cfg.steps, cfg.batch_size, cfg.seq_len, cfg.eval_every) < 1:
@@ -154,8 +156,11 @@ def _launched_state():
 
 
 def cmd_rollouts(args) -> None:
-    from .distill.rollouts import check_complete, make_rollouts
+    from .distill.rollouts import check_complete, check_counts, make_rollouts
+    from .io import check_output_dir
 
+    check_counts(args.num_samples, args.batch_size, args.shard_size)  # before loading the base
+    check_output_dir(args.out)
     state = _launched_state()
     if state is not None and args.device != "cpu":
         args.device = str(state.device)
@@ -169,14 +174,23 @@ def cmd_rollouts(args) -> None:
         state.wait_for_everyone()  # every process has written its shards
         if not state.is_main_process:
             return
-        check_complete(out, args.num_samples)
+    check_complete(out, args.num_samples)  # one process or several: the set holds each sample exactly once
     print(f"rollouts in {out}")
 
 
 def cmd_distill(args) -> None:
     from .distill.rollouts import load_rollouts
     from .distill.train import DistillConfig, distill
+    from .io import check_output_dir
 
+    check_output_dir(args.out)
+    cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                        max_unrolls=args.max_unrolls, eval_every=args.eval_every,
+                        min_lr_ratio=args.min_lr_ratio, entropy_windows=args.entropy_windows, seed=args.seed)
+    if min(cfg.steps, cfg.batch_size, cfg.eval_every) < 1:
+        raise_bad("--steps, --batch-size and --eval-every must be at least 1")
+    if not cfg.lr > 0:
+        raise_bad(f"--lr must be positive, got {cfg.lr}")
     accelerator = None
     if _launched_state() is not None:  # DDP over the processes for the sampler
         from accelerate import Accelerator
@@ -195,14 +209,7 @@ def cmd_distill(args) -> None:
         sharding = shard_base(base, accelerator.device if device != "cpu" else "cpu")
     else:
         base = _load_base(args)
-    rollouts = load_rollouts(args.rollouts, base)
-    cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                        max_unrolls=args.max_unrolls, eval_every=args.eval_every,
-                        min_lr_ratio=args.min_lr_ratio, entropy_windows=args.entropy_windows, seed=args.seed)
-    if min(cfg.steps, cfg.batch_size, cfg.eval_every) < 1:
-        raise_bad("--steps, --batch-size and --eval-every must be at least 1")
-    if not cfg.lr > 0:
-        raise_bad(f"--lr must be positive, got {cfg.lr}")
+    rollouts = load_rollouts(args.rollouts, base)  # complete, from this base, ids in its vocabulary
     result = distill(base, rollouts, args.out, cfg, progress=not args.quiet, accelerator=accelerator)
     if sharding is not None:
         result["base_sharding"] = sharding

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .batching import group_by_length, per_row_table
 from .errors import AdjustError
 from .sampling import RowRNG, SamplingConfig, log_probs, order_scores, row_seed, sample_tokens
 
@@ -111,14 +112,10 @@ class StepContext:
 
     def choose(self, scores: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Indices of the entries to unmask: the counts[b] best-scored entries of each row b."""
-        B = self.x.shape[0]
-        per_row = torch.bincount(rows, minlength=B)
+        table, starts, per_row = per_row_table(scores, rows, self.x.shape[0], float("-inf"))
         counts = torch.minimum(counts, per_row)
         if counts.max() <= 0:
             return torch.empty(0, dtype=torch.long, device=rows.device)
-        starts = torch.cumsum(per_row, 0) - per_row  # first entry of each row
-        table = torch.full((B, int(per_row.max())), float("-inf"), dtype=torch.float64, device=rows.device)
-        table[rows, torch.arange(len(rows), device=rows.device) - starts[rows]] = scores.double()
         # stable sort: among equal scores the lower position goes first (a deterministic, documented tie rule)
         top = table.sort(dim=1, descending=True, stable=True).indices[:, : int(counts.max())]  # (B, kmax)
         keep = torch.arange(top.shape[1], device=rows.device)[None] < counts[:, None]
@@ -218,6 +215,7 @@ def generate(base, prompts: list[list[int]], strategy, sampling: SamplingConfig 
         raise AdjustError(f"strategy {strategy.name!r} needs a joint sampler; pass --sampler DIR")
     if strategy.uses_sampler:
         sampler.check_base(base)
+        sampler.check_decoding(sampling, block_length if block_length and block_length < gen_length else None)
     device = base.device
     x, attention_mask, P = build_canvas(prompts, gen_length, base)
     x = x.to(device)
@@ -275,10 +273,8 @@ def generate_texts(base, prompts: list[str], strategy, sampling: SamplingConfig 
     jobs = [(n, text, ids, i) for n, (text, ids) in enumerate(zip(prompts, encoded)) for i in range(num_samples)]
     # Batch prompts of equal length only: no padding, so a sequence gets bit-identical
     # logits (hence tokens) in any batch, and no compute is spent on pad tokens.
-    by_length: dict[int, list] = {}
-    for job in jobs:
-        by_length.setdefault(len(job[2]), []).append(job)
-    batches = [group[s:s + batch_size] for group in by_length.values() for s in range(0, len(group), batch_size)]
+    batches = [group[s:s + batch_size] for group in group_by_length(jobs, lambda job: len(job[2]))
+               for s in range(0, len(group), batch_size)]
     results, stats = {}, None
     bar = tqdm(total=len(jobs), desc=f"generate {strategy.describe()}", disable=not progress, leave=False)
     for chunk in batches:

@@ -1,4 +1,9 @@
-"""Atomic file writes: a reader never sees a half-written checkpoint or output file."""
+"""Atomic file writes: a reader never sees a half-written checkpoint or output file.
+
+A write goes to a temporary file beside its target, which is fsync'ed, renamed onto the
+target, and then the directory is fsync'ed: after a crash or power loss the target holds
+either the old or the new content, never an empty or partial file.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,35 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+
+def _fsync_file(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside `path` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            _fsync_file(Path(dirpath) / name)
+        _fsync_dir(dirpath)
 
 
 @contextmanager
@@ -23,7 +57,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+        _fsync_file(tmp)  # the data is on disk before the rename makes it visible
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # and the rename itself is on disk
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -40,11 +76,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the directory normal permissions
+        _fsync_tree(tmp)
         old = path.with_name(f".{path.name}.old")
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -154,3 +192,53 @@ def load_state(module, state: dict, path, what: str = "weights") -> None:
         module.load_state_dict(state)
     except RuntimeError as e:
         raise AdjustError(f"{what} in {path} do not fit this architecture: {' '.join(str(e).split())}") from None
+
+
+def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Refuse an output directory that cannot be one (an existing file, or a file on its path) before any work."""
+    from .errors import AdjustError
+
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise AdjustError(f"{flag} {path}: {p} is a file, not a directory")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise AdjustError(f"{flag} {path}: {p} is not writable")
+            break
+    return path
+
+
+def save_state(path: str | os.PathLike, state: dict) -> None:
+    """A resume state (tensors, numbers, strings, lists and dicts of them), written atomically."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_state_file(path: str | os.PathLike, what: str, keys: tuple = ()) -> dict:
+    """A resume state written by `save_state`, read without unpickling code (torch.load weights_only=True),
+    or one clear error if it is unreadable, truncated or lacks one of `keys`."""
+    import torch
+
+    from .errors import AdjustError
+
+    path = Path(path)
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except PermissionError:
+        raise AdjustError(f"cannot read {what} {path}: permission denied") from None
+    except Exception as e:  # a truncated or foreign file: PytorchStreamReader / UnpicklingError / EOFError ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AdjustError(f"corrupt {what} {path} ({first}); delete it to start over") from None
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise AdjustError(f"{what} {path} lacks {', '.join(missing)} (written by another version of adjust, or "
+                          "damaged); delete it to start over")
+    return state
+
+
+def changed_settings(saved: dict, now: dict, ignore: tuple = ()) -> list[str]:
+    """The keys whose values differ between a saved settings dict and the current one (sorted)."""
+    return sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))

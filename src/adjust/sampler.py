@@ -8,11 +8,18 @@
     logits = base.lm_head(out)              frozen, shared with the base
 
 The same weights serve every unroll. Saved like a Hugging Face model (config.json +
-model.safetensors); the config records the base's identity so it refuses any other base.
+model.safetensors); the config records the base's identity so it refuses any other base,
+and the decoding settings of the rollouts it was distilled on (order rule, temperature,
+top-p, top-k, blocks): generating with others warns once (`check_decoding`).
+
+The sampler computes in the dtype of its own weights: loaded for a base, they take the base's
+dtype; during distillation they stay float32 (the optimizer's master weights) whatever the
+base's dtype, with the base's hidden states cast in and the result cast back out.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,10 +41,12 @@ class SamplerConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     base: dict = field(default_factory=dict)  # identity of the base model it was distilled from
+    # decoding settings of the rollouts it was distilled on: order, temperature, top_p, top_k, block_length
+    distilled_on: dict = field(default_factory=dict)
 
     # Fields a saved config.json may lack (fields added later, whose default is what older files meant);
     # every other field must be in the file (io.config_from_json).
-    OPTIONAL_FIELDS = ()
+    OPTIONAL_FIELDS = ("distilled_on",)  # samplers distilled before it was recorded warn about nothing
 
     @classmethod
     def for_base(cls, base, intermediate_ratio: float = 8 / 3, num_heads: int | None = None) -> "SamplerConfig":
@@ -64,16 +73,21 @@ class JointSampler(nn.Module):
         for m in self.modules():  # fresh initialisation, not copied from the base
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
+        self._warned: set = set()
 
     def forward(self, base, input_ids: torch.Tensor, prior: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """One unroll: (B, L) tokens + (B, L, H) prior -> (B, L, H) new aligned hidden states."""
-        e = self.embed_norm(base.embed(input_ids).to(prior.dtype))
-        z = self.proj(torch.cat([e, self.prior_norm(prior)], dim=-1))  # (B, L, H)
+        """One unroll: (B, L) tokens + (B, L, H) prior -> (B, L, H) new aligned hidden states.
+
+        Computed in the dtype of the sampler's weights; the result has the prior's dtype."""
+        dtype = self.proj.weight.dtype
+        own = prior.to(dtype)
+        e = self.embed_norm(base.embed(input_ids).to(dtype))
+        z = self.proj(torch.cat([e, self.prior_norm(own)], dim=-1))  # (B, L, H)
         cos, sin = rope_for(attention_mask, input_ids.shape, input_ids.device,
                             self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta, z.dtype)
         z = self.block(z, cos, sin, None if attention_mask is None else attention_mask.bool())
-        return self.out_norm(z) + prior
+        return (self.out_norm(z) + own).to(prior.dtype)
 
     # --- identity and persistence ------------------------------------------------------------
     def check_base(self, base) -> None:
@@ -85,15 +99,36 @@ class JointSampler(nn.Module):
                                   f"({key}={mine.get(key)}), not for {theirs.get('name')!r} "
                                   f"({key}={theirs.get(key)}); distill a sampler for this base")
 
-    def save(self, out_dir: str | Path, extra: dict | None = None) -> None:
+    def check_decoding(self, sampling, block_length: int | None) -> None:
+        """Warn (once per sampler and setting, one stderr line) when generation decodes with an order rule,
+        temperature, top-p/top-k or blocks other than those of the rollouts this sampler was distilled on."""
+        want = self.cfg.distilled_on
+        if not want:
+            return  # a sampler saved before this was recorded
+        now = {"order": sampling.order, "temperature": sampling.temperature, "top_p": sampling.top_p,
+               "top_k": sampling.top_k, "block_length": block_length}
+        diff = tuple(sorted(k for k in now if k in want and want[k] != now[k]))
+        if diff and diff not in self._warned:
+            self._warned.add(diff)
+            said = ", ".join(f"{k} {now[k]} (distilled with {want[k]})" for k in diff)
+            print(f"adjust: warning: this sampler was distilled on rollouts decoded otherwise: {said}; "
+                  "its joint may fit these settings less well", file=sys.stderr)
+
+    def save(self, out_dir: str | Path, extra: dict | None = None, step: int | None = None) -> None:
+        """Write model.safetensors, then config.json. With `step` (a training checkpoint), both record it
+        and `load` refuses a pair whose steps differ (a checkpoint interrupted between the two files)."""
         from safetensors.torch import save_file
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        meta = {"format": "pt", **({"step": str(step)} if step is not None else {})}
         with atomic_path(out / "model.safetensors") as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt"})
-        write_json(out / "config.json", {"model_type": SAMPLER_TYPE, **asdict(self.cfg), **(extra or {})})
+            save_file(state, str(tmp), metadata=meta)
+        extra = dict(extra or {})
+        if step is not None:
+            extra["checkpoint_step"] = step
+        write_json(out / "config.json", {"model_type": SAMPLER_TYPE, **asdict(self.cfg), **extra})
 
     @classmethod
     def load(cls, path: str | Path, base=None) -> "JointSampler":
@@ -107,11 +142,24 @@ class JointSampler(nn.Module):
         sampler = cls(config_from_json(SamplerConfig, raw, path / "config.json", "sampler config.json"))
         if base is not None:
             sampler.check_base(base)
-        load_state(sampler, load_weights(path / "model.safetensors", "sampler weights"), path, "sampler weights")
+        weights = path / "model.safetensors"
+        load_state(sampler, load_weights(weights, "sampler weights"), path, "sampler weights")
+        if "checkpoint_step" in raw:
+            step = _weights_step(weights)
+            if step != str(raw["checkpoint_step"]):
+                raise AdjustError(f"sampler {path} mixes checkpoints: config.json is from step {raw['checkpoint_step']}, "
+                                  f"model.safetensors from step {step}; rerun the same `adjust distill` to repair it")
         if base is not None:
             sampler.to(device=base.device, dtype=base.dtype)
         sampler.eval()
         return sampler
+
+
+def _weights_step(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("step")
 
 
 def default_sampler_path(base_path) -> Path | None:

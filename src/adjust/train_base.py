@@ -32,10 +32,12 @@ from tqdm.auto import tqdm
 from .base.tiny import EOS, MASK, PAD, SPECIAL_TOKENS, TinyBase, TinyConfig, load_tokenizer, token_ids
 from .data import read_examples
 from .errors import AdjustError
-from .io import atomic_path
+from .io import changed_settings, check_output_dir, load_state, load_state_file, save_state
 from .likelihood import estimate_nll, masked_diffusion_nll
 
 STATE_FILE = "trainer_state.pt"
+# settings a resumed run may change: they decide how long it trains and how often it checkpoints
+RESUMABLE = ("steps", "eval_every")
 
 
 @dataclass
@@ -142,8 +144,12 @@ def _sha256(path: Path) -> str:
 def train_base(data: str | Path, out: str | Path, cfg: TrainConfig, model_cfg: TinyConfig | None = None,
                tokenizer_dir: str | Path | None = None, name: str | None = None, progress: bool = True,
                save_dtype: torch.dtype = torch.float32) -> dict:
-    """Train (or resume training) a base model into `out`. Returns the final metrics."""
-    out = Path(out)
+    """Train (or resume training) a base model into `out`. Returns the final metrics.
+
+    The resume state (trainer_state.pt: weights, optimizer, step, history, settings) is read with
+    torch.load(weights_only=True); a resume with other settings (any but --steps and --eval-every,
+    the model configuration, the data file) is refused, naming them."""
+    out = check_output_dir(out)
     examples = read_examples(data)
     docs = [prompt + completion for prompt, completion in examples]
     torch.manual_seed(cfg.seed)
@@ -192,11 +198,21 @@ def train_base(data: str | Path, out: str | Path, cfg: TrainConfig, model_cfg: T
     base = TinyBase(model_cfg, tokenizer, name=name or out.name)
     opt = torch.optim.AdamW(base.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     step, elapsed, history = 0, 0.0, []
+    data_sha = _sha256(Path(data))
+    settings = {**asdict(cfg), "data_sha256": data_sha}
     if resume:
-        state = torch.load(state_path, weights_only=False)
+        state = load_state_file(state_path, "trainer state", ("model", "optimizer", "step", "elapsed", "history",
+                                                              "model_config", "settings"))
         if state["model_config"] != asdict(model_cfg):
             raise AdjustError(f"{state_path} was written for another model configuration; use a new --out")
-        base.model.load_state_dict(state["model"])
+        changed = changed_settings(state["settings"], settings, ignore=RESUMABLE)
+        if changed:
+            said = "; ".join("--data (another file)" if k == "data_sha256" else
+                             f"--{k.replace('_', '-')} was {state['settings'].get(k)}, now {settings.get(k)}"
+                             for k in changed)
+            raise AdjustError(f"{out} holds a train-base run with other settings: {said}; rerun with the same "
+                              "settings or use a new --out")
+        load_state(base.model, state["model"], state_path, "model weights")
         opt.load_state_dict(state["optimizer"])
         step, elapsed, history = state["step"], state["elapsed"], state["history"]
         print(f"resuming from step {step} in {out}", file=sys.stderr)
@@ -212,12 +228,18 @@ def train_base(data: str | Path, out: str | Path, cfg: TrainConfig, model_cfg: T
         return nll
 
     def checkpoint(val_loss: float | None):
-        extra = {"training": {"step": step, "val_loss": val_loss, "data_sha256": _sha256(Path(data))}}
+        # the resume state first (the truth); a resume rewrites the model files from it (`export`)
+        save_state(state_path, {"model": base.model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                "elapsed": elapsed, "history": history, "model_config": asdict(model_cfg),
+                                "settings": settings})
+        export(val_loss)
+
+    def export(val_loss: float | None):
+        extra = {"training": {"step": step, "val_loss": val_loss, "data_sha256": data_sha}}
         base.save(out, extra=extra, dtype=save_dtype)  # trainer_state.pt keeps float32 for resuming
-        with atomic_path(state_path) as tmp:
-            torch.save({"model": base.model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                        "elapsed": elapsed, "history": history, "model_config": asdict(model_cfg),
-                        "train_config": asdict(cfg)}, tmp)
+
+    if resume:
+        export(history[-1]["val_loss"] if history else None)  # repairs a checkpoint cut between its files
 
     base.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="train-base", disable=not progress, dynamic_ncols=True)

@@ -5,6 +5,12 @@ were unmasked: that is enough to rebuild every intermediate state x^0 (all maske
 x^G (done). Samples are written in shards of safetensors; a rerun resumes after the last
 complete shard, and a sample's tokens depend only on (seed, prompt, sample index), so
 shards may be produced by different processes (see `shard_indices`).
+
+A rerun with the same settings and a larger --num-samples extends the set to exactly that
+many samples (the earlier partial last shard is replaced, never kept beside its successor);
+other settings, or fewer samples, are refused. Every setting is checked before
+rollouts.json is written, and `load_rollouts` refuses a set that is incomplete, holds a
+sample twice, or holds token ids outside the base's vocabulary.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..decode import generate
+from ..batching import group_by_length
+from ..decode import check_request, generate
 from ..errors import AdjustError
-from ..io import atomic_path, load_weights, read_json, write_json
+from ..io import atomic_path, changed_settings, check_output_dir, load_weights, read_json, write_json
 from ..sampling import SamplingConfig
 from ..strategies import make_strategy
 
@@ -59,15 +66,80 @@ def shard_indices(start: int, stop: int, rank: int, world: int) -> list[int]:
     return list(range(start + rank, stop, world))
 
 
-def check_complete(path: str | Path, num_samples: int) -> None:
-    """Refuse a rollouts directory whose shards do not hold every sample index 0..num_samples-1 exactly once."""
-    index = torch.cat([load_weights(s, "rollout shard")["index"].long()
-                       for s in sorted(Path(path).glob("shard-*.safetensors"))] or [torch.zeros(0, dtype=torch.long)])
-    counts = torch.bincount(index, minlength=num_samples)
-    missing, repeated = int((counts[:num_samples] == 0).sum()), int((counts > 1).sum())
-    if missing or repeated or len(counts) > num_samples:
-        raise AdjustError(f"rollouts in {path} are incomplete: {missing} of {num_samples} samples missing, "
-                          f"{repeated} repeated, {max(0, len(counts) - num_samples)} out of range")
+def shard_ranges(num_samples: int, shard_size: int) -> list[tuple[int, int]]:
+    """The [lo, hi) sample ranges of the shards of a set of `num_samples` rollouts."""
+    return [(lo, min(lo + shard_size, num_samples)) for lo in range(0, num_samples, shard_size)]
+
+
+def shard_name(lo: int, hi: int) -> str:
+    return f"shard-{lo:08d}-{hi:08d}.safetensors"
+
+
+# what each recorded setting is called on the command line (for "made with other settings")
+SETTING_FLAGS = {"base": "--base", "gen_length": "--gen-length", "seed": "--seed", "shard_size": "--shard-size",
+                 "sampling": "--order/--temperature/--top-p/--top-k", "prompts": "--prompt/--prompts"}
+
+
+def _check_meta(meta: dict, path: Path) -> dict:
+    """Refuse metadata missing a field or holding one of the wrong kind (nothing else is trusted)."""
+    def bad(what: str):
+        raise AdjustError(f"rollouts metadata {path / META} is not valid: {what}; rerun `adjust rollouts`")
+
+    for key in ("base", "gen_length", "seed", "num_samples", "sampling", "prompts", "shard_size"):
+        if key not in meta:
+            bad(f"it lacks {key!r}")
+    for key in ("gen_length", "num_samples", "shard_size"):
+        if not isinstance(meta[key], int) or meta[key] < 1:
+            bad(f"{key} must be a positive integer, not {meta[key]!r}")
+    if not isinstance(meta["base"], dict) or "fingerprint" not in meta["base"]:
+        bad("its base has no fingerprint")
+    if not isinstance(meta["sampling"], dict):
+        bad("sampling must be an object")
+    prompts = meta["prompts"]
+    if not isinstance(prompts, list) or not prompts or not all(
+            isinstance(p, list) and all(isinstance(i, int) for i in p) for p in prompts):
+        bad("prompts must be a non-empty list of token id lists")
+    return meta
+
+
+def _read_shards(path: Path, meta: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(index, tokens, order) of every shard, checked against the metadata: shapes, one sample per index
+    0..N-1 (no gap, no repeat, none out of range), and every order row a permutation of 0..G-1."""
+    N, G = meta["num_samples"], meta["gen_length"]
+    index, tokens, order = [], [], []
+    for shard in sorted(path.glob("shard-*.safetensors")):
+        part = load_weights(shard, "rollout shard")
+        if set(part) != {"index", "tokens", "order"}:
+            raise AdjustError(f"corrupt rollout shard {shard}: holds {sorted(part)}, not index, tokens, order")
+        n = part["index"].shape[0] if part["index"].dim() == 1 else -1
+        if n < 0 or part["tokens"].shape != (n, G) or part["order"].shape != (n, G):
+            raise AdjustError(f"corrupt rollout shard {shard}: shapes {tuple(part['index'].shape)}, "
+                              f"{tuple(part['tokens'].shape)}, {tuple(part['order'].shape)} do not fit "
+                              f"--gen-length {G}")
+        index.append(part["index"].long())
+        tokens.append(part["tokens"].long())
+        order.append(part["order"].long())
+    index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+    tokens = torch.cat(tokens) if tokens else torch.zeros(0, G, dtype=torch.long)
+    order = torch.cat(order) if order else torch.zeros(0, G, dtype=torch.long)
+    outside = int(((index < 0) | (index >= N)).sum())
+    counts = torch.bincount(index[(index >= 0) & (index < N)], minlength=N)
+    missing, repeated = int((counts == 0).sum()), int((counts > 1).sum())
+    if missing or repeated or outside:
+        raise AdjustError(f"rollouts in {path} are incomplete: {missing} of {N} samples missing, {repeated} "
+                          f"repeated, {outside} out of range; rerun `adjust rollouts` with the same settings "
+                          "to finish them")
+    if len(order) and not torch.equal(order.sort(dim=1).values, torch.arange(G).expand_as(order)):
+        raise AdjustError(f"corrupt rollouts in {path}: an unmasking order does not visit every position once")
+    return index, tokens, order
+
+
+def check_complete(path: str | Path, num_samples: int | None = None) -> None:
+    """Refuse a rollouts directory whose shards do not hold every sample index 0..N-1 exactly once
+    (N: `num_samples`, default the metadata's)."""
+    path = Path(path)
+    meta = _check_meta(read_json(path / META, "rollouts metadata"), path)
+    _read_shards(path, meta if num_samples is None else {**meta, "num_samples": num_samples})
 
 
 def _history_to_order(history, gen_length: int) -> list[int]:
@@ -75,6 +147,12 @@ def _history_to_order(history, gen_length: int) -> list[int]:
     if sorted(order) != list(range(gen_length)):
         raise RuntimeError("an exact trajectory did not unmask every position exactly once")
     return order
+
+
+def check_counts(num_samples: int, batch_size: int, shard_size: int) -> None:
+    for flag, value in (("--num-samples", num_samples), ("--batch-size", batch_size), ("--shard-size", shard_size)):
+        if value < 1:
+            raise AdjustError(f"{flag} must be at least 1, got {value}")
 
 
 def make_rollouts(base, out: str | Path, num_samples: int, gen_length: int, sampling: SamplingConfig,
@@ -88,27 +166,37 @@ def make_rollouts(base, out: str | Path, num_samples: int, gen_length: int, samp
     has finished the shards are exactly those of one process (see `check_complete`), and a rerun
     with any number of processes resumes. Only rank 0 writes the metadata.
     """
-    if num_samples < 1:
-        raise AdjustError(f"--num-samples must be at least 1, got {num_samples}")
-    out = Path(out)
+    check_counts(num_samples, batch_size, shard_size)
+    out = check_output_dir(out)
     prompt_ids = [base.encode(p) for p in (prompts or [""])]
+    check_request(base, prompt_ids, gen_length, None)  # every setting is checked before anything is written
     meta = {"base": base.identity(), "gen_length": gen_length, "seed": seed, "num_samples": num_samples,
             "sampling": sampling.__dict__, "prompts": prompt_ids, "shard_size": shard_size}
+    ranges = shard_ranges(num_samples, shard_size)
     if (out / META).is_file():
         old = read_json(out / META, "rollouts metadata")
-        same = {k: old.get(k) for k in meta if k != "num_samples"} == {k: v for k, v in meta.items() if k != "num_samples"}
-        if not same:
-            raise AdjustError(f"{out} holds rollouts made with other settings; use a new --out")
+        changed = changed_settings(old, meta, ignore=("num_samples",))
+        if changed:
+            raise AdjustError(f"{out} holds rollouts made with other settings "
+                              f"({', '.join(SETTING_FLAGS.get(k, k) for k in changed)}); use a new --out")
+        if isinstance(old.get("num_samples"), int) and num_samples < old["num_samples"]:
+            raise AdjustError(f"{out} holds {old['num_samples']} rollouts; --num-samples {num_samples} would drop "
+                              f"some: ask for at least {old['num_samples']} to extend them, or use a new --out")
+    elif world == 1 and any(out.glob("shard-*.safetensors")):  # (with several processes, another one's shards)
+        raise AdjustError(f"{out} holds rollout shards but no {META}; use a new --out")
     if rank == 0:
+        # Extending a set: a shard of the earlier, smaller set that this one does not have (its partial
+        # last shard) goes before the new metadata, so no sample is ever held twice.
+        wanted = {shard_name(lo, hi) for lo, hi in ranges}
+        for stale in out.glob("shard-*.safetensors"):
+            if stale.name not in wanted:
+                stale.unlink()
         write_json(out / META, meta)
     exact = make_strategy("exact")
-    starts = range(0, num_samples, shard_size)
-    shards = [starts[s] for s in shard_indices(0, len(starts), rank, world)]  # this process's shards
-    bar = tqdm(total=sum(min(shard_size, num_samples - lo) for lo in shards), desc="rollouts",
-               disable=not progress, dynamic_ncols=True)
-    for lo in shards:
-        hi = min(lo + shard_size, num_samples)
-        path = out / f"shard-{lo:08d}-{hi:08d}.safetensors"
+    shards = [ranges[s] for s in shard_indices(0, len(ranges), rank, world)]  # this process's shards
+    bar = tqdm(total=sum(hi - lo for lo, hi in shards), desc="rollouts", disable=not progress, dynamic_ncols=True)
+    for lo, hi in shards:
+        path = out / shard_name(lo, hi)
         if path.is_file():
             bar.update(hi - lo)
             continue
@@ -122,14 +210,11 @@ def write_shard(base, path: Path, indices: list[int], prompt_ids, gen_length, sa
     from safetensors.torch import save_file
 
     tokens, order, which = [], [], []
-    # Group by prompt so that batches never need padding (bit-identical to unbatched decoding).
-    by_prompt: dict[int, list[int]] = {}
-    for n in indices:
-        by_prompt.setdefault(n % len(prompt_ids), []).append(n)
-    for p, ns in by_prompt.items():
+    # Batches of equal prompt length never need padding (bit-identical to unbatched decoding).
+    for ns in group_by_length(indices, lambda n: len(prompt_ids[n % len(prompt_ids)])):
         for s in range(0, len(ns), batch_size):
             chunk = ns[s:s + batch_size]
-            g = generate(base, [prompt_ids[p]] * len(chunk), exact, sampling, gen_length, seed=seed,
+            g = generate(base, [prompt_ids[n % len(prompt_ids)] for n in chunk], exact, sampling, gen_length, seed=seed,
                          sample_indices=chunk, record_history=True)
             tokens.append(g.tokens)
             order += [_history_to_order(h, gen_length) for h in g.history]
@@ -144,21 +229,24 @@ def write_shard(base, path: Path, indices: list[int], prompt_ids, gen_length, sa
 
 
 def load_rollouts(path: str | Path, base=None) -> Rollouts:
-    """All complete shards of a rollouts directory; with `base`, check they came from it."""
+    """A complete rollouts directory, checked: every sample 0..N-1 exactly once, well-formed orders;
+    with `base`, that they came from it and every token id is in its vocabulary."""
     path = Path(path)
     if not path.is_dir():
         raise AdjustError(f"rollouts directory not found: {path}")
-    meta = read_json(path / META, "rollouts metadata")
+    meta = _check_meta(read_json(path / META, "rollouts metadata"), path)
     if base is not None and meta["base"]["fingerprint"] != base.identity()["fingerprint"]:
         raise AdjustError(f"rollouts in {path} were sampled from base {meta['base'].get('name')!r}, "
                           f"not from {base.name!r}")
-    shards = sorted(path.glob("shard-*.safetensors"))
-    if not shards:
+    if not any(path.glob("shard-*.safetensors")):
         raise AdjustError(f"no rollout shards in {path}; run `adjust rollouts` first")
-    parts = [load_weights(s, "rollout shard") for s in shards]
-    index = torch.cat([p["index"] for p in parts]).long()
-    perm = index.argsort()
+    index, tokens, order = _read_shards(path, meta)
     prompts = meta["prompts"]
-    return Rollouts([prompts[int(n) % len(prompts)] for n in index[perm]],
-                    torch.cat([p["tokens"] for p in parts])[perm].long(),
-                    torch.cat([p["order"] for p in parts])[perm].long(), meta)
+    if base is not None:
+        ids = [i for p in prompts for i in p] + ([int(tokens.min()), int(tokens.max())] if tokens.numel() else [])
+        bad = [i for i in ids if not 0 <= i < base.vocab_size]
+        if bad:
+            raise AdjustError(f"rollouts in {path} hold token id {bad[0]}, outside the vocabulary of base "
+                              f"{base.name!r} (0..{base.vocab_size - 1})")
+    perm = index.argsort()
+    return Rollouts([prompts[int(n) % len(prompts)] for n in index[perm]], tokens[perm], order[perm], meta)

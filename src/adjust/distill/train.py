@@ -14,6 +14,22 @@ draw is instead proportional to the base's entropy over the U tokens the window 
 change the rest, and that information is at most their entropy: a window of tokens the base
 was sure of (EOS padding, say) teaches nothing. The held-out KL `val_kl` keeps the uniform
 draw; `val_kl_uncertain` is measured on held-out windows drawn by entropy alone.
+
+Precision: with a bfloat16 or float16 base (`--dtype`), the base runs in that dtype and the
+sampler keeps float32 weights (the optimizer's master weights, with float32 Adam moments):
+it computes in float32 on the base's hidden states cast up, and hands its output back in the
+base's dtype, so each unroll's prior is what generation with a low-precision sampler sees.
+The KL is computed on float32 log-probabilities. No autocast and no loss scaling are needed:
+gradients reach the float32 weights in float32. The saved sampler is float32; loading it for
+a base casts it to the base's dtype.
+
+Checkpoints and resume: every `eval_every` steps, `distill_state.pt` (sampler, optimizer, step,
+history and every setting; read back with torch.load(weights_only=True), no pickle) is written
+atomically first, then the sampler's model.safetensors and config.json, both naming the step.
+A resume reads only the state and rewrites the sampler files from it, so an interruption
+between files is repaired; `JointSampler.load` refuses a pair from different steps. A resume
+with other settings (any but --steps and --eval-every, the rollouts, --dtype) is refused,
+naming them; with the same settings it gives the sampler of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -27,14 +43,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..batching import group_by_length
 from ..errors import AdjustError
-from ..io import atomic_path
+from ..io import changed_settings, check_output_dir, load_state, load_state_file, save_state
 from ..sampler import JointSampler, SamplerConfig
 from ..train_base import lr_at
 from .loss import kl_per_position
 from .rollouts import Rollouts
 
 STATE_FILE = "distill_state.pt"
+# settings a resumed run may change: they decide how long it trains and how often it checkpoints
+RESUMABLE = ("steps", "eval_every")
 
 
 @dataclass
@@ -74,10 +93,7 @@ def split(rollouts: Rollouts, cfg: DistillConfig) -> tuple[list[int], list[int]]
 
 def by_prompt_length(rollouts: Rollouts, pool: list[int]) -> list[list[int]]:
     """The trajectories of `pool` grouped by prompt length (one batch stacks one group)."""
-    lengths: dict[int, list[int]] = {}
-    for n in pool:
-        lengths.setdefault(len(rollouts.prompts[n]), []).append(n)
-    return list(lengths.values())
+    return group_by_length(pool, lambda n: len(rollouts.prompts[n]))
 
 
 def draw_examples(rollouts: Rollouts, pool: list[int], batch: int, u: int, g: torch.Generator):
@@ -138,6 +154,21 @@ def draw_weighted(rollouts: Rollouts, pool: list[int], batch: int, weights: torc
     return [group[i] for i in (picks // w.shape[1]).tolist()], (picks % w.shape[1]).tolist()
 
 
+def distilled_on(rollouts: Rollouts) -> dict:
+    """The decoding settings of the rollouts (recorded in the sampler's config): one block, always."""
+    s = rollouts.meta["sampling"]
+    return {"order": s.get("order"), "temperature": s.get("temperature"), "top_p": s.get("top_p"),
+            "top_k": s.get("top_k"), "block_length": None}
+
+
+def _describe_change(key: str, was, now) -> str:
+    if key == "rollouts":
+        return "--rollouts (another set of rollouts)"
+    if key == "sampler_config":
+        return "the sampler's size or base"
+    return f"--{key.replace('_', '-')} was {was}, now {now}"
+
+
 def example_loss(base, sampler, rollouts: Rollouts, ns, ts, u: int, chunk: int,
                  normalizer: int | None = None) -> torch.Tensor:
     """Mean KL over the positions still masked in x^{t+u} (METHOD.md section 5).
@@ -153,7 +184,8 @@ def example_loss(base, sampler, rollouts: Rollouts, ns, ts, u: int, chunk: int,
         prior = base.hidden_states(states[0])
         target = base.hidden_states(states[u])
     for j in range(1, u + 1) if sampler is not None else ():
-        prior = sampler(base, states[j], prior)
+        # in the base's dtype, as in generation (accelerate's mixed precision hands outputs back in float32)
+        prior = sampler(base, states[j], prior).to(target.dtype)
     masked = states[u] == base.mask_id
     kl = kl_per_position(base, target[masked], prior[masked], chunk)
     return kl.mean() if normalizer is None else kl.sum() / normalizer
@@ -162,7 +194,7 @@ def example_loss(base, sampler, rollouts: Rollouts, ns, ts, u: int, chunk: int,
 def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampler_cfg: SamplerConfig | None = None,
             progress: bool = True, accelerator=None) -> dict:
     """Train (or resume) a sampler for `base` into `out`. Returns the final metrics."""
-    out = Path(out)
+    out = check_output_dir(out)
     if rollouts.meta["base"]["fingerprint"] != base.identity()["fingerprint"]:
         raise AdjustError(f"these rollouts came from base {rollouts.meta['base'].get('name')!r}, not {base.name!r}")
     if cfg.max_unrolls < 1 or cfg.max_unrolls > rollouts.gen_length - 1:
@@ -177,18 +209,29 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
         raise AdjustError("need at least 2 rollouts (one to train on, one held out)")
     torch.manual_seed(cfg.seed)
     sampler_cfg = sampler_cfg or SamplerConfig.for_base(base)
-    sampler = JointSampler(sampler_cfg).to(device=base.device)
+    sampler_cfg.distilled_on = distilled_on(rollouts)
+    # float32 master weights whatever the base's dtype (see the module docstring)
+    sampler = JointSampler(sampler_cfg).to(device=base.device, dtype=torch.float32)
     opt = torch.optim.AdamW(sampler.parameters(), lr=cfg.lr, weight_decay=0.0)  # paper: no weight decay
-    step, elapsed, history = 0, 0.0, []
+    step, elapsed, history, ema, extra = 0, 0.0, [], None, None
+    settings = {**asdict(cfg), "rollouts": rollouts.meta, "dtype": str(base.dtype).removeprefix("torch."),
+                "sampler_config": asdict(sampler_cfg)}
     state_path = out / STATE_FILE
     if state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
-        if state["sampler_config"] != asdict(sampler_cfg):
-            raise AdjustError(f"{state_path} was written for another sampler/base; use a new --out")
-        sampler.load_state_dict(state["sampler"])
+        state = load_state_file(state_path, "distill state", ("sampler", "optimizer", "step", "elapsed", "history",
+                                                              "settings", "ema", "extra"))
+        changed = changed_settings(state["settings"], settings, ignore=RESUMABLE)
+        if changed:
+            raise AdjustError(f"{out} holds a distill run with other settings: "
+                              + "; ".join(_describe_change(k, state["settings"].get(k), settings.get(k)) for k in changed)
+                              + "; rerun with the same settings or use a new --out")
+        load_state(sampler, state["sampler"], state_path, "sampler weights")
         opt.load_state_dict(state["optimizer"])
-        step, elapsed, history = state["step"], state["elapsed"], state["history"]
+        step, elapsed, history, ema, extra = (state["step"], state["elapsed"], state["history"], state["ema"],
+                                              state["extra"])
         print(f"resuming from step {step} in {out}", file=sys.stderr)
+        if accelerator is None or accelerator.is_main_process:
+            sampler.save(out, extra=extra, step=step)  # the sampler files of this state (repairs a cut checkpoint)
     model, optim = sampler, opt
     if accelerator is not None:
         model, optim = accelerator.prepare(sampler, opt)
@@ -230,11 +273,11 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
         extra = {"training": {"step": step, **val, **parallel, "rollouts": rollouts.meta.get("num_samples"),
                               "gen_length": rollouts.gen_length, "max_unrolls": cfg.max_unrolls,
                               "entropy_windows": cfg.entropy_windows}}
-        sampler.save(out, extra=extra)
-        with atomic_path(state_path) as tmp:
-            torch.save({"sampler": sampler.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                        "elapsed": elapsed, "history": history, "sampler_config": asdict(sampler_cfg),
-                        "distill_config": asdict(cfg)}, tmp)
+        # the resume state first (the truth), then the sampler files, each naming the step
+        save_state(state_path, {"sampler": sampler.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                "elapsed": elapsed, "history": history, "ema": ema, "extra": extra,
+                                "settings": settings})
+        sampler.save(out, extra=extra, step=step)
 
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
@@ -243,7 +286,7 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
     sampler.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="distill", dynamic_ncols=True,
                disable=not progress or rank != 0)
-    t0, ema = time.time() - elapsed, None
+    t0 = time.time() - elapsed
     while step < cfg.steps:
         # every process draws the same global batch and takes its own slice: the same data as one process
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)

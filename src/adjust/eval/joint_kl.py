@@ -20,6 +20,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from ..batching import group_by_length
 from ..distill.rollouts import Rollouts
 from ..errors import AdjustError
 from ..sampling import order_scores
@@ -49,10 +50,7 @@ def joint_kl(base, sampler, rollouts: Rollouts, k: int, num_states: int = 64, dr
     bar = tqdm(total=len(jobs), desc=f"joint-kl K={k}", disable=not progress, leave=False)
     for lo in range(0, len(jobs), batch_size):
         chunk = jobs[lo:lo + batch_size]
-        by_len: dict[int, list] = {}
-        for n, t in chunk:
-            by_len.setdefault(len(rollouts.prompts[n]), []).append((n, t))
-        for items in by_len.values():
+        for items in group_by_length(chunk, lambda job: len(rollouts.prompts[job[0]])):
             x = rollouts.states([n for n, _ in items], [t for _, t in items], base.mask_id).to(device)
             lp, lpar, ladj = _one_batch(base, sampler, x, k, order, g)
             gaps["parallel"] += (lp - lpar).tolist()

@@ -185,14 +185,12 @@ def nll_under_base(base, token_ids: Sequence[Sequence[int]], draws: int = 8, see
     """
     from tqdm.auto import tqdm
 
+    from ..batching import group_by_length
     from ..likelihood import estimate_nll
 
     out: list[float] = [math.nan] * len(token_ids)
-    by_len: dict[int, list[int]] = {}
-    for i, ids in enumerate(token_ids):
-        if len(ids):
-            by_len.setdefault(len(ids), []).append(i)
-    chunks = [idx[s:s + batch_size] for idx in by_len.values() for s in range(0, len(idx), batch_size)]
+    groups = group_by_length((i for i, ids in enumerate(token_ids) if len(ids)), lambda i: len(token_ids[i]))
+    chunks = [idx[s:s + batch_size] for idx in groups for s in range(0, len(idx), batch_size)]
     for b, chunk in enumerate(tqdm(chunks, desc="nll (base)", disable=not progress, leave=False)):
         x = torch.tensor([list(token_ids[i]) for i in chunk], dtype=torch.long, device=base.device)
         nll = estimate_nll(base, x, draws=draws, seed=seed + b).cpu().tolist()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..batching import per_row_table
 from ..errors import AdjustError
 from ..sampling import entropy
 from . import Strategy, register
@@ -16,11 +17,7 @@ from . import Strategy, register
 
 def _per_row_sorted(values: torch.Tensor, rows: torch.Tensor, B: int, descending: bool):
     """values (N,) of row-major entries -> (B, M) table sorted per row (padding at the end) and its mask."""
-    counts = torch.bincount(rows, minlength=B)
-    starts = torch.cumsum(counts, 0) - counts
-    pad = float("-inf") if descending else float("inf")
-    table = torch.full((B, int(counts.max())), pad, dtype=torch.float64, device=values.device)
-    table[rows, torch.arange(len(rows), device=rows.device) - starts[rows]] = values.double()
+    table, _, counts = per_row_table(values, rows, B, float("-inf") if descending else float("inf"))
     table = table.sort(dim=1, descending=descending, stable=True).values
     valid = torch.arange(table.shape[1], device=rows.device)[None] < counts[:, None]
     return table, valid
