@@ -30,3 +30,22 @@ def test_distill_uses_it(n):
 
     r = Rollouts([[]] * n, torch.zeros(n, 4, dtype=torch.long), torch.zeros(n, 4, dtype=torch.long), {})
     assert split(r, DistillConfig()) == held_out_split(n)
+
+
+def test_joint_kl_draws_states_from_the_same_held_out_rollouts(tiny_base):
+    """70 rollouts: distill holds out the last 4 (round(3.5)); joint-kl drew from the last 3 (70 // 20)."""
+    import torch
+
+    from adjust.eval.joint_kl import joint_kl
+
+    class Recording(Rollouts):
+        def states(self, ns, ts, mask_id):
+            used.update(ns)
+            return super().states(ns, ts, mask_id)
+
+    n, G = 70, 4
+    used: set[int] = set()
+    eos = tiny_base.eos_id
+    r = Recording([[]] * n, torch.full((n, G), eos), torch.arange(G).repeat(n, 1), {})
+    joint_kl(tiny_base, None, r, 1, num_states=200, draws=1, seed=0)
+    assert sorted(used) == held_out_split(n)[1]

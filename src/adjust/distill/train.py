@@ -47,6 +47,7 @@ from ..batching import group_by_length
 from ..errors import AdjustError
 from ..io import changed_settings, check_output_dir, load_state, load_state_file, save_state
 from ..sampler import JointSampler, SamplerConfig
+from ..splits import HELD_OUT_FRACTION, held_out_split
 from ..train_base import lr_at
 from .loss import kl_per_position
 from .rollouts import Rollouts
@@ -66,7 +67,7 @@ class DistillConfig:
     grad_clip: float = 1.0
     max_unrolls: int = 3  # K - 1 for the largest K the sampler will serve
     curriculum: float = 0.3  # fraction of steps over which U_max grows from 1 to max_unrolls
-    val_fraction: float = 0.05
+    val_fraction: float = HELD_OUT_FRACTION
     val_examples: int = 128
     eval_every: int = 100
     kl_chunk: int = 1024
@@ -85,10 +86,8 @@ def current_u_max(step: int, cfg: DistillConfig) -> int:
 
 
 def split(rollouts: Rollouts, cfg: DistillConfig) -> tuple[list[int], list[int]]:
-    """Held-out split by trajectory (last val_fraction of sample indices)."""
-    n = len(rollouts)
-    n_val = max(1, int(round(n * cfg.val_fraction))) if n > 1 else 0
-    return list(range(n - n_val)), list(range(n - n_val, n))
+    """Held-out split by trajectory: the rule of `adjust.splits.held_out_split` (eval joint-kl uses it too)."""
+    return held_out_split(len(rollouts), cfg.val_fraction)
 
 
 def by_prompt_length(rollouts: Rollouts, pool: list[int]) -> list[list[int]]:

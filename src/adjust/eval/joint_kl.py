@@ -24,6 +24,7 @@ from ..batching import group_by_length
 from ..distill.rollouts import Rollouts
 from ..errors import AdjustError
 from ..sampling import order_scores
+from ..splits import held_out_split
 
 
 @torch.no_grad()
@@ -40,7 +41,7 @@ def joint_kl(base, sampler, rollouts: Rollouts, k: int, num_states: int = 64, dr
         raise AdjustError("joint-kl needs a deterministic order rule (entropy, confidence or margin)")
     g = torch.Generator().manual_seed(seed)
     if states is None:
-        pool = list(range(len(rollouts) - max(1, len(rollouts) // 20), len(rollouts)))  # held-out tail
+        pool = held_out_split(len(rollouts))[1]  # the rollouts distill held out
         ns = [pool[i] for i in torch.randint(len(pool), (num_states,), generator=g).tolist()]
         ts = torch.randint(0, G - k + 1, (num_states,), generator=g).tolist()
         states = list(zip(ns, ts))
