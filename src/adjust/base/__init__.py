@@ -120,8 +120,9 @@ def load_base(path: str | Path | None = None, base_type: str = "auto", dtype: st
               device: str = "cpu", remote_code: bool = False) -> BaseModel:
     """Load a base model from a directory (or hub id) and return it frozen, in eval mode.
 
-    `remote_code`: allow running Python code shipped in the model directory (transformers'
-    `trust_remote_code`); off unless the user asks for it (`--remote-code`)."""
+    Dream and LLaDA checkpoints run on our own code (base/native.py) unless `remote_code` is set:
+    then the code shipped in the model directory runs (transformers' `trust_remote_code`, the
+    `--remote-code` flag), as before. Small Qwen2/Llama stand-ins load through transformers (base/hf.py)."""
     from .tiny import TinyBase
 
     if base_type not in BASE_TYPES:
@@ -132,6 +133,11 @@ def load_base(path: str | Path | None = None, base_type: str = "auto", dtype: st
     if base_type == "tiny":
         base = TinyBase.load(path)
         base = base.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
+    elif base_type in ("dream", "llada") and not remote_code and not _is_stand_in(path):
+        from .dream import DreamNative
+        from .llada import LLaDANative
+
+        base = {"dream": DreamNative, "llada": LLaDANative}[base_type].load(path, dtype=dtype, device=device)
     else:
         from . import hf
 
@@ -140,6 +146,16 @@ def load_base(path: str | Path | None = None, base_type: str = "auto", dtype: st
     for p in base.parameters():
         p.requires_grad_(False)
     return base
+
+
+def _is_stand_in(path) -> bool:
+    """A transformers Qwen2/Llama saved as a Dream/LLaDA stand-in (base/hf.py save_stand_in)."""
+    from ..io import read_json
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        return False
+    return bool(read_json(p / "config.json", "model config.json").get("adjust_stand_in"))
 
 
 def detect_base_type(path) -> str:
