@@ -139,12 +139,16 @@ class NativeBase(BaseModel):
 
     @classmethod
     def load(cls, path, dtype: str = "float32", device: str = "cpu") -> "NativeBase":
-        from ..io import read_json
         from .checkpoint import fill_from_checkpoint
+        from .hf import FAMILY_NAMES, _read_config
 
-        path = Path(path)
+        src, raw = _read_config(path)  # a local directory, or a hub id already in the local cache
+        path = Path(src) if Path(src).is_dir() else _cached_dir(src)
         torch_dtype, dev = resolve_dtype(dtype), resolve_device(device)
-        raw = read_json(path / "config.json", "model config.json")
+        fam = FAMILY_NAMES[cls.family]
+        if str(raw.get("model_type", "")).lower() != cls.family:
+            raise AdjustError(f"{src} holds a {raw.get('model_type') or 'unknown'} model, not a {fam} checkpoint "
+                              f"(config.json model_type {cls.family!r})")
         cfg = cls.read_config(raw)
         tokenizer = load_tokenizer(path)
         with torch.device("meta"):
@@ -153,6 +157,12 @@ class NativeBase(BaseModel):
         base = cls(cfg, net, tokenizer, str(path))
         _probe(base, dtype, dev)
         return base
+
+
+def _cached_dir(hub_id: str) -> Path:
+    from huggingface_hub import try_to_load_from_cache
+
+    return Path(try_to_load_from_cache(hub_id, "config.json")).parent
 
 
 def _first(*values):
