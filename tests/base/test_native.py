@@ -208,3 +208,55 @@ def test_header_checks(tmp_path):
     bad.write_bytes((20).to_bytes(8, "little") + b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 4]}}')
     with pytest.raises(AdjustError):
         read_header(bad)
+
+
+def test_dream_tokenizer_without_remote_code(dirs, bases):
+    """Qwen2's byte-level BPE from vocab.json + merges.txt, added tokens at their published ids,
+    although tokenizer_config.json names a remote class (DreamTokenizer) that is not shipped."""
+    from published import DREAM_ADDED, _bpe
+
+    tok, path = bases["dream"].tokenizer, dirs["dream"]
+    conf = json.loads((path / "tokenizer_config.json").read_text())
+    assert conf["tokenizer_class"] == "DreamTokenizer" and not list(path.glob("*.py"))
+    for i, info in conf["added_tokens_decoder"].items():
+        assert tok.convert_tokens_to_ids(info["content"]) == int(i)
+    cfg = json.loads((path / "config.json").read_text())
+    assert tok.mask_token == "<|mask|>" and tok.mask_token_id == cfg["mask_token_id"]
+    assert tok.eos_token_id == cfg["eos_token_id"] and tok.bos_token == "<|beginoftext|>"
+    # the same merges as the BPE the files came from, on text where GPT-2's and Qwen2's splits agree
+    plain = _bpe(300)
+    for text in ["the quick brown fox jumps", "  over the lazy dog, and the cat sat on the mat."]:
+        assert tok.encode(text, add_special_tokens=False) == plain.encode(text).ids
+    # Qwen2's own pre-tokenization: every digit is its own piece; specials are single tokens, never split
+    digits = tok.encode("12345", add_special_tokens=False)
+    assert [tok.decode([i]) for i in digits] == list("12345")
+    ids = tok.encode("<|im_start|>user\nhi<|im_end|>", add_special_tokens=False)
+    assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.decode(tok.encode("the fox 12345, ok?", add_special_tokens=False)) == "the fox 12345, ok?"
+    assert len(tok) == min(int(i) for i in conf["added_tokens_decoder"]) + len(DREAM_ADDED)
+
+
+def test_llada_tokenizer_from_tokenizer_json(dirs, bases):
+    tok, path = bases["llada"].tokenizer, dirs["llada"]
+    cfg = json.loads((path / "config.json").read_text())
+    assert tok.convert_tokens_to_ids("<|mdm_mask|>") == cfg["mask_token_id"] == bases["llada"].mask_id
+    assert tok.bos_token == "<|startoftext|>" and tok.eos_token == "<|eot_id|>" and tok.chat_template
+
+
+@pytest.mark.parametrize("kind", ["dream", "llada"])
+def test_never_sampled_and_stop_tokens(bases, kind):
+    """Mask, reserved/role/tool/BOS tokens and the vocabulary padding are never sampled; EOS and end-of-turn are."""
+    base = bases[kind]
+    tok = base.tokenizer
+    stops = {"dream": ["<|endoftext|>", "<|im_end|>"], "llada": ["<|endoftext|>", "<|eot_id|>"]}[kind]
+    never = {"dream": ["<|mask|>", "<|im_start|>", "<|object_ref_start|>", "<tool_call>", "<|beginoftext|>"],
+             "llada": ["<|mdm_mask|>", "<|startoftext|>", "<|start_header_id|>", "<|end_header_id|>",
+                       "<|reserved_special_token_0|>"]}[kind]
+    assert set(base.stop_ids) == {tok.convert_tokens_to_ids(t) for t in stops}
+    banned = set(base.banned_ids)
+    assert {tok.convert_tokens_to_ids(t) for t in never} <= banned and not banned & set(base.stop_ids)
+    assert set(range(len(tok), base.vocab_size)) <= banned and base.vocab_size > len(tok)
+    assert not banned & set(range(len(tok) - len(tok.added_tokens_decoder)))  # ordinary tokens all allowed
+    with torch.no_grad():
+        logits = base(_canvas(base)).logits
+    assert torch.isinf(logits[..., sorted(banned)]).all() and torch.isfinite(logits[..., list(base.stop_ids)]).all()
