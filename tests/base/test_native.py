@@ -260,3 +260,32 @@ def test_never_sampled_and_stop_tokens(bases, kind):
     with torch.no_grad():
         logits = base(_canvas(base)).logits
     assert torch.isinf(logits[..., sorted(banned)]).all() and torch.isfinite(logits[..., list(base.stop_ids)]).all()
+
+
+@pytest.mark.parametrize("kind", ["dream", "llada"])
+def test_cli_pipeline(tmp_path, capsys, dirs, kind):
+    """Through the CLI on the installed transformers, no remote code: generate with exact, parallel and
+    (after rollouts and a few distill steps) adjust."""
+    base, roll, sampler = str(dirs[kind]), tmp_path / "roll", tmp_path / "sampler"
+
+    def run(*argv):
+        capsys.readouterr()
+        rc = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        return out
+
+    for strategy in (["--strategy", "exact"], ["--strategy", "parallel", "-K", "4"]):
+        obj = json.loads(run("generate", "--base", base, "--prompt", "the quick", "--gen-length", 8, *strategy,
+                             "--json"))
+        assert len(obj["samples"][0]["token_ids"]) == 8
+    run("rollouts", "--base", base, "--out", roll, "--num-samples", 24, "--gen-length", 8, "--prompt", "the",
+        "--batch-size", 12, "--quiet")
+    result = json.loads(run("distill", "--base", base, "--rollouts", roll, "--out", sampler, "--steps", 3,
+                            "--batch-size", 4, "--eval-every", 3, "--quiet"))
+    assert result
+    obj = json.loads(run("generate", "--base", base, "--sampler", sampler, "--strategy", "adjust", "-K", 4,
+                         "--prompt", "the quick", "--gen-length", 8, "--json"))
+    s = obj["samples"][0]
+    banned = set(load_base(base).banned_ids)
+    assert len(s["token_ids"]) == 8 and not banned & set(s["token_ids"]) and obj["stats"]["sampler_passes"] > 0
