@@ -120,10 +120,13 @@ class Transformer(nn.Module):
 
     def __init__(self, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int,
                  norm_eps: float, rope_theta: float, tie_embeddings: bool, num_kv_heads: int | None = None,
-                 qkv_bias: bool = False):
+                 qkv_bias: bool = False, init_embedding: bool = True):
         super().__init__()
         self.head_dim, self.rope_theta = hidden_size // num_heads, float(rope_theta)
-        self.embed = nn.Embedding(vocab_size, hidden_size)
+        # init_embedding=False: leave the embedding uninitialised (a model built on the meta device to be
+        # filled from a checkpoint; normal_ on meta tensors costs seconds of one-off imports in torch)
+        self.embed = nn.Embedding(vocab_size, hidden_size,
+                                  _weight=None if init_embedding else torch.empty(vocab_size, hidden_size))
         self.blocks = nn.ModuleList(Block(hidden_size, num_heads, intermediate_size, norm_eps, num_kv_heads, qkv_bias)
                                     for _ in range(num_layers))
         self.norm = RMSNorm(hidden_size, norm_eps)

@@ -122,8 +122,7 @@ def fill_from_checkpoint(model: nn.Module, path: Path, slots: dict[str, tuple[st
             if tuple(got) != want:
                 raise AdjustError(f"tensor {name} in {file.name} has shape {list(got)}, but the config needs "
                                   f"{list(want)}")
-    model.to(dtype)  # still on the meta device: no memory
-    model.to_empty(device=device)  # the one allocation, at the target dtype
+    _allocate(model, dtype, device)  # the one allocation, at the target dtype
     params = dict(model.named_parameters())  # the new, allocated parameters
     filled = {name: 0 for name in params}
     with torch.no_grad():
@@ -138,6 +137,20 @@ def fill_from_checkpoint(model: nn.Module, path: Path, slots: dict[str, tuple[st
     empty = [name for name, rows in filled.items() if rows != params[name].shape[0]]
     if empty:  # a bug in a family's slots, never the user's file: fail before uninitialised memory is used
         raise AdjustError(f"internal error: parameter {empty[0]} was not filled from the checkpoint")
+
+
+def _allocate(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """Replace every meta parameter/buffer by uninitialised memory (floating point at `dtype`).
+
+    Like `to_empty` after `to(dtype)`, but with plain torch.empty: empty_like on meta tensors costs
+    about a second and 35 MiB of one-off imports in torch 2.13."""
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for key, t in table.items():
+                if t is None:
+                    continue
+                new = torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device)
+                table[key] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
 
 
 def _read_into(f, start: int, end: int, src_dtype, shape, dest: torch.Tensor) -> None:

@@ -53,7 +53,8 @@ class NativeConfig:
             raise AdjustError(f"config.json: hidden size {self.hidden_size} with {self.num_heads} heads and "
                               f"{self.num_kv_heads} key/value heads is not a valid attention layout")
         return Transformer(self.vocab_size, self.hidden_size, self.num_layers, self.num_heads, self.intermediate_size,
-                           self.norm_eps, self.rope_theta, self.tie_embeddings, self.num_kv_heads, self.qkv_bias)
+                           self.norm_eps, self.rope_theta, self.tie_embeddings, self.num_kv_heads, self.qkv_bias,
+                           init_embedding=False)
 
 
 def field(raw: dict, name: str, kind=int, default=None, family: str = ""):
