@@ -14,6 +14,9 @@ def _add_base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--remote-code", action="store_true", help="allow running Python code shipped in the model "
                    "directory (transformers' trust_remote_code); off by default")
+    p.add_argument("--chat", action="store_true", help="instruct models: each prompt becomes a user message in the "
+                   "tokenizer's chat template (with the assistant's generation prompt); generation ends at EOS or "
+                   "end-of-turn, and the positions after it are not decoded")
 
 
 def cmd_data(args) -> None:
@@ -50,7 +53,8 @@ def _model_spec(args):
     from .loader import ModelSpec
 
     return ModelSpec(base=args.base, base_type=args.base_type, dtype=args.dtype, device=args.device,
-                     remote_code=args.remote_code, sampler=getattr(args, "sampler", None))
+                     remote_code=args.remote_code, sampler=getattr(args, "sampler", None),
+                     chat=getattr(args, "chat", False))
 
 
 def _load(args, sampler: str = "none"):
@@ -111,7 +115,8 @@ def cmd_generate(args) -> None:
     d = stats.to_dict()
     print(f"[{strategy.describe()}] {d['sequences']} x {d['new_tokens']} tokens | full passes {d['full_passes']} | "
           f"sampler passes {d['sampler_passes']} | {d['tokens_per_full_pass']:.2f} tokens/full pass | "
-          f"{d['seconds']:.2f} s | {d['tokens_per_second']:.1f} tokens/s")
+          f"{d['seconds']:.2f} s | {d['tokens_per_second']:.1f} tokens/s"
+          + (f" | {d['eos_filled']} positions after EOS not decoded" if d["eos_filled"] else ""))
 
 
 def format_steps(base, history) -> str:

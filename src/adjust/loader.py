@@ -25,6 +25,7 @@ class ModelSpec:
     device: str = "cpu"
     remote_code: bool = False  # run Python code shipped in a model directory (Hugging Face auto_map)
     sampler: str | None = None
+    chat: bool = False  # prompts are user messages in the tokenizer's chat template (instruct models)
 
 
 def load_models(spec: ModelSpec, sampler: str = "optional"):
@@ -35,7 +36,8 @@ def load_models(spec: ModelSpec, sampler: str = "optional"):
 
     if sampler not in SAMPLER_MODES:
         raise ValueError(f"sampler mode must be one of {SAMPLER_MODES}, got {sampler!r}")
-    base = load_base(spec.base, spec.base_type, dtype=spec.dtype, device=spec.device, remote_code=spec.remote_code)
+    base = load_base(spec.base, spec.base_type, dtype=spec.dtype, device=spec.device, remote_code=spec.remote_code,
+                     chat=spec.chat)
     if sampler == "none":
         return base, None
     path = spec.sampler or default_sampler_path(spec.base or default_base_path())

@@ -40,6 +40,10 @@ class BaseModel(nn.Module):
     max_length: int
     # Token ids the model must never generate (mask, pad, vocabulary padding); set by subclasses.
     banned_ids: tuple[int, ...] = ()
+    # Tokens that also end an answer besides eos_id (e.g. a tokenizer EOS other than the config's).
+    extra_stop_ids: tuple[int, ...] = ()
+    # Prompts are user messages in the tokenizer's chat template (set by `use_chat_template`, --chat).
+    chat: bool = False
 
     # --- what each adapter implements ---------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,16 +88,65 @@ class BaseModel(nn.Module):
             "fingerprint": embedding_fingerprint(self),
         }
 
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Tokens that end an answer: EOS, the chat template's end-of-turn token, extra_stop_ids."""
+        cached = self.__dict__.get("_stop_ids")
+        if cached is None:
+            ids = {*self.extra_stop_ids, *end_of_turn_ids(getattr(self, "tokenizer", None))}
+            if self.eos_id is not None:
+                ids.add(self.eos_id)
+            cached = self.__dict__["_stop_ids"] = tuple(sorted(ids))
+        return cached
+
+    def use_chat_template(self) -> None:
+        """Encode prompts as a user message in the tokenizer's chat template (--chat); one clear error without one."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise AdjustError(f"--chat: the tokenizer of {self.name} has no chat template (no chat_template in "
+                              "tokenizer_config.json or chat_template.jinja); this is not an instruct model")
+        self.chat = True
+
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        """A prompt's token ids: plain text, or with --chat the user message in the chat template followed
+        by the assistant's generation prompt. The template's own special tokens are kept; BOS is added only
+        if the tokenizer adds one to plain text and the template did not already put it first."""
+        tok = self.tokenizer
+        if not self.chat:
+            return list(tok.encode(text, add_special_tokens=False))
+        rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                           tokenize=False)
+        ids = list(tok.encode(rendered, add_special_tokens=False))
+        bos = tok.bos_token_id
+        if bos is not None and (not ids or ids[0] != bos):
+            with_specials = tok.encode("a", add_special_tokens=True)
+            if with_specials and with_specials[0] == bos:
+                ids = [bos] + ids
+        return ids
 
     def decode(self, ids) -> str:
-        """Text of a generation, cut at the first EOS (later positions are padding by convention)."""
+        """Text of a generation, cut at the first stop token (EOS or end-of-turn; later positions are padding)."""
         ids = [int(i) for i in ids]
-        if self.eos_id is not None and self.eos_id in ids:
-            ids = ids[: ids.index(self.eos_id)]
-        ids = [i for i in ids if i not in self.banned_ids]
+        stops = set(self.stop_ids)
+        cut = next((n for n, i in enumerate(ids) if i in stops), len(ids))
+        ids = [i for i in ids[:cut] if i not in self.banned_ids]
         return self.tokenizer.decode(ids)
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The token a chat template puts right after an assistant's message (its end of turn), if any."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return []
+    marker = "ADJUSTENDMARKER"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception:  # a template that refuses this conversation: no end-of-turn token known
+        return []
+    after = text[text.find(marker) + len(marker):] if marker in text else ""
+    ids = tokenizer.encode(after, add_special_tokens=False) if after else []
+    added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return [ids[0]] if ids and ids[0] in added else []
 
 
 def embedding_fingerprint(base: BaseModel) -> str:
@@ -117,7 +170,7 @@ def default_base_path() -> Path:
 
 
 def load_base(path: str | Path | None = None, base_type: str = "auto", dtype: str = "float32",
-              device: str = "cpu", remote_code: bool = False) -> BaseModel:
+              device: str = "cpu", remote_code: bool = False, chat: bool = False) -> BaseModel:
     """Load a base model from a directory (or hub id) and return it frozen, in eval mode.
 
     Dream and LLaDA checkpoints run on our own code (base/native.py) unless `remote_code` is set:
@@ -145,6 +198,8 @@ def load_base(path: str | Path | None = None, base_type: str = "auto", dtype: st
     base.eval()
     for p in base.parameters():
         p.requires_grad_(False)
+    if chat:
+        base.use_chat_template()
     return base
 
 

@@ -104,8 +104,8 @@ class NativeBase(BaseModel):
         if self.eos_id is None:
             raise AdjustError(f"{name}: no EOS token (neither config.json eos_token_id nor the tokenizer's)")
         self.pad_id = _first(cfg.pad_id, tokenizer.pad_token_id, self.eos_id)
-        self.stop_ids = tuple(sorted({self.eos_id, *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None
-                                                     else []), *end_of_turn_ids(tokenizer)}))
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id != self.eos_id:
+            self.extra_stop_ids = (int(tokenizer.eos_token_id),)  # LLaDA-Instruct: <|eot_id|> beside <|endoftext|>
         added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
         banned = {self.mask_id, *added, *range(min(len(tokenizer), self.vocab_size), self.vocab_size)}
         if self.pad_id not in self.stop_ids:
@@ -281,20 +281,3 @@ def _qwen2_bpe(path: Path, conf: dict):
             raise AdjustError(f"tokenizer of {path}: added token {content!r} lands at id {got}, but "
                               f"tokenizer_config.json puts it at {i} (the ids must follow vocab.json without gaps)")
     return tok
-
-
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """The token a chat template puts right after an assistant's message (its end of turn), if any."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        return []
-    marker = "ADJUSTENDMARKER"
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
-                                              {"role": "assistant", "content": marker}], tokenize=False)
-    except Exception:  # a template that refuses this conversation: no end-of-turn token known
-        return []
-    after = text[text.find(marker) + len(marker):] if marker in text else ""
-    ids = tokenizer.encode(after, add_special_tokens=False) if after else []
-    added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-    return [ids[0]] if ids and ids[0] in added else []
