@@ -9,6 +9,7 @@ mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm, model.norm, 
 
 from __future__ import annotations
 
+from ..errors import AdjustError
 from .hf import dream_align
 from .native import NativeBase, NativeConfig, config_id as _id, field
 
@@ -20,10 +21,10 @@ class DreamNative(NativeBase):
     def read_config(cls, raw: dict) -> NativeConfig:
         f = lambda name, kind=int, default=None: field(raw, name, kind, default, "Dream")  # noqa: E731
         heads = f("num_attention_heads")
-        if raw.get("rope_scaling") is not None:
-            from ..errors import AdjustError
-
-            raise AdjustError("Dream config.json sets rope_scaling, which the native Dream code does not implement")
+        for key in ("rope_scaling", "use_sliding_window"):
+            if raw.get(key):
+                raise AdjustError(f"Dream config.json sets {key}={raw[key]!r}, which the native Dream code does not "
+                                  "implement")
         return NativeConfig(vocab_size=f("vocab_size"), hidden_size=f("hidden_size"),
                             num_layers=f("num_hidden_layers"), num_heads=heads,
                             num_kv_heads=f("num_key_value_heads", int, heads),
