@@ -64,24 +64,29 @@ def dream_config(n_vocab: int, hidden=64, layers=2, heads=4, kv_heads=2, inter=9
             "vocab_size": -(-(n_vocab + len(DREAM_ADDED)) // 64) * 64, **extra}
 
 
-def dream_state(cfg: dict, seed=0, dtype=torch.float32) -> dict:
+def _llama_state(H, V, I, kv, layers, bias, seed, dtype) -> dict:
+    """Random weights named as in Qwen2/Llama (= Dream's names); q/k/v biases when `bias`."""
     g = torch.Generator().manual_seed(seed)
-    H, V, I = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
-    hd = H // cfg["num_attention_heads"]
-    kv = cfg["num_key_value_heads"] * hd
     r = lambda *s, std=0.2: (torch.randn(*s, generator=g) * std).to(dtype)  # noqa: E731
     state = {"model.embed_tokens.weight": r(V, H, std=1.0)}
-    for n in range(cfg["num_hidden_layers"]):
+    for n in range(layers):
         p = f"model.layers.{n}."
-        state.update({p + "self_attn.q_proj.weight": r(H, H), p + "self_attn.q_proj.bias": r(H),
-                      p + "self_attn.k_proj.weight": r(kv, H), p + "self_attn.k_proj.bias": r(kv),
-                      p + "self_attn.v_proj.weight": r(kv, H), p + "self_attn.v_proj.bias": r(kv),
-                      p + "self_attn.o_proj.weight": r(H, H), p + "mlp.gate_proj.weight": r(I, H),
+        for name, rows in (("q_proj", H), ("k_proj", kv), ("v_proj", kv)):
+            state[p + f"self_attn.{name}.weight"] = r(rows, H)
+            if bias:
+                state[p + f"self_attn.{name}.bias"] = r(rows)
+        state.update({p + "self_attn.o_proj.weight": r(H, H), p + "mlp.gate_proj.weight": r(I, H),
                       p + "mlp.up_proj.weight": r(I, H), p + "mlp.down_proj.weight": r(H, I),
                       p + "input_layernorm.weight": 1 + r(H), p + "post_attention_layernorm.weight": 1 + r(H)})
     state["model.norm.weight"] = 1 + r(H)
     state["lm_head.weight"] = r(V, H)
     return state
+
+
+def dream_state(cfg: dict, seed=0, dtype=torch.float32) -> dict:
+    H = cfg["hidden_size"]
+    kv = cfg["num_key_value_heads"] * (H // cfg["num_attention_heads"])
+    return _llama_state(H, cfg["vocab_size"], cfg["intermediate_size"], kv, cfg["num_hidden_layers"], True, seed, dtype)
 
 
 def write_dream(out: Path, seed=0, shards=2, dtype=torch.float32, chat=True, **sizes) -> Path:
@@ -97,13 +102,18 @@ def write_dream(out: Path, seed=0, shards=2, dtype=torch.float32, chat=True, **s
             "bos_token": "<|beginoftext|>", "clean_up_tokenization_spaces": False, "eos_token": "<|endoftext|>",
             "errors": "replace", "mask_token": "<|mask|>", "model_max_length": 131072, "pad_token": "<|endoftext|>",
             "split_special_tokens": False, "tokenizer_class": "DreamTokenizer", "unk_token": None}
-    if chat:
-        conf["chat_template"] = DREAM_TEMPLATE
-    (out / "tokenizer_config.json").write_text(json.dumps(conf, indent=2))
-    cfg = dream_config(n, **sizes)
+    return _finish(out, conf, DREAM_TEMPLATE if chat else None, dream_config(n, **sizes), dream_state, seed, dtype,
+                   shards)
+
+
+def _finish(out, tok_conf, template, cfg, state_fn, seed, dtype, shards) -> Path:
+    """tokenizer_config.json (with the chat template, if any), config.json and the sharded weights."""
+    if template:
+        tok_conf["chat_template"] = template
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_conf, indent=2))
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    write_checkpoint(dream_state(cfg, seed, dtype), out, shards)
+    write_checkpoint(state_fn(cfg, seed, dtype), out, shards)
     return out
 
 
@@ -128,20 +138,20 @@ def llada_config(n_vocab: int, hidden=64, layers=2, heads=4, inter=96, **extra) 
 
 
 def llada_state(cfg: dict, seed=0, dtype=torch.float32) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    H, V, I = cfg["d_model"], cfg["embedding_size"], cfg["mlp_hidden_size"]
+    H = cfg["d_model"]
     kv = cfg["n_kv_heads"] * (H // cfg["n_heads"])
-    r = lambda *s, std=0.2: (torch.randn(*s, generator=g) * std).to(dtype)  # noqa: E731
-    t = "model.transformer."
-    state = {t + "wte.weight": r(V, H, std=1.0)}
-    for n in range(cfg["n_layers"]):
-        p = f"{t}blocks.{n}."
-        state.update({p + "q_proj.weight": r(H, H), p + "k_proj.weight": r(kv, H), p + "v_proj.weight": r(kv, H),
-                      p + "attn_out.weight": r(H, H), p + "ff_proj.weight": r(I, H), p + "up_proj.weight": r(I, H),
-                      p + "ff_out.weight": r(H, I), p + "attn_norm.weight": 1 + r(H), p + "ff_norm.weight": 1 + r(H)})
-    state[t + "ln_f.weight"] = 1 + r(H)
-    state[t + "ff_out.weight"] = r(V, H)
-    return state
+    llama = _llama_state(H, cfg["embedding_size"], cfg["mlp_hidden_size"], kv, cfg["n_layers"], False, seed, dtype)
+    back = {v: k for k, v in LLADA_TO_LLAMA.items()}
+    out = {}
+    for k, v in llama.items():
+        if k.startswith("model.layers."):
+            _, _, n, rest = k.split(".", 3)
+            part, kind = rest.rsplit(".", 1)
+            out[f"model.transformer.blocks.{n}.{back[part]}.{kind}"] = v
+        else:
+            out["model.transformer." + {"model.embed_tokens.weight": "wte.weight", "model.norm.weight": "ln_f.weight",
+                                        "lm_head.weight": "ff_out.weight"}[k]] = v
+    return out
 
 
 def write_llada(out: Path, seed=0, shards=2, dtype=torch.float32, chat=True, **sizes) -> Path:
@@ -157,14 +167,8 @@ def write_llada(out: Path, seed=0, shards=2, dtype=torch.float32, chat=True, **s
     conf = {"bos_token": "<|startoftext|>", "eos_token": "<|eot_id|>", "pad_token": "<|endoftext|>",
             "clean_up_tokenization_spaces": False, "model_max_length": 1000000000000000019884624838656,
             "tokenizer_class": "PreTrainedTokenizerFast"}
-    if chat:
-        conf["chat_template"] = LLADA_TEMPLATE
-    (out / "tokenizer_config.json").write_text(json.dumps(conf, indent=2))
-    cfg = llada_config(n, **sizes)
-    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    write_checkpoint(llada_state(cfg, seed, dtype), out, shards)
-    return out
+    return _finish(out, conf, LLADA_TEMPLATE if chat else None, llada_config(n, **sizes), llada_state, seed, dtype,
+                   shards)
 
 
 # LLaDA name -> Llama name, for the reference model in the tests.

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from ..errors import AdjustError
 from .hf import dream_align
-from .native import NativeBase, NativeConfig, config_id as _id, field
+from .native import NativeBase, NativeConfig, config_id as _id, field, transformer_slots
+
+# Checkpoint names (without .weight) of each part of a layer.
+NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+         "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj", "attn_norm": "input_layernorm",
+         "mlp_norm": "post_attention_layernorm"}
 
 
 class DreamNative(NativeBase):
@@ -37,25 +42,8 @@ class DreamNative(NativeBase):
 
     @classmethod
     def slots(cls, cfg: NativeConfig) -> dict:
-        hd = cfg.hidden_size // cfg.num_heads
-        q, kv, inter = cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.intermediate_size
-        out = {"model.embed_tokens.weight": ("embed.weight", 0, cfg.vocab_size),
-               "model.norm.weight": ("norm.weight", 0, cfg.hidden_size)}
-        if not cfg.tie_embeddings:
-            out["lm_head.weight"] = ("head.weight", 0, cfg.vocab_size)
-        for n in range(cfg.num_layers):
-            src, dst = f"model.layers.{n}.", f"blocks.{n}."
-            for kind in ("weight", "bias"):
-                out[src + f"self_attn.q_proj.{kind}"] = (dst + f"attn.qkv.{kind}", 0, q)
-                out[src + f"self_attn.k_proj.{kind}"] = (dst + f"attn.qkv.{kind}", q, q + kv)
-                out[src + f"self_attn.v_proj.{kind}"] = (dst + f"attn.qkv.{kind}", q + kv, q + 2 * kv)
-            out[src + "self_attn.o_proj.weight"] = (dst + "attn.out.weight", 0, cfg.hidden_size)
-            out[src + "mlp.gate_proj.weight"] = (dst + "mlp.gate_up.weight", 0, inter)
-            out[src + "mlp.up_proj.weight"] = (dst + "mlp.gate_up.weight", inter, 2 * inter)
-            out[src + "mlp.down_proj.weight"] = (dst + "mlp.down.weight", 0, cfg.hidden_size)
-            out[src + "input_layernorm.weight"] = (dst + "attn_norm.weight", 0, cfg.hidden_size)
-            out[src + "post_attention_layernorm.weight"] = (dst + "mlp_norm.weight", 0, cfg.hidden_size)
-        return out
+        return transformer_slots(cfg, {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight",
+                                       "head": "lm_head.weight"}, "model.layers.{n}.", NAMES)
 
     def _align(self, h, attention_mask):
         return dream_align(h, attention_mask)  # the one place Dream's shift is undone

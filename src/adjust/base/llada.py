@@ -16,12 +16,16 @@ equals the same row alone.
 from __future__ import annotations
 
 from ..errors import AdjustError
-from .native import NativeBase, NativeConfig, config_id as _id, field
+from .native import NativeBase, NativeConfig, config_id as _id, field, transformer_slots
 
 # Options of the OLMo/LLaDA config this code implements: anything else is refused, not ignored.
 REQUIRED = {"block_type": "llama", "rope": True, "alibi": False, "attention_layer_norm": False,
             "clip_qkv": None, "scale_logits": False, "input_emb_norm": False, "layer_norm_type": "rms",
             "activation_type": "silu", "multi_query_attention": None, "include_bias": False}
+
+# Checkpoint names (without .weight) of each part of a block; ff_proj is the SwiGLU gate.
+NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "attn_out", "gate": "ff_proj", "up": "up_proj",
+         "down": "ff_out", "attn_norm": "attn_norm", "mlp_norm": "ff_norm"}
 
 
 class LLaDANative(NativeBase):
@@ -48,22 +52,6 @@ class LLaDANative(NativeBase):
 
     @classmethod
     def slots(cls, cfg: NativeConfig) -> dict:
-        hd = cfg.hidden_size // cfg.num_heads
-        q, kv, inter = cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.intermediate_size
         t = "model.transformer."
-        out = {t + "wte.weight": ("embed.weight", 0, cfg.vocab_size), t + "ln_f.weight": ("norm.weight", 0, cfg.hidden_size)}
-        if not cfg.tie_embeddings:
-            out[t + "ff_out.weight"] = ("head.weight", 0, cfg.vocab_size)
-        for n in range(cfg.num_layers):
-            src, dst = f"{t}blocks.{n}.", f"blocks.{n}."
-            for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
-                out[src + f"q_proj.{kind}"] = (dst + f"attn.qkv.{kind}", 0, q)
-                out[src + f"k_proj.{kind}"] = (dst + f"attn.qkv.{kind}", q, q + kv)
-                out[src + f"v_proj.{kind}"] = (dst + f"attn.qkv.{kind}", q + kv, q + 2 * kv)
-            out[src + "attn_out.weight"] = (dst + "attn.out.weight", 0, cfg.hidden_size)
-            out[src + "ff_proj.weight"] = (dst + "mlp.gate_up.weight", 0, inter)
-            out[src + "up_proj.weight"] = (dst + "mlp.gate_up.weight", inter, 2 * inter)
-            out[src + "ff_out.weight"] = (dst + "mlp.down.weight", 0, cfg.hidden_size)
-            out[src + "attn_norm.weight"] = (dst + "attn_norm.weight", 0, cfg.hidden_size)
-            out[src + "ff_norm.weight"] = (dst + "mlp_norm.weight", 0, cfg.hidden_size)
-        return out
+        return transformer_slots(cfg, {"embed": t + "wte.weight", "norm": t + "ln_f.weight", "head": t + "ff_out.weight"},
+                                 t + "blocks.{n}.", NAMES)

@@ -27,6 +27,7 @@ import torch
 from ..errors import AdjustError
 from ..layers import Transformer
 from . import BaseModel, resolve_device, resolve_dtype
+from .hf import _first_id
 
 
 @dataclass
@@ -100,10 +101,10 @@ class NativeBase(BaseModel):
         self.vocab_size, self.hidden_size, self.max_length = cfg.vocab_size, cfg.hidden_size, cfg.max_length
         self.num_heads, self.rope_theta = cfg.num_heads, cfg.rope_theta
         self.mask_id = _mask_id(tokenizer, cfg, name)
-        self.eos_id = _first(cfg.eos_id, tokenizer.eos_token_id)
+        self.eos_id = _first_id(cfg.eos_id, tokenizer.eos_token_id)
         if self.eos_id is None:
             raise AdjustError(f"{name}: no EOS token (neither config.json eos_token_id nor the tokenizer's)")
-        self.pad_id = _first(cfg.pad_id, tokenizer.pad_token_id, self.eos_id)
+        self.pad_id = _first_id(cfg.pad_id, tokenizer.pad_token_id, self.eos_id)
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id != self.eos_id:
             self.extra_stop_ids = (int(tokenizer.eos_token_id),)  # LLaDA-Instruct: <|eot_id|> beside <|endoftext|>
         added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
@@ -166,13 +167,28 @@ def _cached_dir(hub_id: str) -> Path:
     return Path(try_to_load_from_cache(hub_id, "config.json")).parent
 
 
-def _first(*values):
-    for v in values:
-        if isinstance(v, (list, tuple)):
-            v = v[0] if v else None
-        if v is not None:
-            return int(v)
-    return None
+def transformer_slots(cfg: NativeConfig, top: dict[str, str], layer: str, names: dict[str, str]) -> dict:
+    """checkpoint tensor name -> (our parameter, first row, last row) for one family's naming.
+
+    `top`: checkpoint names of "embed", "norm" and "head" (the head is skipped when tied); `layer`: the
+    prefix of layer N with "{n}"; `names`: checkpoint names (without ".weight") of q, k, v, o, gate, up,
+    down, attn_norm, mlp_norm. q, k, v fill row ranges of the fused `qkv` (biases too when the config
+    has them), gate and up those of `gate_up`."""
+    hd = cfg.hidden_size // cfg.num_heads
+    q, kv, inter, H = cfg.num_heads * hd, cfg.num_kv_heads * hd, cfg.intermediate_size, cfg.hidden_size
+    out = {top["embed"]: ("embed.weight", 0, cfg.vocab_size), top["norm"]: ("norm.weight", 0, H)}
+    if not cfg.tie_embeddings:
+        out[top["head"]] = ("head.weight", 0, cfg.vocab_size)
+    rows = {"q": ("attn.qkv", 0, q), "k": ("attn.qkv", q, q + kv), "v": ("attn.qkv", q + kv, q + 2 * kv),
+            "o": ("attn.out", 0, H), "gate": ("mlp.gate_up", 0, inter), "up": ("mlp.gate_up", inter, 2 * inter),
+            "down": ("mlp.down", 0, H), "attn_norm": ("attn_norm", 0, H), "mlp_norm": ("mlp_norm", 0, H)}
+    for n in range(cfg.num_layers):
+        src = layer.format(n=n)
+        for role, (param, lo, hi) in rows.items():
+            kinds = ("weight", "bias") if cfg.qkv_bias and role in ("q", "k", "v") else ("weight",)
+            for kind in kinds:
+                out[f"{src}{names[role]}.{kind}"] = (f"blocks.{n}.{param}.{kind}", lo, hi)
+    return out
 
 
 def _mask_id(tokenizer, cfg: NativeConfig, name: str) -> int:
@@ -180,7 +196,7 @@ def _mask_id(tokenizer, cfg: NativeConfig, name: str) -> int:
     if from_tok is not None and from_cfg is not None and int(from_tok) != int(from_cfg):
         raise AdjustError(f"{name}: the tokenizer's mask token ({from_tok}) and config.json mask_token_id "
                           f"({from_cfg}) disagree")
-    mask = _first(from_cfg, from_tok)
+    mask = _first_id(from_cfg, from_tok)
     if mask is None:
         raise AdjustError(f"{name}: no mask token (neither config.json mask_token_id nor the tokenizer's)")
     if not 0 <= mask < cfg.vocab_size:
