@@ -41,7 +41,9 @@ def test_dream_chat_prompt(dirs):
             "<|im_start|>assistant\n")
     assert tok.decode(ids) == want
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>")  # Qwen2/Dream adds no BOS: none added
-    assert base.encode("the fox") != load_base(dirs["dream"]).encode("the fox")  # plain prompts stay plain
+    plain = load_base(dirs["dream"]).encode("the fox")
+    assert tok.decode(plain) == "the fox"  # plain prompts stay plain
+    assert base.encode("") == []  # "" is unconditional, with or without --chat
 
 
 def test_llada_chat_prompt_has_one_bos(dirs):
@@ -52,6 +54,8 @@ def test_llada_chat_prompt_has_one_bos(dirs):
     assert tok.encode("a")[0] == bos  # the tokenizer's own post-processor adds BOS
     ids = base.encode("the fox")
     assert ids[0] == bos and ids.count(bos) == 1
+    plain = load_base(dirs["llada"]).encode("the fox")  # plain prompts get BOS too, as LLaDA's tokenizer adds it
+    assert plain[0] == bos and plain.count(bos) == 1 and tok.decode(plain) == "<|startoftext|>the fox"
     assert tok.decode(ids) == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nthe fox<|eot_id|>"
                                "<|start_header_id|>assistant<|end_header_id|>\n\n")
 

@@ -107,16 +107,17 @@ class BaseModel(nn.Module):
         self.chat = True
 
     def encode(self, text: str) -> list[int]:
-        """A prompt's token ids: plain text, or with --chat the user message in the chat template followed
-        by the assistant's generation prompt. The template's own special tokens are kept; BOS is added only
-        if the tokenizer adds one to plain text and the template did not already put it first."""
+        """A prompt's token ids ("" = unconditional: none). Plain text, or with --chat the user message in the
+        chat template followed by the assistant's generation prompt (the template's special tokens kept).
+        BOS goes first when the tokenizer puts one before plain text (LLaDA), unless already there."""
+        if not text:
+            return []
         tok = self.tokenizer
-        if not self.chat:
-            return list(tok.encode(text, add_special_tokens=False))
-        rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+        if self.chat:
+            text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                            tokenize=False)
-        ids = list(tok.encode(rendered, add_special_tokens=False))
-        bos = tok.bos_token_id
+        ids = list(tok.encode(text, add_special_tokens=False))
+        bos = getattr(tok, "bos_token_id", None)
         if bos is not None and (not ids or ids[0] != bos):
             with_specials = tok.encode("a", add_special_tokens=True)
             if with_specials and with_specials[0] == bos:
