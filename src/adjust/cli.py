@@ -16,6 +16,9 @@ def _add_base_args(p: argparse.ArgumentParser) -> None:
                    "directory (transformers' trust_remote_code); off by default")
     p.add_argument("--no-specials", action="store_true", help="do not start prompts with the special tokens the "
                    "model was trained with (a masked LM's [CLS])")
+    p.add_argument("--chat", action="store_true", help="instruct models: each prompt becomes a user message in the "
+                   "tokenizer's chat template (with the assistant's generation prompt); generation ends at EOS or "
+                   "end-of-turn, and the positions after it are not decoded")
 
 
 def cmd_data(args) -> None:
@@ -55,7 +58,7 @@ def _model_spec(args):
 
     return ModelSpec(base=args.base, base_type=args.base_type, dtype=args.dtype, device=args.device,
                      remote_code=args.remote_code, prompt_specials=not args.no_specials,
-                     sampler=getattr(args, "sampler", None))
+                     sampler=getattr(args, "sampler", None), chat=getattr(args, "chat", False))
 
 
 def _load(args, sampler: str = "none"):
@@ -116,7 +119,8 @@ def cmd_generate(args) -> None:
     d = stats.to_dict()
     print(f"[{strategy.describe()}] {d['sequences']} x {d['new_tokens']} tokens | full passes {d['full_passes']} | "
           f"sampler passes {d['sampler_passes']} | {d['tokens_per_full_pass']:.2f} tokens/full pass | "
-          f"{d['seconds']:.2f} s | {d['tokens_per_second']:.1f} tokens/s")
+          f"{d['seconds']:.2f} s | {d['tokens_per_second']:.1f} tokens/s"
+          + (f" | {d['eos_filled']} positions after EOS not decoded" if d["eos_filled"] else ""))
 
 
 def format_steps(base, history) -> str:

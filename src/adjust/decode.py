@@ -28,15 +28,22 @@ class Stats:
     new_tokens: int = 0  # per sequence
     sequences: int = 0
     seconds: float = 0.0
+    eos_filled: int = 0  # positions set to EOS by the early-exit rule, not decoded (summed over sequences)
+
+    @property
+    def decoded_tokens(self) -> float:
+        """Tokens actually decoded, over all sequences (positions filled with EOS by early exit excluded)."""
+        return self.new_tokens * self.sequences - self.eos_filled
 
     @property
     def tokens_per_full_pass(self) -> float:
-        """Tokens a sequence gained per full pass it took part in (the achieved K)."""
-        return self.new_tokens * self.sequences / max(1, self.row_passes)
+        """Tokens a sequence decoded per full pass it took part in (the achieved K)."""
+        return self.decoded_tokens / max(1, self.row_passes)
 
     @property
     def tokens_per_second(self) -> float:
-        return self.new_tokens * self.sequences / self.seconds if self.seconds > 0 else 0.0
+        """Decoded tokens per second (positions filled with EOS by early exit are not counted)."""
+        return self.decoded_tokens / self.seconds if self.seconds > 0 else 0.0
 
     def merge(self, other: "Stats") -> "Stats":
         """Stats of two runs one after the other (per-sequence counts averaged by sequences)."""
@@ -44,14 +51,15 @@ class Stats:
         avg = lambda a, b: (a * self.sequences + b * other.sequences) / max(1, n)  # noqa: E731
         return Stats(self.full_passes + other.full_passes, self.row_passes + other.row_passes,
                      self.sampler_passes + other.sampler_passes, avg(self.new_tokens, other.new_tokens), n,
-                     self.seconds + other.seconds)
+                     self.seconds + other.seconds, self.eos_filled + other.eos_filled)
 
     def to_dict(self) -> dict:
         return {"full_passes": self.full_passes, "sampler_passes": self.sampler_passes,
                 "new_tokens": int(self.new_tokens) if float(self.new_tokens).is_integer() else self.new_tokens,
                 "sequences": self.sequences,
                 "tokens_per_full_pass": round(self.tokens_per_full_pass, 4),
-                "seconds": round(self.seconds, 4), "tokens_per_second": round(self.tokens_per_second, 2)}
+                "seconds": round(self.seconds, 4), "tokens_per_second": round(self.tokens_per_second, 2),
+                "eos_filled": self.eos_filled}
 
 
 @dataclass
@@ -139,15 +147,24 @@ class StepContext:
 
 
 class _Loop:
-    """State of one batched generation: canvas, current block, randomness, stats, history."""
+    """State of one batched generation: canvas, current block, randomness, stats, history.
 
-    def __init__(self, base, x, attention_mask, gen_start, sampling, rng, sampler, record_history):
+    Early exit (`stops`: the base's stop token ids, or None for off): when a stop token (EOS or
+    the chat template's end-of-turn) is committed at position p of a sequence, every position after
+    p still masked in that sequence, in this block and the later ones, is set to EOS at once and
+    is never decoded: the answer has ended, and text is cut at its first stop token anyway.
+    Those positions are counted in `Stats.eos_filled`; a sequence with no masks left takes no part
+    in later passes (`row_passes`), and the loop ends when no sequence has any.
+    """
+
+    def __init__(self, base, x, attention_mask, gen_start, sampling, rng, sampler, record_history, stops=None):
         self.base, self.x, self.attention_mask = base, x, attention_mask
         self.gen_start, self.sampling, self.rng, self.sampler = gen_start, sampling, rng, sampler
         self.stats = Stats(sequences=x.shape[0])
         self.block = (gen_start, x.shape[1])
         self.history = [[] for _ in range(x.shape[0])] if record_history else None
         self._cand = None
+        self.stops = None if stops is None else torch.tensor(stops, dtype=torch.long, device=x.device)
 
     def candidates(self):
         if self._cand is None:
@@ -162,12 +179,26 @@ class _Loop:
             raise RuntimeError("a strategy tried to overwrite an unmasked token")
         self.x[rows, cols] = tokens
         self._cand = None
+        if self.stops is not None:
+            self._fill_after_stops(rows, cols, tokens)
         if self.history is not None:
             for r, c, t in zip(rows.tolist(), cols.tolist(), tokens.tolist()):
                 h = self.history[r]
                 if not h or h[-1]["step"] != step:
                     h.append({"step": step, "unmasked": []})
                 h[-1]["unmasked"].append([c - self.gen_start, t, unroll])
+
+
+    def _fill_after_stops(self, rows, cols, tokens):
+        hit = torch.isin(tokens, self.stops)
+        if not hit.any():
+            return
+        first = torch.full((self.x.shape[0],), self.x.shape[1], dtype=torch.long, device=self.x.device)
+        first = first.scatter_reduce(0, rows[hit], cols[hit], reduce="amin")  # earliest stop per row, this write
+        later = torch.arange(self.x.shape[1], device=self.x.device)[None] > first[:, None]
+        fill = later & (self.x == self.base.mask_id)
+        self.x[fill] = self.base.eos_id
+        self.stats.eos_filled += int(fill.sum())
 
 
 def build_canvas(prompts: list[list[int]], gen_length: int, base):
@@ -202,11 +233,14 @@ def check_request(base, prompts: list[list[int]], gen_length: int, block_length:
 @torch.inference_mode()
 def generate(base, prompts: list[list[int]], strategy, sampling: SamplingConfig = SamplingConfig(),
              gen_length: int = 64, block_length: int | None = None, seed: int = 0,
-             sample_indices: list[int] | None = None, sampler=None, record_history: bool = False) -> Generation:
+             sample_indices: list[int] | None = None, sampler=None, record_history: bool = False,
+             early_exit: bool = False) -> Generation:
     """Generate `gen_length` tokens after each prompt (an empty prompt = unconditional).
 
     Each sequence b uses its own generator seeded by (seed, prompts[b], sample_indices[b]),
-    so results do not depend on batching.
+    so results do not depend on batching. `early_exit`: a sequence ends at its first stop token,
+    the positions after it are set to EOS, not decoded (see `_Loop`). Off (the default, and always for
+    rollouts, which must unmask every position), every position is decoded as in the plain loop.
     """
     check_request(base, prompts, gen_length, block_length)
     if not strategy.adaptive and strategy.k > gen_length:
@@ -222,7 +256,8 @@ def generate(base, prompts: list[list[int]], strategy, sampling: SamplingConfig 
     attention_mask = None if attention_mask is None else attention_mask.to(device)
     sample_indices = sample_indices or [0] * len(prompts)
     rng = RowRNG([row_seed(seed, p, i) for p, i in zip(prompts, sample_indices)], device)
-    loop = _Loop(base, x, attention_mask, P, sampling, rng, sampler, record_history)
+    stops = tuple(base.stop_ids) if early_exit and base.eos_id is not None and base.stop_ids else None
+    loop = _Loop(base, x, attention_mask, P, sampling, rng, sampler, record_history, stops)
     block_length = block_length or gen_length
     t0 = time.perf_counter()
     step = 0
@@ -257,10 +292,11 @@ def full_passes_needed(gen_length: int, k: int, block_length: int | None = None)
 def generate_texts(base, prompts: list[str], strategy, sampling: SamplingConfig = SamplingConfig(),
                    gen_length: int = 64, num_samples: int = 1, batch_size: int = 16,
                    block_length: int | None = None, seed: int = 0, sampler=None, record_history: bool = False,
-                   progress: bool = False) -> tuple[list[dict], Stats]:
+                   progress: bool = False, early_exit: bool | None = None) -> tuple[list[dict], Stats]:
     """Text in, samples out: `num_samples` generations per prompt ("" = unconditional), batched.
 
     Returns ([{"prompt", "text", "token_ids", "sample_index", ("history")}], merged Stats).
+    `early_exit` (see `generate`): None = on for chat prompts (`base.chat`, --chat), off otherwise.
     """
     from tqdm.auto import tqdm
 
@@ -268,6 +304,8 @@ def generate_texts(base, prompts: list[str], strategy, sampling: SamplingConfig 
         raise AdjustError(f"--num-samples must be at least 1, got {num_samples}")
     if batch_size < 1:
         raise AdjustError(f"--batch-size must be at least 1, got {batch_size}")
+    if early_exit is None:
+        early_exit = bool(getattr(base, "chat", False))
     encoded = [base.encode(p) for p in prompts]
     check_request(base, encoded, gen_length, block_length)
     jobs = [(n, text, ids, i) for n, (text, ids) in enumerate(zip(prompts, encoded)) for i in range(num_samples)]
@@ -279,7 +317,7 @@ def generate_texts(base, prompts: list[str], strategy, sampling: SamplingConfig 
     bar = tqdm(total=len(jobs), desc=f"generate {strategy.describe()}", disable=not progress, leave=False)
     for chunk in batches:
         out = generate(base, [ids for _, _, ids, _ in chunk], strategy, sampling, gen_length, block_length, seed,
-                       [i for *_, i in chunk], sampler, record_history)
+                       [i for *_, i in chunk], sampler, record_history, early_exit)
         stats = out.stats if stats is None else stats.merge(out.stats)
         for b, (n, text, _, i) in enumerate(chunk):
             ids = out.tokens[b].tolist()

@@ -53,19 +53,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden: int, heads: int):
+    """Bidirectional multi-head attention with rotary positions, optionally grouped-query.
+
+    One fused projection `qkv` holds the rows of q (heads x head_dim), then k and v (kv_heads x
+    head_dim each), with an optional bias (Qwen2/Dream has one on q, k, v; the output has none).
+    """
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int | None = None, qkv_bias: bool = False):
         super().__init__()
+        kv_heads = kv_heads or heads
         assert hidden % heads == 0, "hidden size must be divisible by the number of heads"
-        self.heads, self.head_dim = heads, hidden // heads
-        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+        assert heads % kv_heads == 0, "the number of heads must be a multiple of the key/value heads"
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
+        self.qkv = nn.Linear(hidden, (heads + 2 * kv_heads) * self.head_dim, bias=qkv_bias)
         self.out = nn.Linear(hidden, hidden, bias=False)
 
     def forward(self, x, cos, sin, key_mask=None):
         B, L, H = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, L, hd)
+        nh, nkv, hd = self.heads, self.kv_heads, self.head_dim
+        gqa = {}
+        if nkv == nh:
+            q, k, v = self.qkv(x).view(B, L, 3, nh, hd).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, L, hd)
+        else:
+            q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            q, k, v = (t.view(B, L, -1, hd).transpose(1, 2) for t in (q, k, v))  # (B, nh | nkv, L, hd)
+            gqa = {"enable_gqa": True}  # each group of nh / nkv query heads shares one key/value head
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, L): True = attend
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, L, hd), bidirectional
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)  # (B, nh, L, hd), bidirectional
         return self.out(y.transpose(1, 2).reshape(B, L, H))
 
 
@@ -83,16 +98,50 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, hidden: int, heads: int, intermediate: int, eps: float = 1e-6):
+    def __init__(self, hidden: int, heads: int, intermediate: int, eps: float = 1e-6, kv_heads: int | None = None,
+                 qkv_bias: bool = False):
         super().__init__()
         self.attn_norm = RMSNorm(hidden, eps)
-        self.attn = Attention(hidden, heads)
+        self.attn = Attention(hidden, heads, kv_heads, qkv_bias)
         self.mlp_norm = RMSNorm(hidden, eps)
         self.mlp = SwiGLU(hidden, intermediate)
 
     def forward(self, x, cos, sin, key_mask=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, key_mask)
         return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """embed -> pre-norm blocks -> final RMSNorm; the LM head is the embedding (tied) or `head`.
+
+    Our tiny model, Dream and LLaDA are all this network; they differ only in sizes, grouped-query
+    heads, the q/k/v bias and the names their checkpoints give the weights (base/dream.py, base/llada.py).
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int,
+                 norm_eps: float, rope_theta: float, tie_embeddings: bool, num_kv_heads: int | None = None,
+                 qkv_bias: bool = False, init_embedding: bool = True):
+        super().__init__()
+        self.head_dim, self.rope_theta = hidden_size // num_heads, float(rope_theta)
+        # init_embedding=False: leave the embedding uninitialised (a model built on the meta device to be
+        # filled from a checkpoint; normal_ on meta tensors costs seconds of one-off imports in torch)
+        self.embed = nn.Embedding(vocab_size, hidden_size,
+                                  _weight=None if init_embedding else torch.empty(vocab_size, hidden_size))
+        self.blocks = nn.ModuleList(Block(hidden_size, num_heads, intermediate_size, norm_eps, num_kv_heads, qkv_bias)
+                                    for _ in range(num_layers))
+        self.norm = RMSNorm(hidden_size, norm_eps)
+        self.head = None if tie_embeddings else nn.Linear(hidden_size, vocab_size, bias=False)
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.embed(input_ids)  # (B, L, H)
+        cos, sin = rope_for(attention_mask, input_ids.shape, input_ids.device, self.head_dim, self.rope_theta, x.dtype)
+        key_mask = None if attention_mask is None else attention_mask.bool()
+        for block in self.blocks:
+            x = block(x, cos, sin, key_mask)
+        return self.norm(x)  # (B, L, H), final post-norm hidden states
+
+    def output_weight(self) -> torch.Tensor:
+        return (self.embed if self.head is None else self.head).weight
 
 
 def positions_from_mask(attention_mask: torch.Tensor | None, shape, device) -> torch.Tensor:

@@ -26,6 +26,7 @@ class ModelSpec:
     remote_code: bool = False  # run Python code shipped in a model directory (Hugging Face auto_map)
     prompt_specials: bool = True  # prompts start with the special tokens the model was trained with ([CLS])
     sampler: str | None = None
+    chat: bool = False  # prompts are user messages in the tokenizer's chat template (instruct models)
 
 
 def load_models(spec: ModelSpec, sampler: str = "optional"):
@@ -36,7 +37,8 @@ def load_models(spec: ModelSpec, sampler: str = "optional"):
 
     if sampler not in SAMPLER_MODES:
         raise ValueError(f"sampler mode must be one of {SAMPLER_MODES}, got {sampler!r}")
-    base = load_base(spec.base, spec.base_type, dtype=spec.dtype, device=spec.device, remote_code=spec.remote_code)
+    base = load_base(spec.base, spec.base_type, dtype=spec.dtype, device=spec.device, remote_code=spec.remote_code,
+                     chat=spec.chat)
     base.prompt_specials = spec.prompt_specials
     if sampler == "none":
         return base, None

@@ -207,7 +207,8 @@ def _collect(fn, calls):
 
 
 def test_remote_code_only_when_asked(tmp_path, monkeypatch):
-    """A checkpoint whose model class is code in its directory (auto_map) is refused without --remote-code."""
+    """The code in a checkpoint's directory (auto_map) never runs without --remote-code: Dream and LLaDA load
+    natively instead (here the config lacks the sizes, so that fails, clearly, without running the file)."""
     fake = tmp_path / "dream"
     fake.mkdir()
     (fake / "config.json").write_text(json.dumps({
@@ -215,7 +216,7 @@ def test_remote_code_only_when_asked(tmp_path, monkeypatch):
         "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"}}))
     (fake / "modeling_dream.py").write_text("raise SystemExit('remote code ran')\n")
     monkeypatch.setattr(hf, "installed_transformers", lambda: "4.46.2")
-    with pytest.raises(AdjustError, match="--remote-code"):
+    with pytest.raises(AdjustError, match="Dream config.json lacks the field"):
         load_base(fake)
     from adjust.cli import main
 

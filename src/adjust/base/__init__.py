@@ -42,6 +42,10 @@ class BaseModel(nn.Module):
     banned_ids: tuple[int, ...] = ()
     # Whether prompts get the special tokens the model was trained with (a masked LM's [CLS]); --no-specials.
     prompt_specials: bool = True
+    # Tokens that also end an answer besides eos_id (e.g. a tokenizer EOS other than the config's).
+    extra_stop_ids: tuple[int, ...] = ()
+    # Prompts are user messages in the tokenizer's chat template (set by `use_chat_template`, --chat).
+    chat: bool = False
 
     # --- what each adapter implements ---------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,19 +90,69 @@ class BaseModel(nn.Module):
             "fingerprint": embedding_fingerprint(self),
         }
 
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Tokens that end an answer: EOS, the chat template's end-of-turn token, extra_stop_ids."""
+        cached = self.__dict__.get("_stop_ids")
+        if cached is None:
+            ids = {*self.extra_stop_ids, *end_of_turn_ids(getattr(self, "tokenizer", None))}
+            if self.eos_id is not None:
+                ids.add(self.eos_id)
+            cached = self.__dict__["_stop_ids"] = tuple(sorted(ids))
+        return cached
+
+    def use_chat_template(self) -> None:
+        """Encode prompts as a user message in the tokenizer's chat template (--chat); one clear error without one."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise AdjustError(f"--chat: the tokenizer of {self.name} has no chat template (no chat_template in "
+                              "tokenizer_config.json or chat_template.jinja); this is not an instruct model")
+        self.chat = True
+
     def encode(self, text: str) -> list[int]:
-        """Prompt ids ("" = unconditional); adapters add what their model expects in front."""
+        """A prompt's token ids ("" = unconditional: none). Plain text, or with --chat the user message in the
+        chat template followed by the assistant's generation prompt (the template's special tokens kept).
+        BOS goes first when the tokenizer puts one before plain text (LLaDA), unless already there."""
         from ..data import check_text
 
-        return list(self.tokenizer.encode(check_text(text), add_special_tokens=False)) if text else []
+        if not text:
+            return []
+        text = check_text(text)
+        tok = self.tokenizer
+        if self.chat:
+            text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                           tokenize=False)
+        ids = list(tok.encode(text, add_special_tokens=False))
+        bos = getattr(tok, "bos_token_id", None)
+        if bos is not None and (not ids or ids[0] != bos):
+            with_specials = tok.encode("a", add_special_tokens=True)
+            if with_specials and with_specials[0] == bos:
+                ids = [bos] + ids
+        return ids
 
     def decode(self, ids) -> str:
-        """Text of a generation, cut at the first EOS (later positions are padding by convention)."""
+        """Text of a generation, cut at the first stop token (EOS or end-of-turn; later positions are padding)."""
         ids = [int(i) for i in ids]
-        if self.eos_id is not None and self.eos_id in ids:
-            ids = ids[: ids.index(self.eos_id)]
-        ids = [i for i in ids if i not in self.banned_ids]
+        stops = set(self.stop_ids)
+        cut = next((n for n, i in enumerate(ids) if i in stops), len(ids))
+        ids = [i for i in ids[:cut] if i not in self.banned_ids]
         return self.tokenizer.decode(ids)
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The token a chat template puts right after an assistant's message (its end of turn), if any."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return []
+    marker = "ADJUSTENDMARKER"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception:  # a template that refuses this conversation: no end-of-turn token known
+        return []
+    after = text[text.find(marker) + len(marker):] if marker in text else ""
+    ids = tokenizer.encode(after, add_special_tokens=False) if after else []
+    added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return [ids[0]] if ids and ids[0] in added else []
 
 
 def embedding_fingerprint(base: BaseModel) -> str:
@@ -122,11 +176,12 @@ def default_base_path() -> Path:
 
 
 def load_base(path: str | Path | None = None, base_type: str = "auto", dtype: str = "float32",
-              device: str = "cpu", remote_code: bool = False) -> BaseModel:
+              device: str = "cpu", remote_code: bool = False, chat: bool = False) -> BaseModel:
     """Load a base model from a directory (or hub id) and return it frozen, in eval mode.
 
-    `remote_code`: allow running Python code shipped in the model directory (transformers'
-    `trust_remote_code`); off unless the user asks for it (`--remote-code`)."""
+    Dream and LLaDA checkpoints run on our own code (base/native.py) unless `remote_code` is set:
+    then the code shipped in the model directory runs (transformers' `trust_remote_code`, the
+    `--remote-code` flag), as before. Small Qwen2/Llama stand-ins load through transformers (base/hf.py)."""
     from .tiny import TinyBase
 
     if base_type not in BASE_TYPES:
@@ -137,6 +192,11 @@ def load_base(path: str | Path | None = None, base_type: str = "auto", dtype: st
     if base_type == "tiny":
         base = TinyBase.load(path)
         base = base.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
+    elif base_type in ("dream", "llada") and not remote_code and not _is_stand_in(path):
+        from .dream import DreamNative
+        from .llada import LLaDANative
+
+        base = {"dream": DreamNative, "llada": LLaDANative}[base_type].load(path, dtype=dtype, device=device)
     else:
         from . import hf
 
@@ -144,7 +204,19 @@ def load_base(path: str | Path | None = None, base_type: str = "auto", dtype: st
     base.eval()
     for p in base.parameters():
         p.requires_grad_(False)
+    if chat:
+        base.use_chat_template()
     return base
+
+
+def _is_stand_in(path) -> bool:
+    """A transformers Qwen2/Llama saved as a Dream/LLaDA stand-in (base/hf.py save_stand_in)."""
+    from ..io import read_json
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        return False
+    return bool(read_json(p / "config.json", "model config.json").get("adjust_stand_in"))
 
 
 def detect_base_type(path) -> str:

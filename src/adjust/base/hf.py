@@ -1,4 +1,8 @@
-"""Hugging Face bases behind `BaseModel`: Dream, LLaDA and any masked LM (BERT, RoBERTa, ModernBERT).
+"""Hugging Face bases behind `BaseModel`: Dream and LLaDA through their remote code (--remote-code)
+or a transformers stand-in, and any masked LM (BERT, RoBERTa, ModernBERT).
+
+Real Dream and LLaDA checkpoints load natively by default (base/dream.py, base/llada.py); this
+module's path for them runs only with `--remote-code`.
 
 Each adapter returns *aligned* final hidden states (position i predicts token i) and the
 frozen embedding / output head, so the decoding loop and the joint sampler treat every
@@ -13,8 +17,8 @@ family alike. What differs per family lives here and nowhere else:
 
 Mask, EOS and pad ids come from the tokenizer or the config, never from literals.
 
-Released Dream and LLaDA checkpoints run their own remote code (`trust_remote_code=True`),
-written against transformers 4.x. Loading them with a transformers outside
+With `--remote-code`, released Dream and LLaDA checkpoints run their own remote code
+(`trust_remote_code=True`), written against transformers 4.x. Loading them with a transformers outside
 `TRANSFORMERS_RANGE` is refused unless the environment variable ADJUST_ALLOW_TRANSFORMERS=1
 is set (then it is tried, with a warning).
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import AdjustError
 from ..io import atomic_path, config_from_json, load_state, load_weights, read_json, readable_file, write_json
-from ..layers import Block, RMSNorm, rope_for
+from ..layers import Transformer
 from . import BaseModel
 
 MODEL_TYPE = "adjust-tiny"
@@ -51,32 +51,19 @@ class TinyConfig:
         return config_from_json(cls, d, path, "model config.json")
 
 
-class TinyMDLM(nn.Module):
+class TinyMDLM(Transformer):
     """The network: embed -> blocks -> final RMSNorm -> LM head (tied to embed unless tie_embeddings=False)."""
 
     def __init__(self, cfg: TinyConfig):
-        super().__init__()
+        super().__init__(cfg.vocab_size, cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.intermediate_size,
+                         cfg.norm_eps, cfg.rope_theta, cfg.tie_embeddings)
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.blocks = nn.ModuleList(
-            Block(cfg.hidden_size, cfg.num_heads, cfg.intermediate_size, cfg.norm_eps) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.apply(self._init)
 
     @staticmethod
     def _init(m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
-
-    def forward(self, input_ids, attention_mask=None):
-        x = self.embed(input_ids)  # (B, L, H)
-        cos, sin = rope_for(attention_mask, input_ids.shape, input_ids.device,
-                            self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta, x.dtype)
-        key_mask = None if attention_mask is None else attention_mask.bool()
-        for block in self.blocks:
-            x = block(x, cos, sin, key_mask)
-        return self.norm(x)  # (B, L, H), final post-norm hidden states
 
 
 class TinyBase(BaseModel):
@@ -99,8 +86,7 @@ class TinyBase(BaseModel):
         return self.model.embed(input_ids)
 
     def lm_head(self, hidden):
-        head = self.model.embed if self.model.head is None else self.model.head
-        return hidden @ head.weight.T
+        return hidden @ self.model.output_weight().T
 
     # --- persistence ---------------------------------------------------------------------
     def save(self, out_dir: str | Path, extra: dict | None = None, dtype: torch.dtype = torch.float32) -> None:
