@@ -214,7 +214,10 @@ def _is_stand_in(path) -> bool:
     from ..io import read_json
 
     p = Path(path)
-    if not (p / "config.json").is_file():
+    try:
+        if not (p / "config.json").is_file():
+            return False
+    except OSError:  # a directory this user may not enter: the loader that follows says so
         return False
     return bool(read_json(p / "config.json", "model config.json").get("adjust_stand_in"))
 
