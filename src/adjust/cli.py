@@ -190,7 +190,8 @@ def cmd_distill(args) -> None:
     check_output_dir(args.out)
     cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                         max_unrolls=args.max_unrolls, eval_every=args.eval_every,
-                        min_lr_ratio=args.min_lr_ratio, entropy_windows=args.entropy_windows, seed=args.seed)
+                        min_lr_ratio=args.min_lr_ratio, entropy_windows=args.entropy_windows,
+                        cache_base_states=args.cache_base_states, seed=args.seed)
     if min(cfg.steps, cfg.batch_size, cfg.eval_every) < 1:
         raise_bad("--steps, --batch-size and --eval-every must be at least 1")
     if not cfg.lr > 0:
@@ -430,6 +431,9 @@ def _add_rollout_parsers(sub) -> None:
     p.add_argument("--min-lr-ratio", type=float, default=1.0, metavar="R",
                    help="1 = constant lr after warm-up (the paper's); below 1, cosine decay to R * lr at --steps")
     p.add_argument("--max-unrolls", type=int, default=3, help="longest unroll chain trained (K - 1)")
+    p.add_argument("--cache-base-states", action="store_true",
+                   help="compute the frozen base's hidden states at every rollout step once and train from them "
+                   "(G x L x H values per rollout in memory): for a small base, a step then costs only the sampler")
     p.add_argument("--entropy-windows", type=float, default=0.0, metavar="F",
                    help="share (0-1) of training windows drawn in proportion to the base's entropy over the "
                         "tokens they write instead of uniformly (costs one base pass per rollout step first)")

@@ -200,3 +200,31 @@ def test_k_larger_than_the_generation_is_refused(tiny_base):
     for name in ("parallel", "adjust"):
         with pytest.raises(AdjustError, match="larger than --gen-length"):
             generate(tiny_base, [[]], make_strategy(name, tokens_per_pass=9), SamplingConfig(), 8, sampler=sampler)
+
+
+def test_cached_base_states_are_the_base_passes_and_train_the_same_sampler(tiny_base, rollouts_dir, tmp_path):
+    """--cache-base-states: the stored states are the base's own, and distill trains on them as on fresh passes."""
+    from adjust.distill.train import BaseStates
+
+    r = load_rollouts(rollouts_dir, tiny_base)
+    cached = BaseStates(tiny_base, r, batch_size=5, progress=False)  # batches cut across trajectories
+    for n, t in [(0, 0), (7, 3), (23, G - 1)]:
+        with torch.no_grad():
+            fresh = tiny_base.hidden_states(r.state(n, t, tiny_base.mask_id)[None])[0]
+        torch.testing.assert_close(cached.states[n][t], fresh, atol=1e-5, rtol=1e-5)
+    # the entropies and the loss read from the cache equal the ones the base computes
+    torch.testing.assert_close(step_entropies(tiny_base, r, progress=False, cached=cached),
+                               step_entropies(tiny_base, r, progress=False), atol=1e-5, rtol=1e-5)
+    sampler = JointSampler(SamplerConfig.for_base(tiny_base))
+    ns, ts = [1, 4, 9], [0, 2, 5]
+    with torch.no_grad():
+        assert example_loss(tiny_base, sampler, r, ns, ts, 2, 64, cached=cached).item() == pytest.approx(
+            example_loss(tiny_base, sampler, r, ns, ts, 2, 64).item(), rel=1e-4)
+    cfg = DistillConfig(steps=12, batch_size=8, lr=3e-3, warmup=2, max_unrolls=2, eval_every=6, val_examples=8)
+    plain = distill(tiny_base, r, tmp_path / "plain", cfg, progress=False)
+    fast = distill(tiny_base, r, tmp_path / "cached", DistillConfig(**{**cfg.__dict__, "cache_base_states": True}),
+                   progress=False)
+    assert fast["val_kl"] == pytest.approx(plain["val_kl"], rel=1e-3)
+    a, b = (JointSampler.load(tmp_path / d, tiny_base).state_dict() for d in ("plain", "cached"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)

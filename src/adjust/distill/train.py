@@ -15,6 +15,14 @@ change the rest, and that information is at most their entropy: a window of toke
 was sure of (EOS padding, say) teaches nothing. The held-out KL `val_kl` keeps the uniform
 draw; `val_kl_uncertain` is measured on held-out windows drawn by entropy alone.
 
+Cached base states (`cache_base_states`, `--cache-base-states`): the frozen base's hidden states
+at every step of every rollout are computed once, before training (as costly as the rollouts
+themselves: one full pass per step), and kept in CPU memory; every training window then reads
+its prior and its target from them instead of running the base twice. For a small base this
+makes a step the sampler's cost alone. The states are those of batched passes, so they may
+differ from a fresh pass by kernel rounding; memory is G x L x H values per rollout, and a set
+that would not fit in the memory available is refused.
+
 Precision: with a bfloat16 or float16 base (`--dtype`), the base runs in that dtype and the
 sampler keeps float32 weights (the optimizer's master weights, with float32 Adam moments):
 it computes in float32 on the base's hidden states cast up, and hands its output back in the
@@ -72,6 +80,7 @@ class DistillConfig:
     eval_every: int = 100
     kl_chunk: int = 1024
     entropy_windows: float = 0.0  # share of windows drawn in proportion to their tokens' entropy
+    cache_base_states: bool = False  # compute the base's states of every rollout step once (small bases)
     seed: int = 0
 
 
@@ -105,11 +114,44 @@ def draw_examples(rollouts: Rollouts, pool: list[int], batch: int, u: int, g: to
     return ns, ts
 
 
-def step_entropies(base, rollouts: Rollouts, batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+class BaseStates:
+    """The frozen base's hidden states at steps 0..G-1 of every rollout, computed once, kept on the CPU."""
+
+    def __init__(self, base, rollouts: Rollouts, batch_size: int = 64, progress: bool = True):
+        import psutil
+
+        G, H = rollouts.gen_length, base.hidden_size
+        itemsize = torch.empty((), dtype=base.dtype).element_size()
+        need = sum(G * (len(p) + G) * H * itemsize for p in rollouts.prompts)
+        free = psutil.virtual_memory().available
+        if need > 0.8 * free:
+            raise AdjustError(f"--cache-base-states needs {need / 2**30:.1f} GiB for these rollouts, but only "
+                              f"{free / 2**30:.1f} GiB of memory is free; run without it")
+        self.states = [torch.empty(G, len(p) + G, H, dtype=base.dtype) for p in rollouts.prompts]
+        bar = tqdm(total=len(rollouts) * G, desc="base states", disable=not progress, dynamic_ncols=True)
+        with torch.no_grad():
+            for group in by_prompt_length(rollouts, list(range(len(rollouts)))):
+                pairs = [(n, s) for n in group for s in range(G)]
+                for lo in range(0, len(pairs), batch_size):
+                    ns, ss = map(list, zip(*pairs[lo:lo + batch_size]))
+                    hidden = base.hidden_states(rollouts.states(ns, ss, base.mask_id).to(base.device)).cpu()
+                    for i, (n, s) in enumerate(zip(ns, ss)):
+                        self.states[n][s] = hidden[i]
+                    bar.update(len(ns))
+        bar.close()
+
+    def get(self, ns, ts, device) -> torch.Tensor:
+        """(B, L, H): the base's hidden states of x^t for each (n, t), on `device`."""
+        return torch.stack([self.states[n][t] for n, t in zip(ns, ts)]).to(device)
+
+
+def step_entropies(base, rollouts: Rollouts, batch_size: int = 256, progress: bool = True,
+                   cached: BaseStates | None = None) -> torch.Tensor:
     """(N, G): entropy (nats) of the distribution each rollout step drew its token from.
 
     Entry [n, s] is the entropy at position order[n, s] of the base's distribution at x^s, under
-    the rollouts' own sampling settings. One base pass per step: as costly as the rollouts.
+    the rollouts' own sampling settings. One base pass per step: as costly as the rollouts
+    (free with `cached` states).
     """
     from ..sampling import SamplingConfig, entropy, log_probs
 
@@ -122,9 +164,12 @@ def step_entropies(base, rollouts: Rollouts, batch_size: int = 256, progress: bo
             plen, pairs = len(rollouts.prompts[group[0]]), [(n, s) for n in group for s in range(G)]
             for lo in range(0, len(pairs), batch_size):
                 ns, ss = zip(*pairs[lo:lo + batch_size])
-                x = rollouts.states(list(ns), list(ss), base.mask_id).to(base.device)
                 cols = plen + rollouts.order[list(ns), list(ss)].to(base.device)
-                hidden = base.hidden_states(x)[torch.arange(len(ns), device=base.device), cols]
+                if cached is not None:
+                    states = cached.get(ns, ss, base.device)
+                else:
+                    states = base.hidden_states(rollouts.states(list(ns), list(ss), base.mask_id).to(base.device))
+                hidden = states[torch.arange(len(ns), device=base.device), cols]
                 out[list(ns), list(ss)] = entropy(log_probs(base.logits(hidden), sampling)).float().cpu()
                 bar.update(len(ns))
     bar.close()
@@ -169,19 +214,22 @@ def _describe_change(key: str, was, now) -> str:
 
 
 def example_loss(base, sampler, rollouts: Rollouts, ns, ts, u: int, chunk: int,
-                 normalizer: int | None = None) -> torch.Tensor:
+                 normalizer: int | None = None, cached: BaseStates | None = None) -> torch.Tensor:
     """Mean KL over the positions still masked in x^{t+u} (METHOD.md section 5).
 
     With `normalizer`: the KL summed over those positions, divided by `normalizer` (a count of
     positions over a larger batch, of which ns/ts are one process's slice). With `sampler=None`
     the prior is never updated: the KL of the full pass's marginals, i.e. of parallel decoding,
-    the baseline a sampler has to beat.
+    the baseline a sampler has to beat. With `cached` base states the base does not run.
     """
     device = base.device
     states = [rollouts.states(ns, [t + j for t in ts], base.mask_id).to(device) for j in range(u + 1)]
-    with torch.no_grad():
-        prior = base.hidden_states(states[0])
-        target = base.hidden_states(states[u])
+    if cached is not None:
+        prior, target = cached.get(ns, ts, device), cached.get(ns, [t + u for t in ts], device)
+    else:
+        with torch.no_grad():
+            prior = base.hidden_states(states[0])
+            target = base.hidden_states(states[u])
     for j in range(1, u + 1) if sampler is not None else ():
         # in the base's dtype, as in generation (accelerate's mixed precision hands outputs back in float32)
         prior = sampler(base, states[j], prior).to(target.dtype)
@@ -235,8 +283,9 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
     if accelerator is not None:
         model, optim = accelerator.prepare(sampler, opt)
 
-    step_h = step_entropies(base, rollouts, progress=progress and (accelerator is None or accelerator.is_main_process)) \
-        if cfg.entropy_windows > 0 else None
+    main_bar = progress and (accelerator is None or accelerator.is_main_process)
+    cached = BaseStates(base, rollouts, progress=main_bar) if cfg.cache_base_states else None
+    step_h = step_entropies(base, rollouts, progress=main_bar, cached=cached) if cfg.entropy_windows > 0 else None
     train_weights = {} if step_h is None else {u: window_weights(step_h, u, cfg.entropy_windows)
                                                 for u in range(1, cfg.max_unrolls + 1)}
     val_g = torch.Generator().manual_seed(cfg.seed + 1)
@@ -259,7 +308,7 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
         sampler.eval()
         with torch.no_grad():
             kls = {name: sum(example_loss(base, sampler if with_sampler else None, rollouts, ns, ts, u,
-                                          cfg.kl_chunk).item() for ns, ts, u in batches) / len(batches)
+                                          cfg.kl_chunk, cached=cached).item() for ns, ts, u in batches) / len(batches)
                    for name, batches in val_sets.items()}
         sampler.train()
         return {name: round(kl, 5) for name, kl in kls.items()}
@@ -300,14 +349,14 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
         for group in optim.param_groups:
             group["lr"] = lr
         if world == 1:
-            loss = example_loss(base, model, rollouts, ns, ts, u, cfg.kl_chunk)
+            loss = example_loss(base, model, rollouts, ns, ts, u, cfg.kl_chunk, cached=cached)
         else:
             # This slice's KL summed, over the whole batch's count of scored positions (x^{t+u} has
             # G - t - u masks): the slices' parts add up to the full batch's mean KL. DDP averages
             # gradients over processes, so each backpropagates world * part: the averaged gradient is
             # the full-batch gradient of one process, whatever the slices' sizes and mask counts.
             part = example_loss(base, model, rollouts, ns, ts, u, cfg.kl_chunk,
-                                normalizer=sum(rollouts.gen_length - t - u for t in ts_all))
+                                normalizer=sum(rollouts.gen_length - t - u for t in ts_all), cached=cached)
             loss = accelerator.reduce(part.detach().clone(), "sum")  # the full batch's mean KL (log, divergence)
         if not torch.isfinite(loss):
             raise AdjustError(f"distillation diverged at step {step} (KL {loss.item()}); lower --lr")
