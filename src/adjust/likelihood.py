@@ -47,3 +47,12 @@ def estimate_nll(base, ids: torch.Tensor, eligible: torch.Tensor | None = None, 
     for _ in range(draws):
         total += masked_diffusion_nll(base, ids, eligible, attention_mask, generator=g).float()
     return total / draws
+
+
+@torch.no_grad()
+def estimate_logprob(base, ids: torch.Tensor, eligible: torch.Tensor, attention_mask=None, draws: int = 8,
+                     seed: int = 0) -> torch.Tensor:
+    """Log-likelihood lower bound of the eligible tokens, summed per sequence (B,) in nats: the
+    bound of `estimate_nll` times the number of eligible tokens (what lm-eval's loglikelihood
+    returns, the way LLaDA's evaluation scores a continuation)."""
+    return -estimate_nll(base, ids, eligible, attention_mask, draws=draws, seed=seed) * eligible.sum(1)
