@@ -61,14 +61,14 @@ def compare(base_dir: str, tasks: list[str], strategies: str, seed: int = 0, lim
 
 
 def _code_version() -> str:
-    """The git commit of the working tree this ran from ("+dirty" with uncommitted changes), if any."""
+    """The git commit this ran from ("+dirty" with uncommitted changes under src/), if known."""
     import subprocess
     from pathlib import Path
 
     here = Path(__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here.parents[2], capture_output=True,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=here.parents[2], capture_output=True,
                                text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -263,33 +263,22 @@ class AdjustLM(LM):
         return list(self.base.tokenizer.encode(text, add_special_tokens=False))
 
     def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
-        """Bound of log p(continuation | context) per (context ids, continuation ids), batched by length."""
-        from ..decode import build_canvas
+        """Bound of log p(continuation | context) per (context ids, continuation ids): each pair alone,
+        its `mc_num` draws batched `batch_size` at a time (so a score never depends on the other requests)."""
         from ..likelihood import estimate_logprob
 
         limit = self.base.max_length
-        rows = []
+        out = []
         for ctx, cont in pairs:
             if not cont:
                 raise AdjustError("loglikelihood of an empty continuation")
             if len(cont) > limit:
                 raise AdjustError(f"a continuation of {len(cont)} tokens exceeds the model's context of {limit}")
-            rows.append((ctx[max(0, len(ctx) + len(cont) - limit):], cont))  # keep the context's end
-        order = sorted(range(len(rows)), key=lambda i: -(len(rows[i][0]) + len(rows[i][1])))
-        out = [0.0] * len(rows)
-        for s in range(0, len(order), self.batch_size):
-            chunk = order[s: s + self.batch_size]
-            seqs = [rows[i][0] + rows[i][1] for i in chunk]
-            x, attention_mask, P = build_canvas(seqs, 0, self.base)
-            eligible = torch.zeros_like(x, dtype=torch.bool)
-            for b, i in enumerate(chunk):
-                eligible[b, P - len(rows[i][1]):] = True
-            device = self.base.device
-            lp = estimate_logprob(self.base, x.to(device), eligible.to(device),
-                                  None if attention_mask is None else attention_mask.to(device),
-                                  draws=self.mc_num, seed=self.seed)
-            for b, i in enumerate(chunk):
-                out[i] = float(lp[b])
+            ctx = ctx[max(0, len(ctx) + len(cont) - limit):]  # keep the context's end
+            ids = torch.tensor(ctx + cont, dtype=torch.long, device=self.base.device)
+            eligible = torch.arange(len(ids), device=ids.device) >= len(ctx)
+            out.append(estimate_logprob(self.base, ids, eligible, draws=self.mc_num, seed=self.seed,
+                                        batch_size=self.batch_size))
         return out
 
     def _greedy(self, pairs) -> list[bool]:
