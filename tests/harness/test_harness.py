@@ -64,8 +64,8 @@ def test_simple_evaluate_end_to_end_with_stop_sequence(lm, tmp_path):
         "metric_list:\n  - metric: validity\n    aggregation: mean\n    higher_is_better: true\n"
         f"generation_kwargs:\n  until: [{json.dumps(stop)}, \"\\n\"]\n  max_gen_toks: 16\n  do_sample: true\n"
         "  temperature: 1.0\nmetadata:\n  version: 1.0\n")
-    out = lm_eval.simple_evaluate(model=lm, tasks=["tiny_stop"], task_manager=task_manager(str(tmp_path)),
-                                  log_samples=True)
+    tm = task_manager(str(tmp_path), include_defaults=False)  # lm-eval's own tasks: not needed, slow to index
+    out = lm_eval.simple_evaluate(model=lm, tasks=["tiny_stop"], task_manager=tm, log_samples=True)
     logged = {s["doc"]["prompt"]: s["filtered_resps"][0] for s in out["samples"]["tiny_stop"]}
     expected = {r["prompt"]: cut_at_stops(r["text"], [stop, "\n"]) for r in raw}
     assert logged == expected
@@ -77,8 +77,8 @@ def test_simple_evaluate_end_to_end_with_stop_sequence(lm, tmp_path):
 
 def test_shipped_task_runs_and_matches_eval_tasks_answers(lm):
     """adjust_list (shipped YAML + prompts) with --limit 5: the answers are the one loop's, seed for seed."""
-    out = lm_eval.simple_evaluate(model=lm, tasks=["adjust_list"], task_manager=task_manager(), limit=5,
-                                  log_samples=True)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["adjust_list"], task_manager=task_manager(include_defaults=False),
+                                  limit=5, log_samples=True)
     logged = out["samples"]["adjust_list"]
     prompts = [s["doc"]["prompt"] for s in logged]
     raw, _ = generate_texts(lm.base, prompts, make_strategy("exact"), SamplingConfig(), gen_length=16, seed=0,
@@ -207,3 +207,16 @@ def test_wrapper_bad_base_is_one_line(capsys):
     assert rc == 2
     assert err[-1].startswith("adjust: error: base model directory not found")
     assert not any("Traceback" in line for line in err)
+
+
+def test_task_files_are_package_data():
+    """Every file of the task folder is matched by pyproject's package-data, so a wheel ships it."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    cfg = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    patterns = cfg["tool"]["setuptools"]["package-data"]["adjust.harness"]
+    files = [p.relative_to(TASKS_DIR.parent).as_posix() for p in TASKS_DIR.iterdir() if p.is_file()]
+    assert {"tasks/adjust_list.yaml", "tasks/eval_prompts.jsonl", "tasks/utils.py"} <= set(files)
+    assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files), files
