@@ -220,3 +220,13 @@ def test_task_files_are_package_data():
     files = [p.relative_to(TASKS_DIR.parent).as_posix() for p in TASKS_DIR.iterdir() if p.is_file()]
     assert {"tasks/adjust_list.yaml", "tasks/eval_prompts.jsonl", "tasks/utils.py"} <= set(files)
     assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files), files
+
+
+def test_model_args_win_over_lm_eval_defaults():
+    """lm-eval's CLI always passes batch_size 1 and device cuda:0: model_args win, and a missing GPU
+    falls back to the CPU instead of failing (`--model_args batch_size=4` with no GPU here)."""
+    made = AdjustLM.create_from_arg_string(f"base={TASK_BASE},batch_size=4",
+                                           {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"})
+    assert made.batch_size == 4
+    if not torch.cuda.is_available():
+        assert made.device.type == "cpu"
