@@ -192,6 +192,8 @@ def test_chat_template(lm):
     chat.base.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} ={% endfor %}"
     assert chat.apply_chat_template([{"role": "user", "content": "list: cat dog sun"}]) == "list: cat dog sun ="
     chat.chat = True
+    with pytest.raises(AdjustError, match="not both"):  # chat=true and --apply_chat_template would wrap twice
+        chat.apply_chat_template([{"role": "user", "content": "list: cat dog sun"}])
     (out,) = chat.generate_until([_gen(chat, "list: cat dog sun", max_gen_toks=16, until=["\n"])])
     raw, _ = generate_texts(chat.base, ["list: cat dog sun ="], make_strategy("exact"), SamplingConfig(),
                             gen_length=16)

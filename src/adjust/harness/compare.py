@@ -87,9 +87,10 @@ def main(argv=None) -> int:
     try:
         from ..io import write_json
 
+        version = _code_version()  # before the run: the code that ran, whatever changes meanwhile
         result = compare(args.base, args.tasks.split(","), args.strategies, args.seed, args.limit)
         result["command"] = "python -m adjust.harness.compare " + " ".join(sys.argv[1:] if argv is None else argv)
-        result["code_version"] = _code_version()
+        result["code_version"] = version
         text = json.dumps(result, indent=1)
         if args.out:
             write_json(args.out, result)

@@ -38,6 +38,8 @@ MODEL_ARGS = {
     "cache": None, "chat": False, "dtype": "float32", "device": "cpu", "batch_size": DEFAULT_BATCH_SIZE,
     "seed": 0, "mc_num": 128, "check_greedy": True,
 }
+# Request generation kwargs read (besides until and max_gen_toks); others are ignored with a warning.
+GEN_KWARGS = ("do_sample", "temperature", "top_p", "top_k")
 # Arguments lm-eval passes to every model whether or not they apply (`--max_batch_size`).
 LM_EVAL_EXTRAS = ("max_batch_size",)
 
@@ -171,6 +173,13 @@ class AdjustLM(LM):
         return self._template() if chat_template else None
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """lm-eval's --apply_chat_template (few-shot turns as lm-eval builds them)."""
+        if self.chat:
+            raise AdjustError("model arg chat=true already wraps every context in the chat template; "
+                              "use it or --apply_chat_template, not both")
+        return self._render(chat_history, add_generation_prompt)
+
+    def _render(self, chat_history, add_generation_prompt: bool = True) -> str:
         self._template()
         return self.base.tokenizer.apply_chat_template(chat_history, tokenize=False,
                                                        add_generation_prompt=add_generation_prompt)
@@ -182,6 +191,9 @@ class AdjustLM(LM):
     def _sampling(self, gen_kwargs: dict):
         from ..sampling import SamplingConfig
 
+        ignored = sorted(set(gen_kwargs) - set(GEN_KWARGS))
+        if ignored:
+            log.warning("adjust ignores the generation kwargs %s (it reads %s)", ignored, ", ".join(GEN_KWARGS))
         kw = {}
         if "do_sample" in gen_kwargs and not _bool("do_sample", gen_kwargs["do_sample"]):
             kw["temperature"] = 0.0
@@ -197,7 +209,7 @@ class AdjustLM(LM):
     def _context(self, context: str) -> str:
         if not self.chat:
             return context
-        return self.apply_chat_template([{"role": "user", "content": context}], add_generation_prompt=True)
+        return self._render([{"role": "user", "content": context}], add_generation_prompt=True)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from ..decode import check_request, generate_texts
