@@ -47,3 +47,20 @@ def estimate_nll(base, ids: torch.Tensor, eligible: torch.Tensor | None = None, 
     for _ in range(draws):
         total += masked_diffusion_nll(base, ids, eligible, attention_mask, generator=g).float()
     return total / draws
+
+
+
+@torch.no_grad()
+def estimate_logprob(base, ids: torch.Tensor, eligible: torch.Tensor, draws: int = 128, seed: int = 0,
+                     batch_size: int = 32) -> float:
+    """Log-likelihood lower bound of one sequence's eligible tokens, summed, in nats (the way LLaDA's
+    evaluation scores a continuation): `draws` draws of the bound, `batch_size` copies of the sequence
+    per forward pass. ids, eligible: (L,). Depends only on (the sequence, seed, draws, batch_size),
+    never on other sequences."""
+    g = torch.Generator(device=ids.device).manual_seed(seed)
+    total = 0.0
+    for start in range(0, draws, batch_size):
+        n = min(batch_size, draws - start)
+        total += float(masked_diffusion_nll(base, ids[None].expand(n, -1), eligible[None].expand(n, -1),
+                                            generator=g).double().sum())
+    return -total / draws * int(eligible.sum())
