@@ -13,7 +13,7 @@ if [[ $SMOKE == 1 ]]; then
   WORK=${WORK:-runs/antiberty-smoke}; N=${N:-16}; GEN=${GEN:-8}; STEPS=${STEPS:-3}; STATES=${STATES:-4}; DRAWS=${DRAWS:-2}
   RESULTS_DIR=${RESULTS_DIR:-$WORK/results}; BENCH_REPEATS=${BENCH_REPEATS:-1}
 else
-  WORK=${WORK:-runs/antiberty}; N=${N:-768}; GEN=${GEN:-40}; STEPS=${STEPS:-1500}; STATES=${STATES:-256}; DRAWS=${DRAWS:-8}
+  WORK=${WORK:-runs/antiberty}; N=${N:-768}; GEN=${GEN:-40}; STEPS=${STEPS:-3000}; STATES=${STATES:-256}; DRAWS=${DRAWS:-8}
   RESULTS_DIR=${RESULTS_DIR:-results}; BENCH_REPEATS=${BENCH_REPEATS:-5}
 fi
 ENTROPY_WINDOWS=${ENTROPY_WINDOWS:-0.8}
@@ -41,6 +41,7 @@ $ADJUST rollouts --base "$BASE" --dtype "$DTYPE" --out "$WORK/rollouts" --prompt
 # 3. the sampler
 [[ -f $BASE/sampler/model.safetensors && ! -e $BASE/sampler/distill_state.pt ]] || \
   $ADJUST distill --base "$BASE" --dtype "$DTYPE" --rollouts "$WORK/rollouts" --out "$BASE/sampler" --steps "$STEPS" \
+      --eval-every 250 --cache-base-states \
       --max-unrolls "$MAX_UNROLLS" --entropy-windows "$ENTROPY_WINDOWS" --min-lr-ratio 0.05 --seed "$SEED" --quiet
 
 # 4. joint KL to the true K-token joint on held-out states, K = 2, 4, 8
