@@ -54,26 +54,38 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
     def error(e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
 
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
+    def check_key(request: Request) -> None:
+        if api_key:
             got = request.headers.get("authorization", "")
             if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
-                return error(ApiError("missing or invalid API key: send 'Authorization: Bearer <key>'", None,
-                                      "invalid_api_key", 401))
-        try:
-            return await call_next(request)
-        except Exception as e:  # noqa: BLE001 - one request's bug is that request's 500
-            log.exception("request failed")
-            return error(ApiError(f"internal error: {type(e).__name__}: {e}", None, "internal_error", 500,
-                                  "server_error"))
+                raise ApiError("missing or invalid API key: send 'Authorization: Bearer <key>'", None,
+                               "invalid_api_key", 401)
+
+    def api(route):
+        """An /v1 route: the key checked first; a bad request is its 400, a bug in it its 500 (logged)."""
+        import functools
+
+        @functools.wraps(route)
+        async def wrapped(request: Request):
+            try:
+                check_key(request)
+                return await route(request)
+            except ApiError as e:
+                return error(e)
+            except Exception as e:  # noqa: BLE001 - this request fails, the server keeps serving
+                log.exception("request failed")
+                return error(ApiError(f"internal error: {type(e).__name__}: {e}", None, "internal_error", 500,
+                                      "server_error"))
+
+        return wrapped
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": name, "sampler": sampler is not None, **batcher.stats.to_dict()}
 
     @app.get("/v1/models")
-    async def models():
+    @api
+    async def models(request: Request):
         from ..strategies import strategy_names
 
         return {"object": "list", "data": [{
@@ -111,15 +123,9 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
         return body
 
     async def handle(request: Request, chat: bool):
-        try:
-            body = await read_body(request)
-            if chat:
-                prompts = [parse_messages(body, base, chat_template)]
-            else:
-                prompts = parse_prompts(body, base)
-            req = parse_request(body, base, sampler, prompts, defaults, server_seed)
-        except ApiError as e:
-            return error(e)
+        body = await read_body(request)
+        prompts = [parse_messages(body, base, chat_template)] if chat else parse_prompts(body, base)
+        req = parse_request(body, base, sampler, prompts, defaults, server_seed)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         rows = []
@@ -237,10 +243,12 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/completions")
+    @api
     async def completions(request: Request):
         return await handle(request, chat=False)
 
     @app.post("/v1/chat/completions")
+    @api
     async def chat_completions(request: Request):
         return await handle(request, chat=True)
 
