@@ -369,7 +369,7 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--api-key", default=os.environ.get("ADJUST_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $ADJUST_API_KEY, else none)")
     p.add_argument("--max-batch-size", type=int, default=16, help="rows (prompts x n) decoded together")
-    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+    p.add_argument("--batch-wait-ms", type=float, default=20.0,
                    help="how long the first queued request waits for compatible companions")
     p.add_argument("--mixed-lengths", action="store_true",
                    help="also batch prompts of different token lengths (left padding): more throughput, but "

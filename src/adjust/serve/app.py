@@ -30,7 +30,7 @@ POLL_S = 0.25  # how often a waiting non-streaming request checks that its clien
 
 
 def create_app(base, sampler=None, *, model_name: str | None = None, api_key: str | None = None,
-               max_batch_size: int = 16, batch_wait_ms: float = 10.0, mixed_lengths: bool = False,
+               max_batch_size: int = 16, batch_wait_ms: float = 20.0, mixed_lengths: bool = False,
                chat_template: str | None = None, default_strategy: str = "exact",
                default_tokens_per_pass: int | None = None, server_seed: int | None = None):
     """The ASGI app. The batcher's worker thread starts and stops with the app (lifespan)."""

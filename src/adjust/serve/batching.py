@@ -1,8 +1,9 @@
 """Dynamic batching for `adjust serve`: one worker thread decodes batches of compatible rows.
 
 A request becomes a `Job` of rows (one per prompt and sample). Rows wait in one FIFO queue;
-the worker takes the oldest row, waits up to `batch_wait_ms` for more rows with the same
-`BatchKey` (strategy, sampling, lengths, seed) until `max_batch_size` rows, and runs them
+the worker takes the oldest row, waits up to `batch_wait_ms` for more rows with the same key
+(strategy, sampling, lengths, seed) until `max_batch_size` rows (it does not wait when a lone
+client is all there is: the last batch had one row and nothing else is queued), and runs them
 through the one decoding loop, `adjust.decode.generate`, whose `on_step` callback feeds each
 job's event queue (for streaming) and lets a batch stop once every client in it has gone.
 
@@ -101,7 +102,7 @@ class BatcherStats:
 class Batcher:
     """The queue and the worker thread. `submit` from any thread; `start` / `stop` once."""
 
-    def __init__(self, base, sampler=None, max_batch_size: int = 16, batch_wait_ms: float = 10.0,
+    def __init__(self, base, sampler=None, max_batch_size: int = 16, batch_wait_ms: float = 20.0,
                  mixed_lengths: bool = False):
         if max_batch_size < 1:
             raise AdjustError(f"--max-batch-size must be at least 1, got {max_batch_size}")
@@ -115,6 +116,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._paused = False
+        self._last_rows = 0
         self._thread = threading.Thread(target=self._work, name="adjust-serve-batcher", daemon=True)
 
     # ---- control -------------------------------------------------------------------------
@@ -169,7 +171,10 @@ class Batcher:
                 break
             self._cond.wait()
         key = self._queue[0].key
-        deadline = time.monotonic() + self.batch_wait
+        # Wait for companions only when there is evidence of concurrent clients (the last batch was shared,
+        # or others are queued now): a lone client pays no batching delay.
+        busy = self._last_rows > 1 or len(self._queue) > 1
+        deadline = time.monotonic() + (self.batch_wait if busy else 0.0)
         while True:
             self._drop_cancelled()
             batch = [r for r in self._queue if r.key == key][: self.max_batch_size]
@@ -189,6 +194,7 @@ class Batcher:
             if batch is None:
                 return
             if batch:
+                self._last_rows = len(batch)
                 self.stats.running_rows = len(batch)
                 try:
                     self._run(batch, isolate=len({id(r.job) for r in batch}) > 1)

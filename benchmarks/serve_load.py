@@ -1,0 +1,231 @@
+"""Load on `adjust serve` (issue 14, item 7): aggregate tokens/s and p50 / p95 latency at 1, 4 and 16
+concurrent clients on the shipped model.
+
+The server is the real command, `adjust serve --port 0 ...`, in its own process; each client is a
+thread that sends non-streaming /v1/completions requests back to back (the next as soon as the last
+answered) until the level's request count is reached. Prompts cycle through a fixed list of
+Shakespeare openings of several token lengths, so with the default server (equal-length
+batching, exact) only some requests can share a batch; it is measured again with the server's
+`--mixed-lengths` (padding across lengths). The decoding loop alone at batch 1 and at the largest
+batch (no HTTP) gives the ceiling that batching can reach on this machine.
+
+Tokens/s counts the decoded positions (max_tokens per request), as `adjust bench` does; latency is
+per request, send to full answer. The batch sizes are read from the server's /health.
+
+    python benchmarks/serve_load.py --json results/serve_load.json --md results/serve_load.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["ROMEO:", "JULIET:", "KING HENRY:", "To be, or not to be", "Now is the winter", "O Romeo, Romeo!",
+           "Friends, Romans, countrymen,", "All the world's a stage,"]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def start_server(args, mixed: bool) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    cmd = [sys.executable, "-m", "adjust.cli", "serve", "--port", "0", "--max-batch-size", str(args.max_batch_size),
+           "--batch-wait-ms", str(args.batch_wait_ms)] + (["--mixed-lengths"] if mixed else []) \
+        + (["--base", args.base] if args.base else [])
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    line = p.stderr.readline()
+    if not line.startswith("adjust serve: listening on "):
+        p.kill()
+        raise SystemExit(f"server did not start: {line}{p.stderr.read()}")
+    threading.Thread(target=lambda: [log("server: " + ln.rstrip()) for ln in p.stderr], daemon=True).start()
+    return p, line.split()[4]
+
+
+def call(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.loads(r.read())
+
+
+def health(url: str) -> dict:
+    with urllib.request.urlopen(url + "/health", timeout=60) as r:
+        return json.loads(r.read())
+
+
+def run_level(url: str, clients: int, requests: int, body: dict) -> dict:
+    latencies, failures, next_i = [], [], [0]
+    lock = threading.Lock()
+    before = health(url)
+
+    def client():
+        while True:
+            with lock:
+                i = next_i[0]
+                if i >= requests:
+                    return
+                next_i[0] += 1
+            t = time.perf_counter()
+            try:
+                out = call(url, {**body, "prompt": PROMPTS[i % len(PROMPTS)]})
+                assert out["choices"][0]["finish_reason"] in ("length", "stop")
+                with lock:
+                    latencies.append(time.perf_counter() - t)
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                with lock:
+                    failures.append(repr(e))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    after = health(url)
+    batches = after["batches"] - before["batches"]
+    q = statistics.quantiles(latencies, n=20, method="inclusive") if len(latencies) > 1 else latencies * 19
+    return {"clients": clients, "requests": requests, "failed": len(failures), "seconds": round(seconds, 3),
+            "tokens_per_second": round(len(latencies) * body["max_tokens"] / seconds, 1),
+            "requests_per_second": round(len(latencies) / seconds, 2),
+            "latency_p50_s": round(statistics.median(latencies), 3), "latency_p95_s": round(q[18], 3),
+            "batches": batches, "mean_batch_size": round((after["rows_done"] - before["rows_done"]) / max(1, batches), 2),
+            "failures": failures[:5]}
+
+
+def code_version() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "benchmarks"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def markdown(report: dict) -> str:
+    c, ceil = report["config"], report["decode_ceiling"]
+    lines = [f"`adjust serve` under load: {c['strategy']} K={c['tokens_per_pass']}, {c['max_tokens']} tokens per "
+             f"request, {len(c['prompts'])} prompts of {len(set(c['prompt_tokens']))} token lengths, max batch "
+             f"{c['max_batch_size']}, batch wait {c['batch_wait_ms']} ms, {report['threads']} torch thread(s), "
+             f"code {report['code_version']}", "",
+             "| batching | clients | requests | failed | tokens/s | vs 1 client | p50 latency (s) | p95 latency (s) "
+             "| mean batch |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in report["runs"]:
+        mode = "any lengths (padded)" if run["mixed_lengths"] else "equal lengths (exact)"
+        one = run["levels"][0]["tokens_per_second"]
+        for r in run["levels"]:
+            lines.append(f"| {mode} | {r['clients']} | {r['requests']} | {r['failed']} | {r['tokens_per_second']} | "
+                         f"{r['tokens_per_second'] / one:.2f}x | {r['latency_p50_s']} | {r['latency_p95_s']} | "
+                         f"{r['mean_batch_size']} |")
+    lines += ["", f"Decoding loop alone, no server (`decode.generate`, one prompt repeated): batch 1 "
+              f"{ceil['batch_1_tokens_per_second']} tokens/s, batch {ceil['batch_size']} "
+              f"{ceil['batch_n_tokens_per_second']} tokens/s ({ceil['speedup']}x): the most batching can give here."]
+    return "\n".join(lines) + "\n"
+
+
+def decode_ceiling(args, prompt: str, repeats: int = 2) -> dict:
+    """tokens/s of the decoding loop itself at batch 1 and at --max-batch-size (same settings, no HTTP)."""
+    import torch
+
+    from adjust.decode import generate
+    from adjust.loader import ModelSpec, load_models
+    from adjust.sampling import SamplingConfig
+    from adjust.strategies import make_strategy
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base, sampler = load_models(ModelSpec(base=args.base), "optional")
+    strategy = make_strategy(args.strategy, tokens_per_pass=args.tokens_per_pass)
+    ids = base.encode(prompt)
+    out = {"batch_size": args.max_batch_size}
+    for name, B in (("batch_1", 1), ("batch_n", args.max_batch_size)):
+        generate(base, [ids] * B, strategy, SamplingConfig(), args.max_tokens, sampler=sampler)  # warm-up
+        t = time.perf_counter()
+        for r in range(repeats):
+            generate(base, [ids] * B, strategy, SamplingConfig(), args.max_tokens, seed=r, sampler=sampler)
+        out[f"{name}_tokens_per_second"] = round(B * args.max_tokens * repeats / (time.perf_counter() - t), 1)
+    out["speedup"] = round(out["batch_n_tokens_per_second"] / out["batch_1_tokens_per_second"], 2)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default=None, help="model directory (default: the shipped models/shakespeare-base)")
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--requests-per-client", type=int, default=8, help="requests per level = this x clients "
+                    "(at least --min-requests)")
+    ap.add_argument("--min-requests", type=int, default=24)
+    ap.add_argument("--strategy", default="adjust")
+    ap.add_argument("--tokens-per-pass", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--batch-wait-ms", type=float, default=20.0)
+    ap.add_argument("--batching", default="equal,mixed", help="server modes to measure: equal (default "
+                    "server: equal-length prompts batch, exact) and/or mixed (--mixed-lengths: padded)")
+    ap.add_argument("--threads", type=int, default=0, help="server's torch threads (OMP_NUM_THREADS; 0 = default)")
+    ap.add_argument("--json", default=None, help="write the report here (and --md the table)")
+    ap.add_argument("--md", default=None)
+    args = ap.parse_args(argv)
+    levels = [int(c) for c in args.clients.split(",")]
+    body = {"max_tokens": args.max_tokens, "strategy": args.strategy, "tokens_per_pass": args.tokens_per_pass}
+    modes = [m.strip() for m in args.batching.split(",") if m.strip()]
+    if not modes or set(modes) - {"equal", "mixed"}:
+        ap.error("--batching takes equal and/or mixed")
+    import torch
+
+    from adjust.base import load_base
+
+    tok = load_base(args.base)
+    ceiling = decode_ceiling(args, PROMPTS[0])
+    log(f"decoding loop alone: {ceiling}")
+    runs = []
+    for mode in modes:
+        proc, url = start_server(args, mode == "mixed")
+        try:
+            call(url, {**body, "prompt": PROMPTS[0]})  # warm-up
+            results = []
+            for n in levels:
+                r = run_level(url, n, max(args.min_requests, n * args.requests_per_client), body)
+                log(f"{mode}: {n:3d} clients: {r['tokens_per_second']:8.1f} tokens/s, p50 {r['latency_p50_s']} s, "
+                    f"p95 {r['latency_p95_s']} s, mean batch {r['mean_batch_size']}, failed {r['failed']}")
+                results.append(r)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        runs.append({"mixed_lengths": mode == "mixed", "levels": results,
+                     "speedup_max_vs_1_client": round(results[-1]["tokens_per_second"]
+                                                      / results[0]["tokens_per_second"], 2)})
+    report = {"benchmark": "serve_load", "code_version": code_version(), "torch": torch.__version__,
+              "threads": args.threads or torch.get_num_threads(), "cpus": os.cpu_count(),
+              "command": "python benchmarks/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "config": {k: getattr(args, k) for k in ("strategy", "tokens_per_pass", "max_tokens", "max_batch_size",
+                                                       "batch_wait_ms")}
+              | {"prompts": PROMPTS, "prompt_tokens": [len(tok.encode(p)) for p in PROMPTS]},
+              "decode_ceiling": ceiling, "runs": runs}
+    print(markdown(report))
+    for path, text in ((args.json, json.dumps(report, indent=2) + "\n"), (args.md, markdown(report))):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(str(path) + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+            log(f"wrote {path}")
+    return 1 if any(r["failed"] for run in runs for r in run["levels"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
