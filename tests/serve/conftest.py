@@ -11,10 +11,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-
-from adjust.loader import ModelSpec, load_models  # noqa: E402
+from adjust.loader import ModelSpec, load_models
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "models" / "shakespeare-base"
@@ -77,6 +74,8 @@ def shipped():
 @pytest.fixture(scope="session")
 def make_server(shipped):
     """Factory: make_server(**create_app kwargs) -> LiveServer, stopped at the end of the session."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
     from adjust.serve.app import create_app
 
     servers = []

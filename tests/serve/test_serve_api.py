@@ -123,6 +123,21 @@ def test_streaming_with_openai_client_matches_non_streaming(client):
     assert chunks[-1].usage.completion_tokens > 0 and chunks[-1].model_extra["adjust_stats"]["full_passes"] == 4
 
 
+@pytest.mark.parametrize("stream_it", [False, True], ids=["whole", "streamed"])
+def test_stop_sequences_cut_the_text(client, stream_it):
+    kw = dict(model="shakespeare-base", prompt=PROMPT, max_tokens=32, seed=6, extra_body={"strategy": "parallel"})
+    full = client.completions.create(**kw).choices[0].text
+    stop = next(ch for ch in full[3:] if ch.isalpha())  # a letter the text contains after its start
+    if stream_it:
+        chunks = list(client.completions.create(stop=[stop, "zzzz"], stream=True, **kw))
+        text = "".join(c.choices[0].text for c in chunks)
+        reason = chunks[-1].choices[0].finish_reason
+    else:
+        r = client.completions.create(stop=[stop, "zzzz"], **kw)
+        text, reason = r.choices[0].text, r.choices[0].finish_reason
+    assert text == full[: full.index(stop)] and reason == "stop"
+
+
 def test_stream_steps_cover_every_position_and_text_is_final_block_by_block(server):
     """Step events list each position once; with blocks of 4, text arrives before the last step."""
     body = {"prompt": PROMPT, "max_tokens": 16, "seed": 4, "strategy": "exact", "block_length": 4,

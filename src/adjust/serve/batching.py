@@ -152,7 +152,8 @@ class Batcher:
         with self._cond:
             if not job.cancelled:
                 job.cancel()
-                self.stats.cancelled_jobs += 1
+                if not job.failed:
+                    self.stats.cancelled_jobs += 1
             self._cond.notify_all()
 
     # ---- worker --------------------------------------------------------------------------
@@ -198,6 +199,11 @@ class Batcher:
                 self.stats.running_rows = len(batch)
                 try:
                     self._run(batch, isolate=len({id(r.job) for r in batch}) > 1)
+                except Exception as e:  # noqa: BLE001 - a bug here must not stop the worker
+                    log.exception("batch bookkeeping failed")
+                    for r in batch:
+                        r.job.failed = True
+                        r.job.post(("error", e))
                 finally:
                     self.stats.running_rows = 0
 
