@@ -121,6 +121,11 @@ def test_streaming_with_openai_client_matches_non_streaming(client):
     finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finals == [whole.finish_reason]
     assert chunks[-1].usage.completion_tokens > 0 and chunks[-1].model_extra["adjust_stats"]["full_passes"] == 4
+    # n = 2: each choice's deltas add up to its non-streamed text
+    two = client.completions.create(**{**kw, "n": 2}).choices
+    chunks = list(client.completions.create(stream=True, **{**kw, "n": 2}))
+    for i in (0, 1):
+        assert "".join(c.choices[0].text for c in chunks if c.choices[0].index == i) == two[i].text
 
 
 @pytest.mark.parametrize("stream_it", [False, True], ids=["whole", "streamed"])

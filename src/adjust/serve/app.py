@@ -173,8 +173,9 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
                     if ev[0] == "done":
                         on_done(ev)
                         remaining -= 1
-            finally:
-                batcher.cancel(job) if remaining else None
+            finally:  # the client went away (or the server stops): its rows leave the queue
+                if remaining:
+                    batcher.cancel(job)
             out = []
             for i, c in enumerate(choices):
                 text = c.advance(final=True)

@@ -37,44 +37,35 @@ def _is_number(v) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and v == v
 
 
-def get_int(body: dict, name: str, default=None, lo: int | None = None, hi: int | None = None):
+def _get(body: dict, name: str, default, ok, what: str):
     v = body.get(name)
     if v is None:
         return default
-    if not _is_int(v):
-        raise ApiError(f"'{name}' must be an integer, got {v!r}", name, "invalid_type")
-    if lo is not None and v < lo:
+    if not ok(v):
+        raise ApiError(f"'{name}' must be {what}, got {v!r}", name, "invalid_type")
+    return v
+
+
+def get_int(body: dict, name: str, default=None, lo: int | None = None, hi: int | None = None):
+    v = _get(body, name, default, _is_int, "an integer")
+    if v is not None and lo is not None and v < lo:
         raise ApiError(f"'{name}' must be at least {lo}, got {v}", name, "invalid_value")
-    if hi is not None and v > hi:
+    if v is not None and hi is not None and v > hi:
         raise ApiError(f"'{name}' must be at most {hi}, got {v}", name, "invalid_value")
     return v
 
 
 def get_number(body: dict, name: str, default=None):
-    v = body.get(name)
-    if v is None:
-        return default
-    if not _is_number(v):
-        raise ApiError(f"'{name}' must be a number, got {v!r}", name, "invalid_type")
-    return float(v)
+    v = _get(body, name, default, _is_number, "a number")
+    return None if v is None else float(v)
 
 
 def get_str(body: dict, name: str, default=None):
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, str):
-        raise ApiError(f"'{name}' must be a string, got {v!r}", name, "invalid_type")
-    return v
+    return _get(body, name, default, lambda v: isinstance(v, str), "a string")
 
 
 def get_bool(body: dict, name: str, default=False):
-    v = body.get(name)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise ApiError(f"'{name}' must be true or false, got {v!r}", name, "invalid_type")
-    return v
+    return _get(body, name, default, lambda v: isinstance(v, bool), "true or false")
 
 
 @dataclass
