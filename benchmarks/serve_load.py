@@ -10,9 +10,11 @@ batching, exact) only some requests can share a batch; it is measured again with
 batch (no HTTP) gives the ceiling that batching can reach on this machine.
 
 Tokens/s counts the decoded positions (max_tokens per request), as `adjust bench` does; latency is
-per request, send to full answer. The batch sizes are read from the server's /health.
+per request, send to full answer. The batch sizes are read from the server's /health. Levels run
+interleaved in rounds (each round: the ceiling, then every level of each server) and tokens/s is
+the median over the rounds, so that other load on the machine falls on every level alike.
 
-    python benchmarks/serve_load.py --json results/serve_load.json --md results/serve_load.md
+    python benchmarks/serve_load.py --threads 1 --json results/serve_load.json --md results/serve_load.md
 """
 
 from __future__ import annotations
@@ -95,13 +97,22 @@ def run_level(url: str, clients: int, requests: int, body: dict) -> dict:
         t.join()
     seconds = time.perf_counter() - t0
     after = health(url)
-    batches = after["batches"] - before["batches"]
-    q = statistics.quantiles(latencies, n=20, method="inclusive") if len(latencies) > 1 else latencies * 19
-    return {"clients": clients, "requests": requests, "failed": len(failures), "seconds": round(seconds, 3),
-            "tokens_per_second": round(len(latencies) * body["max_tokens"] / seconds, 1),
-            "requests_per_second": round(len(latencies) / seconds, 2),
-            "latency_p50_s": round(statistics.median(latencies), 3), "latency_p95_s": round(q[18], 3),
-            "batches": batches, "mean_batch_size": round((after["rows_done"] - before["rows_done"]) / max(1, batches), 2),
+    return {"seconds": seconds, "latencies": latencies, "failures": failures,
+            "tokens_per_second": len(latencies) * body["max_tokens"] / seconds,
+            "batches": after["batches"] - before["batches"], "rows": after["rows_done"] - before["rows_done"]}
+
+
+def summarize(clients: int, rounds: list[dict]) -> dict:
+    """One level over the rounds: median tokens/s of the rounds, latency percentiles over all requests."""
+    lat = sorted(x for r in rounds for x in r["latencies"])
+    q = statistics.quantiles(lat, n=20, method="inclusive") if len(lat) > 1 else lat * 19
+    failures = [f for r in rounds for f in r["failures"]]
+    batches = sum(r["batches"] for r in rounds)
+    return {"clients": clients, "requests": len(lat) + len(failures), "failed": len(failures),
+            "tokens_per_second": round(statistics.median(r["tokens_per_second"] for r in rounds), 1),
+            "tokens_per_second_rounds": [round(r["tokens_per_second"], 1) for r in rounds],
+            "latency_p50_s": round(statistics.median(lat), 3), "latency_p95_s": round(q[18], 3),
+            "batches": batches, "mean_batch_size": round(sum(r["rows"] for r in rounds) / max(1, batches), 2),
             "failures": failures[:5]}
 
 
@@ -131,44 +142,61 @@ def markdown(report: dict) -> str:
             lines.append(f"| {mode} | {r['clients']} | {r['requests']} | {r['failed']} | {r['tokens_per_second']} | "
                          f"{r['tokens_per_second'] / one:.2f}x | {r['latency_p50_s']} | {r['latency_p95_s']} | "
                          f"{r['mean_batch_size']} |")
-    lines += ["", f"Decoding loop alone, no server (`decode.generate`, one prompt repeated): batch 1 "
-              f"{ceil['batch_1_tokens_per_second']} tokens/s, batch {ceil['batch_size']} "
-              f"{ceil['batch_n_tokens_per_second']} tokens/s ({ceil['speedup']}x): the most batching can give here."]
+    lines += ["", f"Decoding loop alone, no server (`decode.generate`, one prompt repeated, median of the rounds): "
+              f"batch 1 {ceil['batch_1_tokens_per_second']} tokens/s, batch {ceil['batch_size']} "
+              f"{ceil['batch_n_tokens_per_second']} tokens/s ({ceil['speedup']}x): the most batching can give here.",
+              "", f"tokens/s is the median of {report['rounds']} rounds, run interleaved (every level of both servers "
+              "in each round) so that the machine's other load falls on all of them alike; latencies pool the "
+              "rounds."]
     return "\n".join(lines) + "\n"
 
 
-def decode_ceiling(args, prompt: str, repeats: int = 2) -> dict:
+class DecodeCeiling:
     """tokens/s of the decoding loop itself at batch 1 and at --max-batch-size (same settings, no HTTP)."""
-    import torch
 
-    from adjust.decode import generate
-    from adjust.loader import ModelSpec, load_models
-    from adjust.sampling import SamplingConfig
-    from adjust.strategies import make_strategy
+    def __init__(self, args, prompt: str):
+        import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    base, sampler = load_models(ModelSpec(base=args.base), "optional")
-    strategy = make_strategy(args.strategy, tokens_per_pass=args.tokens_per_pass)
-    ids = base.encode(prompt)
-    out = {"batch_size": args.max_batch_size}
-    for name, B in (("batch_1", 1), ("batch_n", args.max_batch_size)):
-        generate(base, [ids] * B, strategy, SamplingConfig(), args.max_tokens, sampler=sampler)  # warm-up
+        from adjust.loader import ModelSpec, load_models
+        from adjust.strategies import make_strategy
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.args = args
+        self.base, self.sampler = load_models(ModelSpec(base=args.base), "optional")
+        self.strategy = make_strategy(args.strategy, tokens_per_pass=args.tokens_per_pass)
+        self.ids = self.base.encode(prompt)
+        self.rounds = {1: [], args.max_batch_size: []}
+        self.measure(1, 0)  # warm-up
+
+    def measure(self, B: int, seed: int) -> float:
+        from adjust.decode import generate
+        from adjust.sampling import SamplingConfig
+
         t = time.perf_counter()
-        for r in range(repeats):
-            generate(base, [ids] * B, strategy, SamplingConfig(), args.max_tokens, seed=r, sampler=sampler)
-        out[f"{name}_tokens_per_second"] = round(B * args.max_tokens * repeats / (time.perf_counter() - t), 1)
-    out["speedup"] = round(out["batch_n_tokens_per_second"] / out["batch_1_tokens_per_second"], 2)
-    return out
+        generate(self.base, [self.ids] * B, self.strategy, SamplingConfig(), self.args.max_tokens, seed=seed,
+                 sampler=self.sampler)
+        return B * self.args.max_tokens / (time.perf_counter() - t)
+
+    def round(self, r: int) -> None:
+        for B in self.rounds:
+            self.rounds[B].append(self.measure(B, r))
+
+    def summary(self) -> dict:
+        one = statistics.median(self.rounds[1])
+        n = statistics.median(self.rounds[self.args.max_batch_size])
+        return {"batch_size": self.args.max_batch_size, "batch_1_tokens_per_second": round(one, 1),
+                "batch_n_tokens_per_second": round(n, 1), "speedup": round(n / one, 2)}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default=None, help="model directory (default: the shipped models/shakespeare-base)")
     ap.add_argument("--clients", default="1,4,16")
-    ap.add_argument("--requests-per-client", type=int, default=8, help="requests per level = this x clients "
-                    "(at least --min-requests)")
-    ap.add_argument("--min-requests", type=int, default=24)
+    ap.add_argument("--requests-per-client", type=int, default=4, help="requests per level and round = this x "
+                    "clients (at least --min-requests)")
+    ap.add_argument("--min-requests", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all levels (median tokens/s)")
     ap.add_argument("--strategy", default="adjust")
     ap.add_argument("--tokens-per-pass", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -190,32 +218,39 @@ def main(argv=None) -> int:
     from adjust.base import load_base
 
     tok = load_base(args.base)
-    ceiling = decode_ceiling(args, PROMPTS[0])
-    log(f"decoding loop alone: {ceiling}")
-    runs = []
-    for mode in modes:
-        proc, url = start_server(args, mode == "mixed")
-        try:
-            call(url, {**body, "prompt": PROMPTS[0]})  # warm-up
-            results = []
-            for n in levels:
-                r = run_level(url, n, max(args.min_requests, n * args.requests_per_client), body)
-                log(f"{mode}: {n:3d} clients: {r['tokens_per_second']:8.1f} tokens/s, p50 {r['latency_p50_s']} s, "
-                    f"p95 {r['latency_p95_s']} s, mean batch {r['mean_batch_size']}, failed {r['failed']}")
-                results.append(r)
-        finally:
+    ceiling = DecodeCeiling(args, PROMPTS[0])
+    servers = {}
+    try:
+        for mode in modes:
+            servers[mode] = start_server(args, mode == "mixed")
+            call(servers[mode][1], {**body, "prompt": PROMPTS[0]})  # warm-up
+        raw = {(m, n): [] for m in modes for n in levels}
+        for r in range(args.rounds):
+            ceiling.round(r)
+            for mode in modes:
+                for n in levels:
+                    x = run_level(servers[mode][1], n, max(args.min_requests, n * args.requests_per_client), body)
+                    raw[(mode, n)].append(x)
+                    log(f"round {r}: {mode}: {n:3d} clients: {x['tokens_per_second']:8.1f} tokens/s, "
+                        f"mean batch {x['rows'] / max(1, x['batches']):.2f}, failed {len(x['failures'])}")
+    finally:
+        for proc, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=30)
+    runs = []
+    for mode in modes:
+        results = [summarize(n, raw[(mode, n)]) for n in levels]
         runs.append({"mixed_lengths": mode == "mixed", "levels": results,
                      "speedup_max_vs_1_client": round(results[-1]["tokens_per_second"]
                                                       / results[0]["tokens_per_second"], 2)})
+    ceiling = ceiling.summary()
     report = {"benchmark": "serve_load", "code_version": code_version(), "torch": torch.__version__,
               "threads": args.threads or torch.get_num_threads(), "cpus": os.cpu_count(),
               "command": "python benchmarks/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "config": {k: getattr(args, k) for k in ("strategy", "tokens_per_pass", "max_tokens", "max_batch_size",
                                                        "batch_wait_ms")}
               | {"prompts": PROMPTS, "prompt_tokens": [len(tok.encode(p)) for p in PROMPTS]},
-              "decode_ceiling": ceiling, "runs": runs}
+              "rounds": args.rounds, "decode_ceiling": ceiling, "runs": runs}
     print(markdown(report))
     for path, text in ((args.json, json.dumps(report, indent=2) + "\n"), (args.md, markdown(report))):
         if path:
