@@ -332,6 +332,80 @@ def cmd_convert(args) -> None:
     print(json.dumps(convert_bert(args.weights, args.config, args.vocab, args.out)))
 
 
+def cmd_serve(args) -> None:
+    import ipaddress
+    import logging
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise_bad("adjust serve needs FastAPI and uvicorn: pip install 'adjust-dlm[serve]'")
+    from .serve import bind, run
+    from .serve.app import create_app
+    from .strategies import make_strategy
+
+    if args.max_batch_size < 1:
+        raise_bad(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
+    if not args.batch_wait_ms >= 0:
+        raise_bad(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
+    make_strategy(args.strategy, tokens_per_pass=args.tokens_per_pass)  # a bad default fails now
+    template = None
+    if args.chat_template:
+        from pathlib import Path
+
+        try:
+            template = Path(args.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise_bad(f"cannot read --chat-template {args.chat_template}: {e}")
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    if not loopback and not args.api_key:
+        print(f"adjust serve: warning: listening on {args.host} without --api-key; anyone who can reach it can "
+              "use it", file=sys.stderr)
+    sock = bind(args.host, args.port)  # a busy port fails before the models load
+    base, sampler = _load(args, "optional")
+    if template is None and args.chat and getattr(base.tokenizer, "chat_template", None) is None:
+        raise_bad(f"--chat: the tokenizer of {base.name} has no chat template; pass --chat-template FILE")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    app = create_app(base, sampler, model_name=args.model_name, api_key=args.api_key,
+                     max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                     mixed_lengths=args.mixed_lengths, chat_template=template, default_strategy=args.strategy,
+                     default_tokens_per_pass=args.tokens_per_pass)
+    run(app, sock, log_level="info" if args.verbose else "warning")
+
+
+def _add_serve_parser(sub) -> None:
+    import os
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming) with a "
+                       "playground page at /")
+    _add_base_args(p)
+    p.add_argument("--sampler", default=None, help="joint sampler directory (default: <base>/sampler if present; "
+                   "without one, strategies that need it are refused with HTTP 400)")
+    p.add_argument("--host", default="127.0.0.1", help="listening address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="listening port (0 = any free port, printed)")
+    p.add_argument("--api-key", default=os.environ.get("ADJUST_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $ADJUST_API_KEY, else none)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="rows (prompts x n) decoded together")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0,
+                   help="how long the first queued request waits for compatible companions")
+    p.add_argument("--mixed-lengths", action="store_true",
+                   help="also batch prompts of different token lengths (left padding): more throughput, but "
+                   "a request's tokens may then differ from a run alone in a near-tie")
+    p.add_argument("--chat", action="store_true", help="require a chat template (the tokenizer's or "
+                   "--chat-template) at start-up")
+    p.add_argument("--chat-template", default=None, help="Jinja chat template file for /v1/chat/completions "
+                   "(default: the tokenizer's own, if any)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the base's name)")
+    p.add_argument("--strategy", default="exact", help="strategy of requests that name none (default: exact)")
+    p.add_argument("--tokens-per-pass", "-K", type=int, default=None, help="K of requests that give none")
+    p.add_argument("--verbose", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_serve)
+
+
 def raise_bad(msg: str):
     from .errors import AdjustError
 
@@ -397,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_rollout_parsers(sub)
     _add_eval_parsers(sub)
     _add_bench_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 

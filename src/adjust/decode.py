@@ -234,13 +234,17 @@ def check_request(base, prompts: list[list[int]], gen_length: int, block_length:
 def generate(base, prompts: list[list[int]], strategy, sampling: SamplingConfig = SamplingConfig(),
              gen_length: int = 64, block_length: int | None = None, seed: int = 0,
              sample_indices: list[int] | None = None, sampler=None, record_history: bool = False,
-             early_exit: bool = False) -> Generation:
+             early_exit: bool = False, on_step=None) -> Generation:
     """Generate `gen_length` tokens after each prompt (an empty prompt = unconditional).
 
     Each sequence b uses its own generator seeded by (seed, prompts[b], sample_indices[b]),
     so results do not depend on batching. `early_exit`: a sequence ends at its first stop token,
     the positions after it are set to EOS, not decoded (see `_Loop`). Off (the default, and always for
     rollouts, which must unmask every position), every position is decoded as in the plain loop.
+    `on_step(step, rows, cols, tokens)`, if given, is called after each full pass with the (CPU) rows,
+    generation-relative columns and tokens it unmasked; an exception it raises stops the generation
+    (the server streams and cancels this way). It only observes: the tokens are the same with or
+    without it.
     """
     check_request(base, prompts, gen_length, block_length)
     if not strategy.adaptive and strategy.k > gen_length:
@@ -266,6 +270,7 @@ def generate(base, prompts: list[list[int]], strategy, sampling: SamplingConfig 
         loop._cand = None
         while len(loop.candidates()[0]):
             rows_before = torch.bincount(loop.candidates()[0], minlength=x.shape[0])
+            before = loop.x.clone() if on_step is not None else None
             hidden = base.hidden_states(loop.x, attention_mask)
             loop.stats.full_passes += 1
             loop.stats.row_passes += int((rows_before > 0).sum())
@@ -274,6 +279,9 @@ def generate(base, prompts: list[list[int]], strategy, sampling: SamplingConfig 
             stalled = (rows_before > 0) & (rows_after == rows_before)
             if stalled.any():
                 raise RuntimeError(f"strategy {strategy.name!r} committed no token in a step")
+            if on_step is not None:
+                r, c = (loop.x != before).nonzero(as_tuple=True)
+                on_step(step, r.cpu(), (c - P).cpu(), loop.x[r, c].cpu())
             step += 1
     if device.type == "cuda":
         torch.cuda.synchronize()

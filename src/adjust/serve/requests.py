@@ -1,0 +1,321 @@
+"""Parsing and checking of OpenAI-style request bodies, and the text of a choice as it becomes final.
+
+Every problem with a request is an `ApiError` with the HTTP status and the OpenAI error body
+({"error": {"message", "type", "param", "code"}}); nothing here runs the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import AdjustError
+from ..sampling import ORDERS, SamplingConfig
+from ..strategies import make_strategy, strategy_names
+from .batching import DecodeSettings
+
+MAX_N = 128  # choices per request
+MAX_STOPS = 4  # as OpenAI
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions; a diffusion canvas needs a length
+STRATEGY_FIELDS = ("tokens_per_pass", "tau", "gamma", "factor", "max_tokens_per_pass")
+
+
+class ApiError(Exception):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.code, self.status, self.type = message, param, code, status, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and v == v
+
+
+def _get(body: dict, name: str, default, ok, what: str):
+    v = body.get(name)
+    if v is None:
+        return default
+    if not ok(v):
+        raise ApiError(f"'{name}' must be {what}, got {v!r}", name, "invalid_type")
+    return v
+
+
+def get_int(body: dict, name: str, default=None, lo: int | None = None, hi: int | None = None):
+    v = _get(body, name, default, _is_int, "an integer")
+    if v is not None and lo is not None and v < lo:
+        raise ApiError(f"'{name}' must be at least {lo}, got {v}", name, "invalid_value")
+    if v is not None and hi is not None and v > hi:
+        raise ApiError(f"'{name}' must be at most {hi}, got {v}", name, "invalid_value")
+    return v
+
+
+def get_number(body: dict, name: str, default=None):
+    v = _get(body, name, default, _is_number, "a number")
+    return None if v is None else float(v)
+
+
+def get_str(body: dict, name: str, default=None):
+    return _get(body, name, default, lambda v: isinstance(v, str), "a string")
+
+
+def get_bool(body: dict, name: str, default=False):
+    return _get(body, name, default, lambda v: isinstance(v, bool), "true or false")
+
+
+@dataclass
+class Parsed:
+    """A checked request: the rows to decode, how, and how to answer."""
+
+    prompts: list[list[int]]  # token ids per prompt
+    n: int
+    settings: DecodeSettings
+    seeded: bool
+    stops: list[str]
+    stream: bool
+    include_usage: bool
+    include_steps: bool
+
+
+def parse_stops(body: dict) -> list[str]:
+    v = body.get("stop")
+    if v is None:
+        return []
+    stops = [v] if isinstance(v, str) else v
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise ApiError("'stop' must be a non-empty string or a list of them", "stop", "invalid_type")
+    if len(stops) > MAX_STOPS:
+        raise ApiError(f"'stop' takes at most {MAX_STOPS} sequences, got {len(stops)}", "stop", "invalid_value")
+    return stops
+
+
+def parse_prompts(body: dict, base) -> list[list[int]]:
+    """OpenAI's prompt forms: a string, a list of strings, a list of token ids, a list of such lists."""
+    if "prompt" not in body or body["prompt"] is None:
+        raise ApiError("'prompt' is required (use \"\" for an unconditional sample)", "prompt", "missing")
+    p = body["prompt"]
+    vocab = getattr(base, "vocab_size", None)
+
+    def ids_ok(ids):
+        return isinstance(ids, list) and all(_is_int(t) and 0 <= t < (vocab or 1 << 62) for t in ids)
+
+    if isinstance(p, str):
+        items = [p]
+    elif isinstance(p, list) and p and all(_is_int(t) for t in p):
+        items = [p]
+    elif isinstance(p, list) and p and all(isinstance(t, (str, list)) for t in p):
+        items = p
+    else:
+        raise ApiError("'prompt' must be a string, a list of strings, a list of token ids or a list of such lists",
+                       "prompt", "invalid_type")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append(base.encode(item) if item else [])
+        elif ids_ok(item):
+            out.append(list(item))
+        else:
+            raise ApiError(f"token ids in 'prompt' must be integers in [0, {vocab})", "prompt", "invalid_value")
+    return out
+
+
+def parse_messages(body: dict, base, chat_template: str | None) -> list[int]:
+    """The chat prompt: the tokenizer's chat template (or the server's) applied to `messages`."""
+    template = chat_template or getattr(base.tokenizer, "chat_template", None)
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ApiError("'messages' must be a non-empty list of {role, content} objects", "messages",
+                       "missing" if msgs is None else "invalid_type")
+    clean = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise ApiError(f"messages[{i}] needs a role of system, developer, user or assistant", "messages",
+                           "invalid_value")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+                       for c in content):
+                raise ApiError(f"messages[{i}].content: only text parts are supported", "messages", "invalid_value")
+            content = "".join(c["text"] for c in content)
+        if not isinstance(content, str):
+            raise ApiError(f"messages[{i}].content must be a string", "messages", "invalid_type")
+        clean.append({"role": m["role"], "content": content})
+    if template is None:
+        raise ApiError(f"model {base.name!r} has no chat template, so /v1/chat/completions cannot format "
+                       "messages; use /v1/completions with a plain prompt, or start the server with "
+                       "--chat-template FILE", "messages", "chat_template_missing")
+    try:
+        text = base.tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=True,
+                                                  chat_template=template)
+    except Exception as e:  # a template error is about this request's messages or the template itself
+        raise ApiError(f"the chat template failed on these messages: {e}", "messages", "chat_template_error")
+    return base.encode(text)
+
+
+def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults: dict, server_seed: int) -> Parsed:
+    """Check the fields shared by completions and chat; `prompts` are already encoded."""
+    if not isinstance(body, dict):
+        raise ApiError("the request body must be a JSON object", None, "invalid_body")
+    for name in ("logprobs", "top_logprobs", "suffix", "tools", "functions", "logit_bias"):
+        if body.get(name) not in (None, False, {}, []):
+            raise ApiError(f"'{name}' is not supported by adjust serve", name, "unsupported_parameter")
+    if body.get("echo"):
+        raise ApiError("'echo' is not supported by adjust serve", "echo", "unsupported_parameter")
+    if body.get("cache") not in (None, False, "none"):
+        raise ApiError("'cache' is not supported yet: every pass recomputes the whole canvas", "cache",
+                       "unsupported_parameter")
+    get_str(body, "model")
+    get_str(body, "user")
+    context = base.max_length
+    max_tokens = get_int(body, "max_completion_tokens", None)
+    max_tokens = get_int(body, "max_tokens", max_tokens)
+    max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+    if max_tokens < 1:
+        raise ApiError(f"'max_tokens' must be at least 1, got {max_tokens}", "max_tokens", "invalid_value")
+    if max_tokens >= context:
+        raise ApiError(f"'max_tokens' ({max_tokens}) is beyond the model's context of {context} tokens "
+                       "(the prompt needs room too)", "max_tokens", "context_length_exceeded")
+    longest = max(len(p) for p in prompts)
+    if longest + 1 > context:
+        raise ApiError(f"the prompt is too long: {longest} tokens leave no room in the model's context of "
+                       f"{context} tokens", "prompt", "context_length_exceeded")
+    if longest + max_tokens > context:
+        raise ApiError(f"the prompt ({longest} tokens) + 'max_tokens' ({max_tokens}) exceed the model's context "
+                       f"of {context} tokens; shorten either", "max_tokens", "context_length_exceeded")
+    if any(base.mask_id in p for p in prompts):
+        raise ApiError("the prompt contains the mask token; prompts must be plain text", "prompt", "invalid_value")
+    n = get_int(body, "n", 1)
+    if n < 1 or n > MAX_N:
+        raise ApiError(f"'n' must be between 1 and {MAX_N}, got {n}", "n", "invalid_value")
+    temperature = get_number(body, "temperature", 1.0)
+    if temperature < 0:
+        raise ApiError(f"'temperature' must be >= 0, got {temperature}", "temperature", "invalid_value")
+    top_p = get_number(body, "top_p", 1.0)
+    if not 0 < top_p <= 1:
+        raise ApiError(f"'top_p' must be in (0, 1], got {top_p}", "top_p", "invalid_value")
+    top_k = get_int(body, "top_k", 0, lo=0)
+    order = get_str(body, "order", "entropy")
+    if order not in ORDERS:
+        raise ApiError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)}", "order", "invalid_value")
+    block_length = get_int(body, "block_length", None, lo=1)
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise ApiError(f"'seed' must be an integer, got {seed!r}", "seed", "invalid_type")
+    name = get_str(body, "strategy", defaults.get("strategy", "exact"))
+    if name not in strategy_names():
+        raise ApiError(f"unknown strategy {name!r}; choose one of {', '.join(strategy_names())}", "strategy",
+                       "invalid_value")
+    params = {}
+    for f in STRATEGY_FIELDS:
+        v = get_int(body, f) if f in ("tokens_per_pass", "max_tokens_per_pass") else get_number(body, f)
+        if v is not None:
+            params[f] = v
+    if "tokens_per_pass" not in params and defaults.get("tokens_per_pass") and name != "exact":
+        params["tokens_per_pass"] = defaults["tokens_per_pass"]
+    try:
+        strategy = make_strategy(name, **params)
+    except AdjustError as e:
+        raise ApiError(str(e).replace("--tokens-per-pass", "'tokens_per_pass'"), _param_of(str(e)), "invalid_value")
+    except (TypeError, ValueError) as e:
+        raise ApiError(f"bad parameters for strategy {name!r}: {e}", "strategy", "invalid_value")
+    params = {k: v for k, v in params.items() if k in _accepted(strategy)}
+    if not strategy.adaptive and strategy.k > max_tokens:
+        raise ApiError(f"'tokens_per_pass' ({strategy.k}) is larger than 'max_tokens' ({max_tokens})",
+                       "tokens_per_pass", "invalid_value")
+    if strategy.uses_sampler and sampler is None:
+        raise ApiError(f"strategy {name!r} needs a joint sampler, and this server has none (start it with "
+                       "--sampler DIR)", "strategy", "sampler_required")
+    try:
+        sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, order=order)
+    except AdjustError as e:
+        raise ApiError(str(e), None, "invalid_value")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise ApiError("'stream_options' must be an object", "stream_options", "invalid_type")
+    opts = opts or {}
+    settings = DecodeSettings(name, tuple(sorted(params.items())), sampling, max_tokens, block_length,
+                              server_seed if seed is None else seed)
+    return Parsed(prompts, n, settings, seed is not None, parse_stops(body), get_bool(body, "stream"),
+                  get_bool(opts, "include_usage"), get_bool(opts, "include_steps"))
+
+
+def _accepted(strategy) -> set:
+    import inspect
+
+    return set(inspect.signature(type(strategy).__init__).parameters)
+
+
+def _param_of(message: str) -> str:
+    for f in STRATEGY_FIELDS:
+        if f.replace("_", "-") in message or f in message:
+            return f
+    return "strategy"
+
+
+class ChoiceText:
+    """The tokens of one choice as passes unmask them, and its text as far as it is final.
+
+    Text is final up to the longest unmasked prefix (a diffusion model fills positions in any
+    order; a token never changes once unmasked), cut at EOS or at the first stop sequence.
+    While more may come, a tail that could begin a stop sequence, an incomplete UTF-8
+    character or trailing spaces are held back, so a delta is never taken back.
+    """
+
+    def __init__(self, base, gen_length: int, stops: list[str]):
+        self.base, self.stops = base, stops
+        self.tokens: list[int | None] = [None] * gen_length
+        self.emitted = ""
+        self.finish_reason: str | None = None
+        self.text = ""
+
+    def unmask(self, cols, toks) -> list[tuple[int, int]]:
+        """Record a step's tokens; returns the (position, token) pairs that were new (a rerun repeats none)."""
+        new = []
+        for c, t in zip(cols, toks):
+            if self.tokens[c] is None:
+                self.tokens[c] = t
+                new.append((c, t))
+        return new
+
+    def finish(self, tokens: list[int]) -> None:
+        self.tokens = list(tokens)
+
+    def advance(self, final: bool = False) -> str:
+        """The new final text since the last call ('' if none); sets finish_reason when complete."""
+        if self.finish_reason is not None:
+            return ""
+        prefix = []
+        for t in self.tokens:
+            if t is None:
+                break
+            prefix.append(t)
+        eos = self.base.eos_id
+        complete = final or len(prefix) == len(self.tokens) or (eos is not None and eos in prefix)
+        text = self.base.decode(prefix)
+        reason = ("stop" if eos is not None and eos in prefix else "length") if complete else None
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            text, complete, reason = text[:cut], True, "stop"
+        if not complete:
+            hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+            text = text[: len(text) - hold]
+            text = text.rstrip("\ufffd").rstrip()
+        delta = text[len(self.emitted):] if text.startswith(self.emitted) else ""
+        self.emitted += delta
+        if complete:
+            self.finish_reason, self.text = reason, self.emitted
+        return delta
+
+    def completion_tokens(self) -> int:
+        """Tokens of the returned text: up to EOS, or the re-encoded text when a stop sequence cut it."""
+        if self.stops and self.finish_reason == "stop" and self.text != self.base.decode(self.tokens):
+            return len(self.base.encode(self.text)) if self.text else 0
+        ids = [t for t in self.tokens if t is not None]
+        if self.base.eos_id is not None and self.base.eos_id in ids:
+            ids = ids[: ids.index(self.base.eos_id)]
+        return sum(1 for t in ids if t not in getattr(self.base, "banned_ids", ()))
