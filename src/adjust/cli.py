@@ -366,8 +366,11 @@ def cmd_serve(args) -> None:
         print(f"adjust serve: warning: listening on {args.host} without --api-key; anyone who can reach it can "
               "use it", file=sys.stderr)
     sock = bind(args.host, args.port)  # a busy port fails before the models load
+    # --chat (a base flag) here only requires a template at start-up: each endpoint formats its own prompts
+    # (/v1/chat/completions applies the template to `messages`; /v1/completions takes text as it is)
+    require_template, args.chat = args.chat, False
     base, sampler = _load(args, "optional")
-    if template is None and args.chat and getattr(base.tokenizer, "chat_template", None) is None:
+    if template is None and require_template and getattr(base.tokenizer, "chat_template", None) is None:
         raise_bad(f"--chat: the tokenizer of {base.name} has no chat template; pass --chat-template FILE")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     app = create_app(base, sampler, model_name=args.model_name, api_key=args.api_key,
@@ -395,8 +398,6 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--mixed-lengths", action="store_true",
                    help="also batch prompts of different token lengths (left padding): more throughput, but "
                    "a request's tokens may then differ from a run alone in a near-tie")
-    p.add_argument("--chat", action="store_true", help="require a chat template (the tokenizer's or "
-                   "--chat-template) at start-up")
     p.add_argument("--chat-template", default=None, help="Jinja chat template file for /v1/chat/completions "
                    "(default: the tokenizer's own, if any)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the base's name)")
