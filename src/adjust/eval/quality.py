@@ -13,8 +13,8 @@ cannot be told apart from exact joint sampling once it reaches it. Per configura
 Samples are cached in `cache_dir`, one JSON file per (base, sampler if used, strategy,
 parameters, sampling, num_samples, gen_length, seed, and the version of the generating code:
 `adjust.provenance.sampling_code_version()`): a rerun with one more strategy only generates
-that one, and a change to the code that writes tokens regenerates every set. Tokens/s come from the run that generated the samples (the machine is
-recorded with them).
+that one, and a change to the code that writes tokens regenerates every set. Tokens/s come
+from the run that generated the samples (the machine is recorded with them).
 """
 
 from __future__ import annotations
