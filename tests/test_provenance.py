@@ -42,6 +42,8 @@ def test_code_version_in_a_checkout_records_the_commit_and_dirty_flag(checkout):
     assert v["commit"] == _git(checkout, "rev-parse", "HEAD") and v["dirty"] is False
     assert v["package"] == provenance.package_version()
     (checkout / "results" / "r.json").write_text('{"new": 1}\n')  # a run writing its results: still clean
+    (checkout / "README.md").write_text("prose\n")
+    _git(checkout, "add", "README.md")  # tracked prose changed: still clean
     assert code_version(pkg)["dirty"] is False
     (pkg / "decode.py").write_text("X = 2\n")
     assert code_version(pkg)["dirty"] is True

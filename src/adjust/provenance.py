@@ -38,8 +38,8 @@ def _git(args: list[str], cwd) -> str | None:
 def code_version(package_dir=PACKAGE_DIR) -> dict:
     """{"package", "commit", "dirty"} in a git checkout of this package, {"package"} otherwise.
 
-    `dirty` is whether tracked files (outside results/, which runs write) differ from the commit;
-    None if git could not tell. A checkout counts only if `package_dir` is its src/adjust, so an
+    `dirty` is whether tracked files differ from the commit, apart from results/ (which runs
+    write) and Markdown files (prose cannot change a figure); None if git could not tell. A checkout counts only if `package_dir` is its src/adjust, so an
     installed copy inside some other repository reports no commit.
     """
     package_dir = Path(package_dir).resolve()
@@ -49,7 +49,8 @@ def code_version(package_dir=PACKAGE_DIR) -> dict:
         return info
     commit = _git(["rev-parse", "HEAD"], top)
     if commit:
-        status = _git(["status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"], top)
+        status = _git(["status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results",
+                       ":(exclude,glob)**/*.md"], top)
         info.update(commit=commit, dirty=None if status is None else bool(status))
     return info
 
