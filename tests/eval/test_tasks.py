@@ -272,6 +272,7 @@ def test_module_main_reports_the_overlap(tmp_path, capsys):
     assert T.main(["overlap", "--prompts", str(tmp_path / "p.txt"), "--train", str(tmp_path / "d.jsonl")]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["list"]["prompts"] == 2 and got["list"]["item_sets_in_training"] >= 1
+    assert "commit" in got["code_version"] or "package" in got["code_version"]
 
 
 def test_evaluate_tasks_records_the_code_version(tiny_base):

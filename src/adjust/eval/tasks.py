@@ -434,7 +434,11 @@ def main(argv=None) -> int:
     tasks = args.tasks.split(",") if getattr(args, "tasks", None) else None
     try:
         if args.what == "overlap":
-            print(json.dumps(heldout_overlap_files(args.prompts, args.train)))
+            from ..provenance import code_version
+
+            report = {**heldout_overlap_files(args.prompts, args.train), "prompts_file": args.prompts,
+                      "train_file": args.train, "code_version": code_version()}
+            print(json.dumps(report, indent=1))
             return 0
         if args.what == "data":
             n = write_task_data(args.out, args.n, args.seed, tasks)
