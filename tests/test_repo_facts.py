@@ -48,3 +48,18 @@ def test_docstrings_cite_the_method_page_that_exists():
         for first, last in re.findall(r"method\.md sections? (\d+)(?:-(\d+))?", text):
             cited |= set(range(int(first), int(last or first) + 1))
     assert cited and cited <= sections
+
+
+def test_readme_tables_are_the_reports_as_written():
+    """The joint-KL and 1,200-answer tables are the Markdown files their commands wrote, verbatim,
+    under the command that writes them, and their JSON records a clean code version."""
+    import json
+
+    readme = (ROOT / "README.md").read_text()
+    for stem, command in (("results/joint_kl", "adjust eval joint-kl --rollouts runs/shakespeare/rollouts -K 2,4,8"),
+                          ("results/tasks_list_1200/tasks", "--out-dir results/tasks_list_1200")):
+        table = (ROOT / f"{stem}.md").read_text()
+        assert table in readme
+        assert readme.index(command) < readme.index(table)
+        version = json.loads((ROOT / f"{stem}.json").read_text())["code_version"]
+        assert version["dirty"] is False and len(version["commit"]) == 40
