@@ -1,6 +1,6 @@
 # Two set-up commands: `make demo` and `make test`. Both create .venv with python3 -m venv.
 # constraints.txt pins torch to the CPU build (2.13.0) this project is developed on; the
-# package itself accepts torch>=2.1.
+# package itself accepts torch>=2.4 (pyproject.toml).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

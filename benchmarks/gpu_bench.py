@@ -186,6 +186,8 @@ def main(argv=None) -> int:
 
     from adjust.base import resolve_device, resolve_dtype
     from adjust.eval.bench import ideal_speedup, pass_vs_unroll
+    from adjust.io import write_json
+    from adjust.provenance import code_version
     from adjust.strategies import make_strategy
 
     if args.threads:
@@ -218,7 +220,7 @@ def main(argv=None) -> int:
     usable = torch.tensor([i for i in range(base.vocab_size) if i not in banned])
     prompt = usable[torch.randint(len(usable), (P,), generator=g)].tolist()
 
-    report = {"size": args.size, "device": str(device),
+    report = {"size": args.size, "code_version": code_version(), "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
               "model": {k: v for k, v in spec.items() if k not in ("prompt_length", "gen_length", "max_tokens", "dtype")},
@@ -270,7 +272,7 @@ def main(argv=None) -> int:
             f"{v['achieved_speedup']:.2f}x = {100 * v['fraction_of_ideal']:.0f}% of ideal")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.json, report)  # atomic: an interrupted run leaves the old file
         log(f"wrote {args.json}")
     print(json.dumps(report))
     return 0 if all(math.isfinite(r["tokens_per_second"]) for r in report["throughput"]) else 1

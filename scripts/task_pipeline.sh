@@ -8,8 +8,8 @@
 # separate LM head. At lr 2e-3 it never learned to copy from the prompt; at 1e-3 copying appears
 # after about 2,000 steps (list: 89% valid with exact decoding at 10,000). The sampler uses the
 # words just written only after ~3,000 distill steps. Distill windows drawn by the entropy of the
-# tokens they write (ENTROPY_WINDOWS), 3x the rollouts and lr decay took list validity at K = 4
-# from 0.75 to 0.85 (models/task-base/sampler/README.md). If exact (K = 1) validity is low, the
+# tokens they write (ENTROPY_WINDOWS), 3x the rollouts and lr decay together took list validity at
+# K = 4 from 0.745 to 0.840 (results/tasks.md at commits dc7c66a and 6e3e07a). If exact (K = 1) validity is low, the
 # base is undertrained: raise BASE_STEPS (train-base resumes).
 # Measured on 2 CPU threads: train-base 0.093 s/step (15.5 min), rollouts 4 min, distill 0.057 s/step
 # (12.5 min with the step entropies), eval 0.5 min; the defaults rebuild models/task-base bit for bit.

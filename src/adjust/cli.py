@@ -224,15 +224,34 @@ def cmd_distill(args) -> None:
 
 def cmd_eval_joint_kl(args) -> None:
     from .distill.rollouts import load_rollouts
-    from .eval.joint_kl import joint_kl
+    from .eval.joint_kl import joint_kl_report, markdown_table, write_report
+    from .eval.report import check_out_dir
 
+    ks = _int_list(args.tokens_per_pass or ["4"], "-K/--tokens-per-pass")
+    if args.out_dir:
+        check_out_dir(args.out_dir)
     base, sampler = _load(args, "required")
     rollouts = load_rollouts(args.rollouts, base)
-    result = joint_kl(base, sampler, rollouts, args.tokens_per_pass, num_states=args.num_states,
-                      draws=args.draws, order=args.order, seed=args.seed, progress=not args.json)
-    if result.get("kl_parallel", 0) > 0 and "kl_adjust" in result:
-        result["adjust_over_parallel"] = result["kl_adjust"] / result["kl_parallel"]
-    print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
+    result = joint_kl_report(base, sampler, rollouts, ks, num_states=args.num_states, draws=args.draws,
+                             order=args.order, seed=args.seed, rollouts_source=str(args.rollouts),
+                             sampler_source=str(args.sampler or "beside the base"), progress=not args.json)
+    if args.out_dir:
+        result["files"] = write_report(result, args.out_dir)
+    print(json.dumps(result) if args.json else markdown_table(result))
+
+
+def _int_list(values: list[str], flag: str) -> list[int]:
+    """Integers from repeated and/or comma-separated values ("2,4" "8" -> [2, 4, 8]), duplicates dropped."""
+    out: list[int] = []
+    for v in values:
+        for part in v.split(","):
+            try:
+                k = int(part)
+            except ValueError:
+                raise_bad(f"{flag} takes integers (repeat it or separate them by commas), got {v!r}")
+            if k not in out:
+                out.append(k)
+    return out
 
 
 def cmd_bench(args) -> None:
@@ -527,12 +546,14 @@ def _add_eval_parsers(sub) -> None:
     _add_base_args(p)
     p.add_argument("--sampler", default=None, help="joint sampler directory (default: <base>/sampler)")
     p.add_argument("--rollouts", required=True, help="exact rollouts of this base (held-out tail is used)")
-    p.add_argument("--tokens-per-pass", "-K", type=int, default=4)
+    p.add_argument("--tokens-per-pass", "-K", action="append", default=None, metavar="K[,K...]",
+                   help="K tokens per pass; several as -K 2,4,8 or -K 2 -K 4 (default 4): one report")
     p.add_argument("--num-states", type=int, default=64)
     p.add_argument("--draws", type=int, default=4, help="samples from the true joint per state")
     p.add_argument("--order", default="entropy")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object (default: the Markdown table)")
+    p.add_argument("--out-dir", default=None, help="also write joint_kl.json, joint_kl.md (table) and joint_kl.png here")
     p.set_defaults(func=cmd_eval_joint_kl)
     _add_quality_parser(ev)
     _add_tasks_parser(ev)  # `adjust eval tasks`: validity on verifiable parallel-decoding tasks

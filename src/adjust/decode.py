@@ -1,4 +1,4 @@
-"""The one decoding loop (METHOD.md sections 2-3).
+"""The one decoding loop (docs/method.md sections 2-3).
 
 A canvas holds [left padding | prompt | generation]. The generation region is split into
 blocks (one block unless `block_length` is set, semi-autoregressive otherwise). While the

@@ -1,4 +1,4 @@
-"""The one-layer joint sampler (METHOD.md section 4).
+"""The one-layer joint sampler (docs/method.md section 4).
 
     e   = RMSNorm(embed(x))                 frozen base embedding of the current tokens
     p   = RMSNorm(prior)                    base hidden states (first unroll) or own output

@@ -1,4 +1,4 @@
-"""Per-position distributions, order rules and float64 categorical sampling (METHOD.md section 2).
+"""Per-position distributions, order rules and float64 categorical sampling (docs/method.md section 2).
 
 Every random draw comes from a per-sequence generator whose seed depends only on the run
 seed, the sequence's prompt and its sample index: a sequence gets the same tokens whether it

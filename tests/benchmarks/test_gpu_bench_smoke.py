@@ -24,6 +24,9 @@ def test_tiny_size_on_cpu(gpu_bench, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == report  # stdout holds the same single JSON object
     assert report["size"] == "tiny" and report["canvas"] == 24 and report["k"] == 4
+    from adjust.provenance import code_version
+
+    assert report["code_version"] == code_version()  # which code made the figures
     assert report["sampler_params"] > 0 and report["base_params"] > report["sampler_params"]
     for B in (1, 2):
         c = report["pass_vs_unroll"][str(B)]

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from adjust.cli import main
-from adjust.eval.bench import count_flops, ideal_speedup
+from adjust.eval.bench import count_flops, format_table, ideal_speedup
+from adjust.provenance import code_version
 
 
 def _bench(capsys, *argv):
@@ -69,3 +70,13 @@ def test_count_flops_counts_matrix_products():
     x = torch.randn(4, 8)
     assert count_flops(lambda: lin(x)) == 2 * 4 * 8 * 16
     assert count_flops(lambda: torch.relu(x)) == 0  # elementwise work is not counted
+
+
+def test_bench_records_the_code_version_and_calls_the_flop_figure_no_hard_limit(capsys, tiny_model_dir):
+    report = _bench(capsys, "bench", "--base", tiny_model_dir, "--fresh-sampler", "--gen-length", 4,
+                    "--batch-sizes", "1", "--ks", "2", "--repeats", 1, "--warmup", 0, "--unroll-repeats", 1,
+                    "--json")
+    assert report["code_version"] == code_version()
+    table = format_table(report)
+    assert "if time were proportional to FLOPs" in table and "at most" not in table
+    assert "not a hard limit" in report["notes"]

@@ -1,5 +1,6 @@
 """The joint-KL estimator: zero where the approximation is the truth, log 2 for perfectly correlated pairs."""
 
+import json
 import math
 
 import pytest
@@ -7,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from adjust.base import BaseModel
+from adjust.cli import main
 from adjust.distill.rollouts import Rollouts, load_rollouts, make_rollouts
 from adjust.errors import AdjustError
-from adjust.eval.joint_kl import joint_kl
+from adjust.eval.joint_kl import joint_kl, markdown_table, summarize
 from adjust.sampler import JointSampler, SamplerConfig
 from adjust.sampling import SamplingConfig
 
@@ -69,3 +71,83 @@ def test_kl_is_zero_at_k1(tiny_base, tmp_path):
     assert k3["kl_parallel"] != 0  # a random base has dependent positions
     with pytest.raises(AdjustError):
         joint_kl(tiny_base, sampler, r, k=7)
+
+
+def test_ratio_is_reported_with_its_stderr_when_parallel_kl_is_clearly_positive():
+    base = CopyBase()
+    identity = JointSampler(SamplerConfig(4, 1, 8, base=base.identity()))
+    for p in identity.parameters():
+        torch.nn.init.zeros_(p)
+    out = joint_kl(base, identity, copy_rollouts(), k=2, draws=4, states=[(0, 0), (1, 0), (2, 0)])
+    assert out["kl_parallel_stderr"] == pytest.approx(0, abs=1e-9)  # every path misses by exactly log 2
+    assert out["adjust_over_parallel"] == pytest.approx(1.0)
+    assert out["adjust_over_parallel_stderr"] == pytest.approx(0, abs=1e-9)
+    assert out["ratio_note"] is None
+
+
+def test_summarize_pairs_the_two_estimates_by_state():
+    par = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=torch.float64)
+    out = summarize(par, 0.25 * par)  # ADJUST a quarter of parallel on every state: no noise in the ratio
+    assert out["kl_parallel"] == pytest.approx(1.875)
+    assert out["kl_parallel_stderr"] == pytest.approx(par.std().item() / 2)
+    assert out["adjust_over_parallel"] == pytest.approx(0.25)
+    assert out["adjust_over_parallel_stderr"] == pytest.approx(0, abs=1e-12)  # unpaired errors would not cancel
+    noisy = summarize(par, torch.tensor([0.2, 0.2, 0.5, 1.0], dtype=torch.float64))
+    assert noisy["adjust_over_parallel_stderr"] > 0
+    one = summarize(par[:1], par[:1])
+    assert one["kl_parallel_stderr"] is None and one["adjust_over_parallel"] is None
+    assert "two states" in one["ratio_note"]
+
+
+def test_no_ratio_when_parallel_kl_is_within_two_stderr_of_zero(tiny_base, tmp_path):
+    """The random tiny base barely couples two positions: parallel's KL is noise around zero while
+    ADJUST's (an untrained sampler) is large, so their ratio would be a meaningless huge number."""
+    make_rollouts(tiny_base, tmp_path, 8, 6, SamplingConfig(), seed=0, progress=False)
+    r = load_rollouts(tmp_path, tiny_base)
+    sampler = JointSampler(SamplerConfig.for_base(tiny_base))
+    states = [(n, t) for n in range(8) for t in range(5)]
+    out = joint_kl(tiny_base, sampler, r, k=2, draws=2, states=states)
+    assert out["distinct_states"] == 40
+    assert abs(out["kl_parallel"]) <= 2 * out["kl_parallel_stderr"]
+    assert out["kl_adjust"] > 2 * out["kl_adjust_stderr"] > 0
+    assert out["adjust_over_parallel"] is None and out["adjust_over_parallel_stderr"] is None
+    assert "within two standard errors" in out["ratio_note"]
+    k1 = joint_kl(tiny_base, sampler, r, k=1, draws=2, states=states)  # K = 1: both KLs exactly 0
+    assert k1["kl_parallel"] == 0 and k1["adjust_over_parallel"] is None and k1["ratio_note"]
+
+
+def test_stderr_counts_a_repeated_state_once(tiny_base, tmp_path):
+    make_rollouts(tiny_base, tmp_path, 4, 6, SamplingConfig(), seed=0, progress=False)
+    r = load_rollouts(tmp_path, tiny_base)
+    sampler = JointSampler(SamplerConfig.for_base(tiny_base))
+    out = joint_kl(tiny_base, sampler, r, k=3, draws=1, states=[(0, 0), (1, 1), (0, 0), (0, 0)])
+    assert out["num_states"] == 4 and out["distinct_states"] == 2
+
+
+def test_cli_several_k_write_one_report(tiny_model_dir, tiny_base, tmp_path, capsys):
+    rollouts = tmp_path / "r"
+    make_rollouts(tiny_base, rollouts, 8, 6, SamplingConfig(), seed=0, progress=False)
+    JointSampler(SamplerConfig.for_base(tiny_base)).save(tmp_path / "s")
+    args = ["eval", "joint-kl", "--base", str(tiny_model_dir), "--sampler", str(tmp_path / "s"),
+            "--rollouts", str(rollouts), "--num-states", "4", "--draws", "2"]
+    capsys.readouterr()
+    rc = main(args + ["-K", "1,2", "-K", "3", "--out-dir", str(tmp_path / "o"), "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    obj = json.loads(out)
+    assert [row["tokens_per_pass"] for row in obj["rows"]] == [1, 2, 3]
+    assert obj["rows"][0]["adjust_over_parallel"] is None  # K = 1: parallel is exact, no ratio
+    assert obj["code_version"]["package"] and obj["settings"]["num_states"] == 4
+    md = (tmp_path / "o" / "joint_kl.md").read_text()
+    assert md == markdown_table(obj)
+    assert "| 1 | 0.000 ± 0.000 | 0.000 ± 0.000 | not reported (see below) |" in md
+    assert "K = 1: ratio not reported" in md
+    assert json.loads((tmp_path / "o" / "joint_kl.json").read_text())["rows"] == obj["rows"]
+    assert (tmp_path / "o" / "joint_kl.png").is_file()
+    rc = main(args + ["-K", "2,x"])
+    assert rc == 2 and "adjust: error: -K/--tokens-per-pass takes integers" in capsys.readouterr().err
+    rc = main(args + ["-K", "2", "-K", "99"])  # every K is checked before any is computed
+    assert rc == 2 and "larger than the rollouts' generation length" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    rc = main(args + ["--out-dir", str(tmp_path / "file")])
+    assert rc == 2 and "is not a directory" in capsys.readouterr().err

@@ -106,3 +106,27 @@ def test_cli_json(tiny_model_dir, tmp_path, capsys):
     assert (tmp_path / "o" / "quality.md").is_file() and (tmp_path / "o" / "quality.png").is_file()
     rc = main(["eval", "quality", "--base", str(tiny_model_dir), "--strategies", "parallel:x", "--json"])
     assert rc == 2 and "adjust: error:" in capsys.readouterr().err
+
+
+def test_cached_samples_are_keyed_on_the_generating_code(tiny_base, tmp_path, monkeypatch):
+    from adjust.eval import quality
+
+    def cache():
+        return quality.SampleCache(tmp_path, tiny_base, None, 3, 4, SamplingConfig(), 3, False)
+
+    first = cache()
+    assert first.key("exact", {}, quality.build_strategy("exact", {}), 0)["code"] == quality.sampling_code_version()
+    assert first.get("exact", {}, 0)["cached"] is False
+    again = cache()
+    assert again.get("exact", {}, 0)["cached"] is True and again.hits == ["exact@seed0"]
+    monkeypatch.setattr(quality, "sampling_code_version", lambda: "0.1.0+changedcode")
+    changed = cache()
+    assert changed.get("exact", {}, 0)["cached"] is False and changed.generated == ["exact@seed0"]
+
+
+def test_report_records_the_code_version(tiny_base, sampler, tmp_path):
+    from adjust.provenance import code_version
+
+    result = run_quality(tiny_base, sampler, [("parallel", 2)], cache_dir=None, out_dir=tmp_path, **SMALL)
+    assert result["code_version"] == code_version()
+    assert json.loads((tmp_path / "quality.json").read_text())["code_version"] == code_version()

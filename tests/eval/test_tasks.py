@@ -238,3 +238,45 @@ def test_cli_eval_tasks_prints_one_json_object(tiny_model_dir, tmp_path, capsys)
     assert rc == 2 and err.startswith("adjust: error:") and "sampler" in err
     rc = main(["eval", "tasks", "--base", str(tiny_model_dir), "--prompts", str(prompts), "--strategies", "parallel:x"])
     assert rc == 2
+
+
+# --------------------------------------------------------------------------------------------
+# how held out the held-out prompts are; which code made a result
+# --------------------------------------------------------------------------------------------
+def test_heldout_overlap_counts_item_sets_trained_under_another_task():
+    held = ["list: cat dog sun =", "list: red blue sky =", "reverse: hat cup pen =", PICK]
+    train = ["reverse: sun dog cat =", "list: pen cup hat =", "list: cat dog =", {"prompt": "reverse: hat pen cup ="}]
+    out = T.heldout_overlap(held, train)
+    assert out["list"] == {"prompts": 2, "item_sets_in_training": 1, "by_training_task": {"reverse": 1}}
+    assert out["reverse"] == {"prompts": 1, "item_sets_in_training": 1, "by_training_task": {"list": 1, "reverse": 1}}
+    assert out["pick"]["item_sets_in_training"] == 0
+
+
+def test_the_task_models_held_out_list_prompts_overlap_reverse_training_data():
+    """The split holds out (task, item set) pairs, so a held-out `list` item set can be a training
+    `reverse` one. The task model's data (`data --n 60000 --seed 0`: 20,000 examples a task) and
+    held-out prompts (`prompts --n 200 --split eval --seed 1`): the counts the README states."""
+    tasks = ("list", "reverse")  # `pick` has its own made-up words: no overlap possible
+    train = [T.training_record(e) for task in tasks for e in T.examples(task, 20000, seed=0)]
+    held = [e.prompt for task in tasks for e in T.examples(task, 200, seed=1, split="eval")]
+    out = T.heldout_overlap(held, train)
+    assert out["list"] == {"prompts": 200, "item_sets_in_training": 33, "by_training_task": {"reverse": 33}}
+    assert out["reverse"] == {"prompts": 200, "item_sets_in_training": 37, "by_training_task": {"list": 37}}
+
+
+def test_module_main_reports_the_overlap(tmp_path, capsys):
+    assert T.main(["data", "--out", str(tmp_path / "d.jsonl"), "--n", "20", "--tasks", "reverse"]) == 0
+    rec = json.loads((tmp_path / "d.jsonl").read_text().splitlines()[0])
+    (tmp_path / "p.txt").write_text(f"list: {' '.join(T.parse_prompt(rec['prompt'])[1])} =\n{LIST}\n")
+    capsys.readouterr()
+    assert T.main(["overlap", "--prompts", str(tmp_path / "p.txt"), "--train", str(tmp_path / "d.jsonl")]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["list"]["prompts"] == 2 and got["list"]["item_sets_in_training"] >= 1
+    assert "commit" in got["code_version"] or "package" in got["code_version"]
+
+
+def test_evaluate_tasks_records_the_code_version(tiny_base):
+    from adjust.provenance import code_version
+
+    res = T.evaluate_tasks(tiny_base, None, [LIST], "parallel:4", gen_length=4)
+    assert res["code_version"] == code_version()

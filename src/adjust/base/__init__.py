@@ -1,4 +1,4 @@
-"""Frozen denoisers behind one small interface (METHOD.md section 7).
+"""Frozen denoisers behind one small interface (docs/method.md section 7).
 
 Every family (our tiny model, Dream, LLaDA, any masked LM) is wrapped by a `BaseModel`
 subclass that returns *aligned* outputs: position i's hidden state and logits predict

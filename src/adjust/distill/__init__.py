@@ -1,1 +1,1 @@
-"""Distilling the joint sampler from the base's own exact joint sampling (METHOD.md section 5)."""
+"""Distilling the joint sampler from the base's own exact joint sampling (docs/method.md section 5)."""

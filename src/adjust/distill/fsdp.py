@@ -5,7 +5,7 @@ on the CPU, then applies PyTorch's FSDP2 `fully_shard` to each of its decoder la
 1-D mesh of all processes: every process keeps 1/world of each layer's weights on its device,
 and a layer's full weights exist only while that layer runs (all-gathered before its forward,
 freed after it). The embedding, the output head and the final norm stay whole on every
-process, because the sampler reads the embedding and the head directly (METHOD.md section 4)
+process, because the sampler reads the embedding and the head directly (docs/method.md section 4)
 and they are a small part of a 7B model (2 x 1.1 GB in bf16 for Dream's 152k x 3584).
 
 Only the sampler is trained (DDP, as without sharding); the base has no optimizer state and

@@ -1,4 +1,4 @@
-"""KL(p_base || q_sampler) over the vocabulary, in chunks of positions (METHOD.md section 5).
+"""KL(p_base || q_sampler) over the vocabulary, in chunks of positions (docs/method.md section 5).
 
 Full-vocabulary logits for whole sequences do not fit at 152k vocabulary, so both sides'
 logits are made per chunk of masked positions, reduced to one number per position, and

@@ -1,4 +1,4 @@
-"""`adjust distill`: train the joint sampler on windows of exact trajectories (METHOD.md section 5).
+"""`adjust distill`: train the joint sampler on windows of exact trajectories (docs/method.md section 5).
 
 One example: a trajectory n, a start step t and an unroll count U.
   h        = base(x^t)                                    frozen, no grad
@@ -215,7 +215,7 @@ def _describe_change(key: str, was, now) -> str:
 
 def example_loss(base, sampler, rollouts: Rollouts, ns, ts, u: int, chunk: int,
                  normalizer: int | None = None, cached: BaseStates | None = None) -> torch.Tensor:
-    """Mean KL over the positions still masked in x^{t+u} (METHOD.md section 5).
+    """Mean KL over the positions still masked in x^{t+u} (docs/method.md section 5).
 
     With `normalizer`: the KL summed over those positions, divided by `normalizer` (a count of
     positions over a larger batch, of which ns/ts are one process's slice). With `sampler=None`

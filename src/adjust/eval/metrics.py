@@ -1,4 +1,4 @@
-"""Sample-quality metrics (METHOD.md section 6): MAUVE, distinct-n, NLL under the base or a causal LM.
+"""Sample-quality metrics (docs/method.md section 6): MAUVE, distinct-n, NLL under the base or a causal LM.
 
     featurize(texts, featurizer)          (n, d) text features for MAUVE
     mauve_score(p_texts, q_texts)         MAUVE(P, Q) in [0, 1]; 1 = indistinguishable

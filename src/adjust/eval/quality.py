@@ -1,4 +1,4 @@
-"""`adjust eval quality`: sample quality against speed, the paper's protocol (METHOD.md section 6).
+"""`adjust eval quality`: sample quality against speed, the paper's protocol (docs/method.md section 6).
 
 Protocol. `num_samples` unconditional samples of `gen_length` tokens at T = 1.0 are drawn
 with `exact` (K = 1) as the reference set Q (seed s). Every evaluated configuration,
@@ -11,9 +11,10 @@ cannot be told apart from exact joint sampling once it reaches it. Per configura
     the joint KL of parallel / ADJUST at their K (adjust.eval.joint_kl).
 
 Samples are cached in `cache_dir`, one JSON file per (base, sampler if used, strategy,
-parameters, sampling, num_samples, gen_length, seed): a rerun with one more strategy only
-generates that one. Tokens/s come from the run that generated the samples (the machine is
-recorded with them).
+parameters, sampling, num_samples, gen_length, seed, and the version of the generating code:
+`adjust.provenance.sampling_code_version()`): a rerun with one more strategy only generates
+that one, and a change to the code that writes tokens regenerates every set. Tokens/s come
+from the run that generated the samples (the machine is recorded with them).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 from ..decode import Stats, generate_texts
 from ..errors import AdjustError
 from ..io import read_json, write_json
+from ..provenance import code_version, sampling_code_version
 from ..sampling import SamplingConfig
 from .metrics import MINILM, distinct_n, featurize, finite_mean, mauve_score, nll_under_base, nll_under_causal_lm
 from .report import save_figure
@@ -95,11 +97,12 @@ class SampleCache:
         self.batch_size, self.progress = batch_size, progress
         self.base_id = base.identity()
         self.sampler_id = _fingerprint_module(sampler) if sampler is not None else None
+        self.code = sampling_code_version()
         self.hits: list[str] = []
         self.generated: list[str] = []
 
     def key(self, name, params, strategy, seed) -> dict:
-        return {"version": CACHE_VERSION, "base": self.base_id, "dtype": str(self.base.dtype),
+        return {"version": CACHE_VERSION, "code": self.code, "base": self.base_id, "dtype": str(self.base.dtype),
                 "sampler": self.sampler_id if strategy.uses_sampler else None,
                 "strategy": name, "params": params, "describe": strategy.describe(),
                 "sampling": dataclasses.asdict(self.sampling), "num_samples": self.num_samples,
@@ -258,6 +261,7 @@ def run_quality(base, sampler=None, strategies=None, num_samples: int = 500, gen
                      else str(joint_kl_rollouts) if isinstance(joint_kl_rollouts, (str, os.PathLike)) else "in memory",
                      "batch_size": batch_size, "cache_dir": None if cache_dir is None else str(cache_dir)},
         "machine": machine_info(base.device),
+        "code_version": code_version(),
         "notes": notes,
         "cache": {"hits": cache.hits, "generated": cache.generated},
     }

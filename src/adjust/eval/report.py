@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import AdjustError
 from ..io import atomic_path, write_json
+from ..provenance import code_version
 
 
 def save_figure(fig, path) -> None:
@@ -17,8 +19,20 @@ def save_figure(fig, path) -> None:
     plt.close(fig)
 
 
+def check_out_dir(out_dir) -> None:
+    """Refuse an --out-dir that cannot hold a report, before any work is done."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise AdjustError(f"--out-dir {out} exists and is not a directory")
+
+
 def write_report(result: dict, out_dir, stem: str, markdown_table, plot) -> dict:
-    """Write the three files into `out_dir` (each atomically); returns their paths (also stored in the JSON)."""
+    """Write the three files into `out_dir` (each atomically); returns their paths (also stored in the JSON).
+
+    The JSON always records the code version that made it (`adjust.provenance.code_version`).
+    """
+    result.setdefault("code_version", code_version())
+    check_out_dir(out_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": str(out / f"{stem}.json"), "markdown": str(out / f"{stem}.md"), "plot": str(out / f"{stem}.png")}

@@ -321,8 +321,11 @@ def evaluate_tasks(base, sampler, prompts, strategies, gen_length: int = DEFAULT
                      "full_passes": pooled["full_passes"], "sampler_passes": pooled["sampler_passes"],
                      "seconds": round(pooled["seconds"], 4)})
         validity.setdefault("all", {})[label] = rows[-1]["valid"]
+    from ..provenance import code_version
+
     return {"validity": validity, "results": rows, "gen_length": gen_length, "num_samples": num_samples,
-            "seed": seed, "sampling": sampling.__dict__, "prompts": {t: len(p) for t, p in by_task.items()}}
+            "seed": seed, "sampling": sampling.__dict__, "prompts": {t: len(p) for t, p in by_task.items()},
+            "code_version": code_version()}
 
 
 def format_table(result: dict) -> str:
@@ -424,9 +427,19 @@ def main(argv=None) -> int:
     q.add_argument("--seed", type=int, default=1)
     q.add_argument("--split", default="eval", choices=["eval", "train"])
     q.add_argument("--tasks", default=None)
+    o = sub.add_parser("overlap", help="held-out prompts whose item set occurs in training data (JSON)")
+    o.add_argument("--prompts", required=True, help="held-out prompts (.jsonl from `prompts`)")
+    o.add_argument("--train", required=True, help="training data (.jsonl from `data`)")
     args = parser.parse_args(argv)
-    tasks = args.tasks.split(",") if args.tasks else None
+    tasks = args.tasks.split(",") if getattr(args, "tasks", None) else None
     try:
+        if args.what == "overlap":
+            from ..provenance import code_version
+
+            report = {**heldout_overlap_files(args.prompts, args.train), "prompts_file": args.prompts,
+                      "train_file": args.train, "code_version": code_version()}
+            print(json.dumps(report, indent=1))
+            return 0
         if args.what == "data":
             n = write_task_data(args.out, args.n, args.seed, tasks)
         else:
@@ -436,6 +449,42 @@ def main(argv=None) -> int:
         return 2
     print(f"wrote {n} records to {args.out}")
     return 0
+
+
+# --- how held out are the held-out prompts ------------------------------------------------------
+def heldout_overlap(eval_prompts, train_prompts) -> dict:
+    """Held-out prompts whose item set (as a set) occurs in training data, per task.
+
+    The split holds out a (task, item set) pair, so an item set held out for one task can
+    still be trained on under another: `list` and `reverse` draw the same 3-5 common words.
+    eval_prompts / train_prompts: prompt strings or records with a "prompt". Returns
+    {task: {"prompts", "item_sets_in_training", "by_training_task": {task: count}}}, counting
+    each held-out prompt once under "item_sets_in_training".
+    """
+    def prompt_of(r):
+        return r if isinstance(r, str) else r["prompt"]
+
+    seen: dict[frozenset, set] = {}
+    for r in train_prompts:
+        task, items = parse_prompt(prompt_of(r))
+        seen.setdefault(frozenset(items), set()).add(task)
+    out: dict[str, dict] = {}
+    for r in eval_prompts:
+        task, items = parse_prompt(prompt_of(r))
+        row = out.setdefault(task, {"prompts": 0, "item_sets_in_training": 0, "by_training_task": {}})
+        row["prompts"] += 1
+        found = seen.get(frozenset(items), set())
+        row["item_sets_in_training"] += bool(found)
+        for t in sorted(found):
+            row["by_training_task"][t] = row["by_training_task"].get(t, 0) + 1
+    return out
+
+
+def heldout_overlap_files(prompts_jsonl, train_jsonl) -> dict:
+    """`heldout_overlap` of a prompts file (from `prompts`) and a training file (from `data`)."""
+    from ..data import read_prompt_file
+
+    return heldout_overlap(read_prompt_file(prompts_jsonl), read_prompt_file(train_jsonl))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Adaptive strategies: how many tokens a full pass unmasks depends on the model's confidence.
 
-Peers (METHOD.md section 8) use only the full pass; `adjust-threshold` adds the sampler
-(METHOD.md section 9). Confidence = the largest probability of a position's distribution
+Peers (docs/method.md section 8) use only the full pass; `adjust-threshold` adds the sampler
+(docs/method.md section 9). Confidence = the largest probability of a position's distribution
 after temperature / top-k / top-p; every rule unmasks at least one token per full pass.
 """
 

@@ -1,4 +1,4 @@
-"""ADJUST: one full pass, then up to K-1 unrolls of the trained joint sampler (METHOD.md section 3)."""
+"""ADJUST: one full pass, then up to K-1 unrolls of the trained joint sampler (docs/method.md section 3)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from . import Strategy, register
 
 @register("parallel")
 class Parallel(Strategy):
-    """K tokens per full pass, each drawn independently from its own marginal (METHOD.md section 3).
+    """K tokens per full pass, each drawn independently from its own marginal (docs/method.md section 3).
 
     Rule: the K best-scored masked positions of the block (order rule, default lowest
     entropy), at most the number of masks left. Needs ceil(N / K) full passes for N tokens.
@@ -27,7 +27,7 @@ class Parallel(Strategy):
 
 @register("exact")
 class Exact(Parallel):
-    """One token per full pass: the reference joint sampler (METHOD.md section 2)."""
+    """One token per full pass: the reference joint sampler (docs/method.md section 2)."""
 
     def __init__(self, tokens_per_pass: int = 1):
         super().__init__(tokens_per_pass)  # refuses K < 1
