@@ -95,16 +95,18 @@ def _sampling_from_args(args):
 
 
 def cmd_generate(args) -> None:
-    from .decode import generate_texts
+    from .decode import check_cache, generate_texts
 
     strategy = _strategy_from_args(args)
     sampling = _sampling_from_args(args)
     prompts = _read_prompts(args)  # bad prompts fail before a model loads
+    check_cache(None, args.cache, args.block_length, args.cache_refresh)
     base, sampler = _load(args, "required" if strategy.uses_sampler else "none")
     samples, stats = generate_texts(base, prompts, strategy, sampling, gen_length=args.gen_length,
                                     num_samples=args.num_samples, batch_size=args.batch_size,
                                     block_length=args.block_length, seed=args.seed, sampler=sampler,
-                                    record_history=args.show_steps, progress=not args.json)
+                                    record_history=args.show_steps, progress=not args.json, cache=args.cache,
+                                    cache_refresh=args.cache_refresh)
     if args.json:
         for s in samples:
             s.pop("sample_index", None)
@@ -518,6 +520,14 @@ def _add_quality_parser(ev) -> None:
     p.set_defaults(func=cmd_eval_quality)
 
 
+def _add_cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", default="none", help="key/value cache: none | prefix | dual (needs --block-length; "
+                   "prefix/dual recompute only the block and its right / only the block between refreshes, an "
+                   "approximation; default none)")
+    p.add_argument("--cache-refresh", type=int, default=None,
+                   help="also refresh the cache every N full passes (default: only at each block start)")
+
+
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
     from .sampling import ORDERS
 
@@ -532,6 +542,7 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default=None, help="joint sampler directory (default: <base>/sampler)")
     p.add_argument("--gen-length", type=int, default=64, help="tokens to generate per sequence")
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")
+    _add_cache_args(p)
     p.add_argument("--order", default="entropy", help=f"order rule: {' | '.join(ORDERS)} (default: entropy)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
