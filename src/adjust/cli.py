@@ -249,6 +249,11 @@ def cmd_bench(args) -> None:
         ks = [int(k) for k in args.ks.split(",") if k.strip()]
     except ValueError:
         raise_bad(f"--batch-sizes and --ks take comma-separated integers, got {args.batch_sizes!r}, {args.ks!r}")
+    from .decode import check_cache
+
+    caches = [c.strip() for c in args.cache.split(",") if c.strip()]
+    for c in caches:
+        check_cache(None, c, args.block_length, None)
     base, sampler = _load(args, "none" if args.fresh_sampler else "optional")
     source = None if sampler is None else str(args.sampler or "beside the base")
     if args.fresh_sampler:
@@ -262,7 +267,8 @@ def cmd_bench(args) -> None:
     report = run_bench(base, sampler, gen_length=args.gen_length, batch_sizes=batch_sizes, ks=ks,
                        repeats=args.repeats, warmup=args.warmup, unroll_repeats=args.unroll_repeats, seed=args.seed,
                        sampling=_sampling_from_args(args), specs=specs, sampler_source=source,
-                       progress=not args.json)
+                       progress=not args.json, prompt_length=args.prompt_length, block_length=args.block_length,
+                       caches=caches)
     print(json.dumps(report) if args.json else format_table(report))
 
 
@@ -470,6 +476,11 @@ def _add_bench_parser(sub) -> None:
                    help="override the list, e.g. exact,parallel:4,adjust:4 (default: exact, parallel and adjust "
                         "at --ks, and the adaptive ones)")
     p.add_argument("--gen-length", type=int, default=64)
+    p.add_argument("--prompt-length", type=int, default=0,
+                   help="continue a prompt of this many tokens, sampled once by the base (default 0: unconditional)")
+    p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")
+    p.add_argument("--cache", default="none", help="comma-separated key/value cache modes to time side by side, "
+                   "e.g. none,prefix,dual (prefix/dual need --block-length)")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--ks", default="2,4,8", help="K values of parallel and adjust")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per strategy (interleaved; median reported)")

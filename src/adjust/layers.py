@@ -84,16 +84,17 @@ class Attention(nn.Module):
 
         Plain: `x` is the whole canvas. `keep`: a list that receives this layer's (k, v) of the rows (a full
         pass that fills a key/value cache). `kv` = (k, v) of the whole canvas (B, nkv, L, hd): `x` holds only
-        the rows start .. start+n, whose fresh keys/values replace the cached ones there; the other positions
-        are attended through their cached keys/values (`key_mask` is the whole canvas's)."""
+        the rows start .. start+n, whose fresh keys/values are written over the cached ones there (in place:
+        a cache serves one span, recomputed on every use); the other positions are attended through their
+        cached keys/values (`key_mask` is the whole canvas's)."""
         B, L, H = x.shape
         q, k, v = self.project(x, cos, sin)
         if keep is not None:
             keep.append((k, v))
-        if kv is not None:
+        if kv is not None:  # the span's fresh keys/values go into the cache in place (no copy of the rest)
             (ck, cv), end = kv, start + L
-            k = torch.cat([ck[:, :, :start], k, ck[:, :, end:]], dim=2)
-            v = torch.cat([cv[:, :, :start], v, cv[:, :, end:]], dim=2)
+            ck[:, :, start:end], cv[:, :, start:end] = k, v
+            k, v = ck, cv
         # each group of nh / nkv query heads shares one key/value head
         gqa = {"enable_gqa": True} if self.kv_heads != self.heads else {}
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, L): True = attend
