@@ -227,10 +227,14 @@ def cmd_eval_joint_kl(args) -> None:
     from .distill.rollouts import load_rollouts
     from .eval.joint_kl import joint_kl
 
+    from .decode import check_cache
+
+    check_cache(None, args.cache, args.block_length, None)
     base, sampler = _load(args, "required")
     rollouts = load_rollouts(args.rollouts, base)
     result = joint_kl(base, sampler, rollouts, args.tokens_per_pass, num_states=args.num_states,
-                      draws=args.draws, order=args.order, seed=args.seed, progress=not args.json)
+                      draws=args.draws, order=args.order, seed=args.seed, progress=not args.json,
+                      block_length=args.block_length, cache=args.cache)
     if result.get("kl_parallel", 0) > 0 and "kl_adjust" in result:
         result["adjust_over_parallel"] = result["kl_adjust"] / result["kl_parallel"]
     print(json.dumps(result) if args.json else "\n".join(f"{k}: {v}" for k, v in result.items()))
@@ -277,11 +281,15 @@ def cmd_eval_quality(args) -> None:
     from .eval.specs import parse_strategy_specs
 
     specs = parse_strategy_specs(args.strategies) if args.strategies else None
+    from .decode import check_cache
+
+    check_cache(None, args.kv_cache, args.block_length, None)
     base, sampler = _load(args, "optional")
     result = run_quality(base, sampler, specs, num_samples=args.num_samples, gen_length=args.gen_length,
                          seed=args.seed, cache_dir=args.cache_dir, featurizer=args.featurizer,
                          evaluator=args.evaluator, joint_kl_rollouts=args.rollouts, batch_size=args.batch_size,
-                         out_dir=args.out_dir, nll_draws=args.nll_draws, progress=not args.json)
+                         out_dir=args.out_dir, nll_draws=args.nll_draws, progress=not args.json,
+                         block_length=args.block_length, kv_cache=args.kv_cache)
     if args.json:
         print(json.dumps(result))
     else:
@@ -297,10 +305,14 @@ def cmd_eval_tasks(args) -> None:
     records = select_records(read_task_prompts(args.prompts), args.tasks.split(",") if args.tasks else None,
                              args.limit)
     sampling = _sampling_from_args(args)
+    from .decode import check_cache
+
+    check_cache(None, args.cache, args.block_length, args.cache_refresh)
     base, sampler = _load(args, "required" if any(s.uses_sampler for s in built) else "none")
     result = evaluate_tasks(base, sampler, records, specs, gen_length=args.gen_length, seed=args.seed,
                             sampling=sampling, num_samples=args.num_samples, batch_size=args.batch_size,
-                            progress=not args.json)
+                            progress=not args.json, block_length=args.block_length, cache=args.cache,
+                            cache_refresh=args.cache_refresh)
     result["base"] = base.name
     if args.out_dir:
         result["files"] = write_report(result, args.out_dir)
@@ -321,6 +333,8 @@ def _add_tasks_parser(ev) -> None:
     p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS)} (default: all)")
     p.add_argument("--limit", type=int, default=0, help="at most this many prompts per task (0 = all)")
     p.add_argument("--gen-length", type=int, default=DEFAULT_GEN_LENGTH)
+    p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")
+    _add_cache_args(p)
     p.add_argument("--num-samples", type=int, default=1, help="answers per prompt")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--order", default="entropy", help=f"order rule: {' | '.join(ORDERS)}")
@@ -458,6 +472,10 @@ def _add_eval_parsers(sub) -> None:
     p.add_argument("--tokens-per-pass", "-K", type=int, default=4)
     p.add_argument("--num-states", type=int, default=64)
     p.add_argument("--draws", type=int, default=4, help="samples from the true joint per state")
+    p.add_argument("--block-length", type=int, default=None, help="restrict each step to the state's current block "
+                   "of this size (semi-autoregressive decoding)")
+    p.add_argument("--cache", default="none", help="none | prefix | dual: ADJUST's unrolls as with that key/value "
+                   "cache (block rows only against the step's sampler keys/values; needs --block-length)")
     p.add_argument("--order", default="entropy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
@@ -524,6 +542,9 @@ def _add_quality_parser(ev) -> None:
                    "causal LM path")
     p.add_argument("--nll-draws", type=int, default=8, help="Monte-Carlo draws of the base's bound per sample")
     p.add_argument("--cache-dir", default="results/cache", help="generated samples, one file per configuration")
+    p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")
+    p.add_argument("--cache", dest="kv_cache", default="none", help="key/value cache of the evaluated sets: none | "
+                   "prefix | dual (needs --block-length; the exact reference is uncached)")
     p.add_argument("--out-dir", default="results", help="where quality.json / .md / .png go")
     p.add_argument("--seed", type=int, default=0, help="reference exact set: seed; evaluated sets: seed + 1")
     p.add_argument("--batch-size", type=int, default=50)

@@ -106,3 +106,15 @@ def test_cli_json(tiny_model_dir, tmp_path, capsys):
     assert (tmp_path / "o" / "quality.md").is_file() and (tmp_path / "o" / "quality.png").is_file()
     rc = main(["eval", "quality", "--base", str(tiny_model_dir), "--strategies", "parallel:x", "--json"])
     assert rc == 2 and "adjust: error:" in capsys.readouterr().err
+
+
+def test_blocks_and_cache(tiny_base, sampler, tmp_path):
+    """--block-length/--cache: the evaluated sets are decoded with the cache, the exact reference without."""
+    kw = dict(SMALL, cache_dir=tmp_path / "cache", out_dir=None, featurizer=lambda texts: torch.randn(len(texts), 4).numpy())
+    out = run_quality(tiny_base, sampler, [("adjust", 2)], block_length=4, kv_cache="dual", **kw)
+    assert out["settings"]["kv_cache"] == "dual" and out["settings"]["block_length"] == 4
+    names = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert sorted(n.split("-seed")[0] for n in names) == ["adjust_2-dual", "exact", "exact-dual"]  # reference uncached
+    assert out["rows"][1]["full_passes"] == 2 * 2  # 2 blocks of 4 at K=2
+    with pytest.raises(AdjustError, match="needs --block-length"):
+        run_quality(tiny_base, sampler, [("adjust", 2)], kv_cache="dual", **kw)
