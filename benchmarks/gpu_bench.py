@@ -134,27 +134,20 @@ def build(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, na
     from adjust.sampler import JointSampler, SamplerConfig
 
     s = SIZES[size]
-    if native:
-        torch.manual_seed(seed)
-        base = build_native(size, device, dtype)
-        scfg = SamplerConfig.for_base(base, intermediate_ratio=s["intermediate_size"] / s["hidden_size"])
-        with torch.device(device):
-            sampler = JointSampler(scfg)
-        sampler = sampler.to(dtype=dtype).eval()
-        for p in sampler.parameters():
-            p.requires_grad_(False)
-        return base, sampler
-    cfg = transformers.Qwen2Config(
-        vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
-        num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
-        num_key_value_heads=s["num_key_value_heads"], max_position_embeddings=s["max_position_embeddings"],
-        rope_theta=s["rope_theta"], rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
-        pad_token_id=s["eos_id"], eos_token_id=s["eos_id"], bos_token_id=s["eos_id"])
     torch.manual_seed(seed)
-    with torch.device(device):  # weights are created (and randomly initialised) on the device, in dtype
-        net = transformers.Qwen2ForCausalLM._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-    tok = IdTokenizer(s["tokenizer_len"], s["mask_id"], s["eos_id"])
-    base = hf.stand_in_base("dream", net, tok, name=f"random Qwen2 {size} as a Dream stand-in")
+    if native:
+        base = build_native(size, device, dtype)
+    else:
+        cfg = transformers.Qwen2Config(
+            vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
+            num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
+            num_key_value_heads=s["num_key_value_heads"], max_position_embeddings=s["max_position_embeddings"],
+            rope_theta=s["rope_theta"], rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
+            pad_token_id=s["eos_id"], eos_token_id=s["eos_id"], bos_token_id=s["eos_id"])
+        with torch.device(device):  # weights are created (and randomly initialised) on the device, in dtype
+            net = transformers.Qwen2ForCausalLM._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+        tok = IdTokenizer(s["tokenizer_len"], s["mask_id"], s["eos_id"])
+        base = hf.stand_in_base("dream", net, tok, name=f"random Qwen2 {size} as a Dream stand-in")
     scfg = SamplerConfig.for_base(base, intermediate_ratio=s["intermediate_size"] / s["hidden_size"])
     with torch.device(device):
         sampler = JointSampler(scfg)

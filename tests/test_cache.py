@@ -157,6 +157,25 @@ def test_cached_unroll_equals_uncached_on_block_rows(bases, samplers, kind):
     torch.testing.assert_close(got, want[:, 6:10], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_later_cached_unroll_sees_the_full_pass_outside_the_block(bases, samplers, kind):
+    """The approximation, stated exactly: a later unroll of a step (prior = the previous unroll's output) equals
+    the uncached unroll whose prior outside the block is the step's full pass (the keys/values computed once)."""
+    base, sampler = bases[kind], samplers[kind]
+    x = canvas(base)
+    with torch.no_grad():
+        h0 = base.hidden_states(x)
+        kv = sampler.keys_values(base, x, h0)
+        first = h0.clone()
+        first[:, 6:10] = sampler.forward_span(base, x, h0, None, kv, 6, 10)
+        x[:, 7] = x[:, 0]  # a token written between the unrolls
+        got = sampler.forward_span(base, x, first, None, kv, 6, 10)
+        want = sampler(base, x, first)[:, 6:10]  # `first` holds h0 outside the block
+        uncached = sampler(base, x, sampler(base, x, h0))[:, 6:10]  # the uncached chain: its own outside rows
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, uncached, atol=1e-5)
+
+
 # --- the decoding loop ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name,params", STRATEGIES)
@@ -236,6 +255,29 @@ def test_span_sees_stale_cache_after_edits(bases):
         stale, new = base.span_hidden(y, None, kv, 6, 10), base.span_hidden(y, None, fresh, 6, 10)
     torch.testing.assert_close(new, base.hidden_states(y)[:, 6:10], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(stale, new, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def one_layer(tokenizer, tmp_path_factory):
+    root = tmp_path_factory.mktemp("one-layer")
+    return {"tiny": make_tiny_base(tokenizer, num_layers=1),
+            "dream": load_base(write_dream(root / "dream", seed=1, layers=1)),
+            "llada": load_base(write_llada(root / "llada", seed=2, layers=1))}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_one_layer_cache_is_exact_without_refresh(one_layer, kind, mode):
+    """With one layer the keys/values of a position depend on its token only, so a cache filled at the block start
+    is still exact when the block changes: cached decoding must give the uncached tokens with no refresh at all.
+    (Checks the cached path against an independent fact, not against itself.)"""
+    base = one_layer[kind]
+    for name, params in STRATEGIES[:3]:
+        want = run(base, None, name, params)
+        got = run(base, None, name, params, cache=mode)
+        assert got.tokens.equal(want.tokens) and got.stats.refresh_passes == 4
+        if name == "exact":
+            assert got.stats.full_passes == 16  # 12 of them cached passes
 
 
 # --- refusals -------------------------------------------------------------------------------------------
