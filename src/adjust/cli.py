@@ -122,7 +122,9 @@ def cmd_generate(args) -> None:
     print(f"[{strategy.describe()}] {d['sequences']} x {d['new_tokens']} tokens | full passes {d['full_passes']} | "
           f"sampler passes {d['sampler_passes']} | {d['tokens_per_full_pass']:.2f} tokens/full pass | "
           f"{d['seconds']:.2f} s | {d['tokens_per_second']:.1f} tokens/s"
-          + (f" | {d['eos_filled']} positions after EOS not decoded" if d["eos_filled"] else ""))
+          + (f" | {d['eos_filled']} positions after EOS not decoded" if d["eos_filled"] else "")
+          + (f" | cache {d['cache']}: {d['refresh_passes']} refreshes, {d['positions_per_full_pass']:g} positions/pass"
+             if d["cache"] != "none" else ""))
 
 
 def format_steps(base, history) -> str:
