@@ -28,6 +28,16 @@ after a PROMPT-token prompt (default 256 + 256 = a 512-token canvas):
    logits cost matches. --max-tokens 0 times whole generations. Default: 64 for --size 7b,
    0 for --size tiny.
 
+3. with --cache (e.g. none,prefix,dual) and --block-length: every strategy with every
+   key/value cache mode (adjust.decode), interleaved in the same rounds; ratio_to_uncached is
+   the paired ratio to the same strategy without a cache. The cache needs our own transformer
+   (`layers.Transformer`), so then the base is a native Dream (adjust.base.dream.DreamNative) of
+   the same shape with random weights instead of the transformers stand-in (`--native` forces
+   that without a cache too). The issue-12 configuration: a 512-token prompt, 256 generated
+   tokens in blocks of 32:
+     python benchmarks/gpu_bench.py --size 7b --prompt-length 512 --gen-length 256 --block-length 32 \
+         --max-tokens 64 --cache none,prefix,dual --json results/gpu_bench_7b_cache.json
+
 Usage:
   python benchmarks/gpu_bench.py --size 7b --json results/gpu_bench_7b.json     # on one GPU, bf16
   python benchmarks/gpu_bench.py --size tiny --device cpu                        # seconds on a CPU (CI smoke)
@@ -82,25 +92,62 @@ def log(msg: str) -> None:
     print(f"[gpu_bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def build(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """(base, sampler): a random Qwen2 of this size as a Dream stand-in, and an untrained sampler for it."""
+def build_native(size: str, device: torch.device, dtype: torch.dtype):
+    """A native Dream (our layers.Transformer, which takes the key/value cache) of this size, random weights."""
+    from torch import nn
+
+    from adjust.base.dream import DreamNative
+    from adjust.base.native import NativeConfig
+
+    s = SIZES[size]
+    cfg = NativeConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], num_layers=s["num_hidden_layers"],
+                       num_heads=s["num_attention_heads"], num_kv_heads=s["num_key_value_heads"],
+                       intermediate_size=s["intermediate_size"], rope_theta=s["rope_theta"], norm_eps=1e-6,
+                       tie_embeddings=False, qkv_bias=True, max_length=s["max_position_embeddings"],
+                       mask_id=s["mask_id"], eos_id=s["eos_id"], pad_id=s["eos_id"])
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            net = cfg.build()
+    finally:
+        torch.set_default_dtype(default)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+    tok = IdTokenizer(s["tokenizer_len"], s["mask_id"], s["eos_id"])
+    base = DreamNative(cfg, net, tok, name=f"random native Dream {size}").eval()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    return base
+
+
+def build(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, native: bool = False):
+    """(base, sampler): a random Qwen2 of this size as a Dream stand-in (or with `native` our own Dream), and an
+    untrained sampler for it."""
     import transformers
 
     from adjust.base import hf
     from adjust.sampler import JointSampler, SamplerConfig
 
     s = SIZES[size]
-    cfg = transformers.Qwen2Config(
-        vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
-        num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
-        num_key_value_heads=s["num_key_value_heads"], max_position_embeddings=s["max_position_embeddings"],
-        rope_theta=s["rope_theta"], rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
-        pad_token_id=s["eos_id"], eos_token_id=s["eos_id"], bos_token_id=s["eos_id"])
     torch.manual_seed(seed)
-    with torch.device(device):  # weights are created (and randomly initialised) on the device, in dtype
-        net = transformers.Qwen2ForCausalLM._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-    tok = IdTokenizer(s["tokenizer_len"], s["mask_id"], s["eos_id"])
-    base = hf.stand_in_base("dream", net, tok, name=f"random Qwen2 {size} as a Dream stand-in")
+    if native:
+        base = build_native(size, device, dtype)
+    else:
+        cfg = transformers.Qwen2Config(
+            vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
+            num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
+            num_key_value_heads=s["num_key_value_heads"], max_position_embeddings=s["max_position_embeddings"],
+            rope_theta=s["rope_theta"], rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False,
+            pad_token_id=s["eos_id"], eos_token_id=s["eos_id"], bos_token_id=s["eos_id"])
+        with torch.device(device):  # weights are created (and randomly initialised) on the device, in dtype
+            net = transformers.Qwen2ForCausalLM._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+        tok = IdTokenizer(s["tokenizer_len"], s["mask_id"], s["eos_id"])
+        base = hf.stand_in_base("dream", net, tok, name=f"random Qwen2 {size} as a Dream stand-in")
     scfg = SamplerConfig.for_base(base, intermediate_ratio=s["intermediate_size"] / s["hidden_size"])
     with torch.device(device):
         sampler = JointSampler(scfg)
@@ -131,16 +178,27 @@ class StopAfterTokens:
     def written(self) -> torch.Tensor:
         return (self.canvas[:, self._p:] != self._base.mask_id).sum(1)
 
-    def hidden_states(self, input_ids, attention_mask=None):
+    def _before_pass(self, input_ids):
         self.canvas = input_ids
         if self._max and int(self.written().min()) >= self._max:
             raise _Stop
         self.passes += 1
+
+    def hidden_states(self, input_ids, attention_mask=None):
+        self._before_pass(input_ids)
         return self._base.hidden_states(input_ids, attention_mask)
+
+    def cache_pass(self, input_ids, attention_mask=None):  # a full pass that fills the key/value cache
+        self._before_pass(input_ids)
+        return self._base.cache_pass(input_ids, attention_mask)
+
+    def span_hidden(self, input_ids, attention_mask, cache, start, end):  # a cached full pass
+        self._before_pass(input_ids)
+        return self._base.span_hidden(input_ids, attention_mask, cache, start, end)
 
 
 def timed_generation(base, sampler, strategy, prompt: list[int], batch: int, gen_length: int, max_tokens: int,
-                     seed: int) -> dict:
+                     seed: int, cache: str = "none", block_length: int | None = None) -> dict:
     from adjust.decode import generate
     from adjust.eval.bench import time_call
     from adjust.sampling import SamplingConfig
@@ -148,11 +206,18 @@ def timed_generation(base, sampler, strategy, prompt: list[int], batch: int, gen
     proxy = StopAfterTokens(base, len(prompt), max_tokens)
     unrolls = [0]
     hook = sampler.register_forward_hook(lambda *a: unrolls.__setitem__(0, unrolls[0] + 1))
+    span = sampler.forward_span
+
+    def counted_span(*a, **kw):  # a cached unroll (block rows only) does not go through forward
+        unrolls[0] += 1
+        return span(*a, **kw)
+
+    sampler.forward_span = counted_span
 
     def run():
         try:
-            generate(proxy, [prompt] * batch, strategy, SamplingConfig(), gen_length, seed=seed,
-                     sample_indices=list(range(batch)), sampler=sampler)
+            generate(proxy, [prompt] * batch, strategy, SamplingConfig(), gen_length, block_length, seed=seed,
+                     sample_indices=list(range(batch)), sampler=sampler, cache=cache)
         except _Stop:
             pass
 
@@ -160,6 +225,7 @@ def timed_generation(base, sampler, strategy, prompt: list[int], batch: int, gen
         seconds = time_call(run, base.device)
     finally:
         hook.remove()
+        del sampler.forward_span
     tokens = int(proxy.written().sum())
     return {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds, "full_passes": proxy.passes,
             "sampler_passes": unrolls[0]}
@@ -180,6 +246,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--pass-repeats", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: none)")
+    ap.add_argument("--cache", default="none", help="comma-separated key/value cache modes, e.g. none,prefix,dual "
+                    "(prefix/dual need --block-length and use the native Dream)")
+    ap.add_argument("--native", action="store_true", help="our native Dream instead of the transformers stand-in")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--json", default=None, help="write the report to this JSON file")
     args = ap.parse_args(argv)
@@ -204,10 +274,16 @@ def main(argv=None) -> int:
         ap.error(f"--max-tokens {M} exceeds --gen-length {G}")
     if M and M % K:
         ap.error(f"--max-tokens {M} must be a multiple of K={K} (equal tokens for every strategy)")
+    caches = [c.strip() for c in args.cache.split(",") if c.strip()] or ["none"]
+    if any(c not in ("none", "prefix", "dual") for c in caches):
+        ap.error(f"--cache takes none, prefix and dual, got {args.cache!r}")
+    if any(c != "none" for c in caches) and not args.block_length:
+        ap.error("--cache prefix/dual needs --block-length")
+    native = args.native or any(c != "none" for c in caches)
 
     t0 = time.perf_counter()
-    log(f"building a random {args.size} Qwen2 (Dream stand-in) on {device} in {dtype}")
-    base, sampler = build(args.size, device, dtype, args.seed)
+    log(f"building a random {args.size} {'native Dream' if native else 'Qwen2 (Dream stand-in)'} on {device} in {dtype}")
+    base, sampler = build(args.size, device, dtype, args.seed, native)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     build_s = time.perf_counter() - t0
@@ -227,38 +303,48 @@ def main(argv=None) -> int:
               "base_params": n_base, "sampler_params": n_sampler, "sampler_intermediate": sampler.cfg.intermediate_size,
               "build_seconds": round(build_s, 2), "prompt_length": P, "gen_length": G, "canvas": P + G, "k": K,
               "max_tokens": M, "repeats": args.repeats, "warmup": args.warmup, "pass_vs_unroll": {},
+              "base": "native Dream (adjust.base.dream)" if native else "transformers Qwen2 stand-in",
+              "block_length": args.block_length, "caches": caches,
               "throughput": [], "adjust_vs_ideal": [],
               "notes": ("random weights; tokens/s over the first max_tokens tokens of each sequence (0 = all), "
                         "timed with CUDA events on a GPU; ratio_to_exact = median over rounds of the paired ratio")}
-    strategies = [("exact", make_strategy("exact")), (f"parallel:{K}", make_strategy("parallel", tokens_per_pass=K)),
-                  (f"adjust:{K}", make_strategy("adjust", tokens_per_pass=K))]
+    plain = [("exact", make_strategy("exact")), (f"parallel:{K}", make_strategy("parallel", tokens_per_pass=K)),
+             (f"adjust:{K}", make_strategy("adjust", tokens_per_pass=K))]
+    # every strategy with every cache mode; the label names the cache unless it is the only mode, "none"
+    strategies = [(label if caches == ["none"] else f"{label} [{c}]", s, c) for label, s in plain for c in caches]
+    ref = "exact" if caches == ["none"] else f"exact [{'none' if 'none' in caches else caches[0]}]"
     for B in batch_sizes:
         x = torch.tensor(prompt + [base.mask_id] * G)[None].repeat(B, 1)
         c = pass_vs_unroll(base, sampler, x, repeats=args.pass_repeats)
         report["pass_vs_unroll"][str(B)] = c
         log(f"batch {B}: full pass {c['full_pass_ms']:.2f} ms, unroll {c['unroll_ms']:.2f} ms "
             f"(cost {c['unroll_cost']:.3f})")
-        runs = {label: [] for label, _ in strategies}
+        runs = {label: [] for label, _, _ in strategies}
         for w in range(args.warmup):
-            for label, s in strategies:
-                timed_generation(base, sampler, s, prompt, B, G, M, args.seed + 1000 + w)
+            for label, s, cache in strategies:
+                timed_generation(base, sampler, s, prompt, B, G, M, args.seed + 1000 + w, cache, args.block_length)
         for r in range(args.repeats):
             shift = r % len(strategies)
-            for label, s in strategies[shift:] + strategies[:shift]:
-                runs[label].append(timed_generation(base, sampler, s, prompt, B, G, M, args.seed + r))
-        exact = [run["tokens_per_second"] for run in runs["exact"]]
-        for label, s in strategies:
+            for label, s, cache in strategies[shift:] + strategies[:shift]:
+                runs[label].append(timed_generation(base, sampler, s, prompt, B, G, M, args.seed + r, cache,
+                                                    args.block_length))
+        exact = [run["tokens_per_second"] for run in runs[ref]]
+        for label, s, cache in strategies:
             rs = runs[label]
             tps = [run["tokens_per_second"] for run in rs]
-            row = {"strategy": label, "batch_size": B, "tokens_per_second": round(statistics.median(tps), 2),
-                   "ratio_to_exact": 1.0 if label == "exact" else
+            row = {"strategy": label, "batch_size": B, "cache": cache,
+                   "tokens_per_second": round(statistics.median(tps), 2),
+                   "ratio_to_exact": 1.0 if label == ref else
                    round(statistics.median(t / e for t, e in zip(tps, exact)), 4),
                    "tokens": rs[0]["tokens"], "full_passes": rs[0]["full_passes"],
                    "sampler_passes": rs[0]["sampler_passes"], "seconds": [round(run["seconds"], 4) for run in rs]}
+            if "none" in caches:
+                same = [run["tokens_per_second"] for run in runs[label.replace(f"[{cache}]", "[none]")]]
+                row["ratio_to_uncached"] = round(statistics.median(t / u for t, u in zip(tps, same)), 4)
             report["throughput"].append(row)
             log(f"batch {B}: {label:<12} {row['tokens_per_second']:10.1f} tokens/s  x{row['ratio_to_exact']:.3f} "
                 f"({row['tokens']} tokens, {row['full_passes']} full passes, {row['sampler_passes']} unrolls)")
-            if s.name == "adjust":
+            if s.name == "adjust" and cache == "none":
                 ideal = ideal_speedup(K, c["unroll_cost"])
                 report["adjust_vs_ideal"].append({"batch_size": B, "k": K, "unroll_cost": c["unroll_cost"],
                                                   "ideal_speedup": round(ideal, 4),

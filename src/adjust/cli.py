@@ -95,16 +95,18 @@ def _sampling_from_args(args):
 
 
 def cmd_generate(args) -> None:
-    from .decode import generate_texts
+    from .decode import check_cache, generate_texts
 
     strategy = _strategy_from_args(args)
     sampling = _sampling_from_args(args)
     prompts = _read_prompts(args)  # bad prompts fail before a model loads
+    check_cache(None, args.cache, args.block_length, args.cache_refresh)
     base, sampler = _load(args, "required" if strategy.uses_sampler else "none")
     samples, stats = generate_texts(base, prompts, strategy, sampling, gen_length=args.gen_length,
                                     num_samples=args.num_samples, batch_size=args.batch_size,
                                     block_length=args.block_length, seed=args.seed, sampler=sampler,
-                                    record_history=args.show_steps, progress=not args.json)
+                                    record_history=args.show_steps, progress=not args.json, cache=args.cache,
+                                    cache_refresh=args.cache_refresh)
     if args.json:
         for s in samples:
             s.pop("sample_index", None)
@@ -120,7 +122,9 @@ def cmd_generate(args) -> None:
     print(f"[{strategy.describe()}] {d['sequences']} x {d['new_tokens']} tokens | full passes {d['full_passes']} | "
           f"sampler passes {d['sampler_passes']} | {d['tokens_per_full_pass']:.2f} tokens/full pass | "
           f"{d['seconds']:.2f} s | {d['tokens_per_second']:.1f} tokens/s"
-          + (f" | {d['eos_filled']} positions after EOS not decoded" if d["eos_filled"] else ""))
+          + (f" | {d['eos_filled']} positions after EOS not decoded" if d["eos_filled"] else "")
+          + (f" | cache {d['cache']}: {d['refresh_passes']} refreshes, {d['positions_per_full_pass']:g} positions/pass"
+             if d["cache"] != "none" else ""))
 
 
 def format_steps(base, history) -> str:
@@ -230,11 +234,15 @@ def cmd_eval_joint_kl(args) -> None:
     ks = _int_list(args.tokens_per_pass or ["4"], "-K/--tokens-per-pass")
     if args.out_dir:
         check_out_dir(args.out_dir)
+    from .decode import check_cache
+
+    check_cache(None, args.cache, args.block_length, None)
     base, sampler = _load(args, "required")
     rollouts = load_rollouts(args.rollouts, base)
     result = joint_kl_report(base, sampler, rollouts, ks, num_states=args.num_states, draws=args.draws,
                              order=args.order, seed=args.seed, rollouts_source=str(args.rollouts),
-                             sampler_source=str(args.sampler or "beside the base"), progress=not args.json)
+                             sampler_source=str(args.sampler or "beside the base"), progress=not args.json,
+                             block_length=args.block_length, cache=args.cache)
     if args.out_dir:
         result["files"] = write_report(result, args.out_dir)
     print(json.dumps(result) if args.json else markdown_table(result))
@@ -267,6 +275,11 @@ def cmd_bench(args) -> None:
         ks = [int(k) for k in args.ks.split(",") if k.strip()]
     except ValueError:
         raise_bad(f"--batch-sizes and --ks take comma-separated integers, got {args.batch_sizes!r}, {args.ks!r}")
+    from .decode import check_cache
+
+    caches = [c.strip() for c in args.cache.split(",") if c.strip()]
+    for c in caches:
+        check_cache(None, c, args.block_length, None)
     base, sampler = _load(args, "none" if args.fresh_sampler else "optional")
     source = None if sampler is None else str(args.sampler or "beside the base")
     if args.fresh_sampler:
@@ -280,7 +293,8 @@ def cmd_bench(args) -> None:
     report = run_bench(base, sampler, gen_length=args.gen_length, batch_sizes=batch_sizes, ks=ks,
                        repeats=args.repeats, warmup=args.warmup, unroll_repeats=args.unroll_repeats, seed=args.seed,
                        sampling=_sampling_from_args(args), specs=specs, sampler_source=source,
-                       progress=not args.json)
+                       progress=not args.json, prompt_length=args.prompt_length, block_length=args.block_length,
+                       caches=caches)
     print(json.dumps(report) if args.json else format_table(report))
 
 
@@ -289,11 +303,15 @@ def cmd_eval_quality(args) -> None:
     from .eval.specs import parse_strategy_specs
 
     specs = parse_strategy_specs(args.strategies) if args.strategies else None
+    from .decode import check_cache
+
+    check_cache(None, args.kv_cache, args.block_length, None)
     base, sampler = _load(args, "optional")
     result = run_quality(base, sampler, specs, num_samples=args.num_samples, gen_length=args.gen_length,
                          seed=args.seed, cache_dir=args.cache_dir, featurizer=args.featurizer,
                          evaluator=args.evaluator, joint_kl_rollouts=args.rollouts, batch_size=args.batch_size,
-                         out_dir=args.out_dir, nll_draws=args.nll_draws, progress=not args.json)
+                         out_dir=args.out_dir, nll_draws=args.nll_draws, progress=not args.json,
+                         block_length=args.block_length, kv_cache=args.kv_cache)
     if args.json:
         print(json.dumps(result))
     else:
@@ -309,10 +327,14 @@ def cmd_eval_tasks(args) -> None:
     records = select_records(read_task_prompts(args.prompts), args.tasks.split(",") if args.tasks else None,
                              args.limit)
     sampling = _sampling_from_args(args)
+    from .decode import check_cache
+
+    check_cache(None, args.cache, args.block_length, args.cache_refresh)
     base, sampler = _load(args, "required" if any(s.uses_sampler for s in built) else "none")
     result = evaluate_tasks(base, sampler, records, specs, gen_length=args.gen_length, seed=args.seed,
                             sampling=sampling, num_samples=args.num_samples, batch_size=args.batch_size,
-                            progress=not args.json)
+                            progress=not args.json, block_length=args.block_length, cache=args.cache,
+                            cache_refresh=args.cache_refresh)
     result["base"] = base.name
     if args.out_dir:
         result["files"] = write_report(result, args.out_dir)
@@ -333,6 +355,8 @@ def _add_tasks_parser(ev) -> None:
     p.add_argument("--tasks", default=None, help=f"comma-separated subset of {','.join(TASKS)} (default: all)")
     p.add_argument("--limit", type=int, default=0, help="at most this many prompts per task (0 = all)")
     p.add_argument("--gen-length", type=int, default=DEFAULT_GEN_LENGTH)
+    p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")
+    _add_cache_args(p)
     p.add_argument("--num-samples", type=int, default=1, help="answers per prompt")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--order", default="entropy", help=f"order rule: {' | '.join(ORDERS)}")
@@ -550,6 +574,10 @@ def _add_eval_parsers(sub) -> None:
                    help="K tokens per pass; several as -K 2,4,8 or -K 2 -K 4 (default 4): one report")
     p.add_argument("--num-states", type=int, default=64)
     p.add_argument("--draws", type=int, default=4, help="samples from the true joint per state")
+    p.add_argument("--block-length", type=int, default=None, help="restrict each step to the state's current block "
+                   "of this size (semi-autoregressive decoding)")
+    p.add_argument("--cache", default="none", help="none | prefix | dual: ADJUST's unrolls as with that key/value "
+                   "cache (block rows only against the step's sampler keys/values; needs --block-length)")
     p.add_argument("--order", default="entropy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print exactly one JSON object (default: the Markdown table)")
@@ -569,6 +597,11 @@ def _add_bench_parser(sub) -> None:
                    help="override the list, e.g. exact,parallel:4,adjust:4 (default: exact, parallel and adjust "
                         "at --ks, and the adaptive ones)")
     p.add_argument("--gen-length", type=int, default=64)
+    p.add_argument("--prompt-length", type=int, default=0,
+                   help="continue a prompt of this many tokens, sampled once by the base (default 0: unconditional)")
+    p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")
+    p.add_argument("--cache", default="none", help="comma-separated key/value cache modes to time side by side, "
+                   "e.g. none,prefix,dual (prefix/dual need --block-length)")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--ks", default="2,4,8", help="K values of parallel and adjust")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per strategy (interleaved; median reported)")
@@ -612,11 +645,22 @@ def _add_quality_parser(ev) -> None:
                    "causal LM path")
     p.add_argument("--nll-draws", type=int, default=8, help="Monte-Carlo draws of the base's bound per sample")
     p.add_argument("--cache-dir", default="results/cache", help="generated samples, one file per configuration")
+    p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")
+    p.add_argument("--cache", dest="kv_cache", default="none", help="key/value cache of the evaluated sets: none | "
+                   "prefix | dual (needs --block-length; the exact reference is uncached)")
     p.add_argument("--out-dir", default="results", help="where quality.json / .md / .png go")
     p.add_argument("--seed", type=int, default=0, help="reference exact set: seed; evaluated sets: seed + 1")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--json", action="store_true", help="print exactly one JSON object (also written to --out-dir)")
     p.set_defaults(func=cmd_eval_quality)
+
+
+def _add_cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", default="none", help="key/value cache: none | prefix | dual (needs --block-length; "
+                   "prefix/dual recompute only the block and its right / only the block between refreshes, an "
+                   "approximation; default none)")
+    p.add_argument("--cache-refresh", type=int, default=None,
+                   help="also refresh the cache every N full passes (default: only at each block start)")
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -633,6 +677,7 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default=None, help="joint sampler directory (default: <base>/sampler)")
     p.add_argument("--gen-length", type=int, default=64, help="tokens to generate per sequence")
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")
+    _add_cache_args(p)
     p.add_argument("--order", default="entropy", help=f"order rule: {' | '.join(ORDERS)} (default: entropy)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)

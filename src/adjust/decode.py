@@ -5,6 +5,15 @@ blocks (one block unless `block_length` is set, semi-autoregressive otherwise). 
 current block has masks: one full pass of the base model, then the strategy commits tokens
 through a `StepContext`. Strategies decide *which* and *how many* positions; the context
 owns sampling, randomness, the sampler's unrolls and the statistics.
+
+Key/value cache (`cache`, needs blocks; Fast-dLLM's prefix and dual caches, inside this one loop):
+"none" runs the base on the whole canvas every pass. "prefix": at each block start (and every
+`cache_refresh` passes) one pass over the whole canvas stores every layer's keys/values; the
+passes in between run the base only on the block and what lies right of it, attending to the
+stored keys/values left of it. "dual": those passes run only on the block, with the stored
+keys/values on both sides. Hidden states of positions not recomputed keep their last values.
+With a cache, ADJUST's sampler computes its own keys/values of the whole canvas once per step
+(from the step's full pass) and each unroll runs only the block's rows against them.
 """
 
 from __future__ import annotations
@@ -20,6 +29,9 @@ from .errors import AdjustError
 from .sampling import RowRNG, SamplingConfig, log_probs, order_scores, row_seed, sample_tokens
 
 
+CACHE_MODES = ("none", "prefix", "dual")
+
+
 @dataclass
 class Stats:
     full_passes: int = 0  # calls of the base model
@@ -29,6 +41,13 @@ class Stats:
     sequences: int = 0
     seconds: float = 0.0
     eos_filled: int = 0  # positions set to EOS by the early-exit rule, not decoded (summed over sequences)
+    cache: str = "none"  # key/value cache mode (CACHE_MODES)
+    refresh_passes: int = 0  # full passes that ran the base on the whole canvas (all of them without a cache)
+    positions: int = 0  # canvas positions the base computed, summed over full passes (per sequence)
+    sampler_positions: int = 0  # canvas positions the sampler computed, summed over unrolls (per sequence)
+    refresh_seconds: float = 0.0  # time in whole-canvas base passes
+    span_seconds: float = 0.0  # time in cached base passes (block, or block and right of it)
+    unroll_seconds: float = 0.0  # time in sampler unrolls (with a cache: the step's sampler keys/values included)
 
     @property
     def decoded_tokens(self) -> float:
@@ -45,21 +64,45 @@ class Stats:
         """Decoded tokens per second (positions filled with EOS by early exit are not counted)."""
         return self.decoded_tokens / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def positions_per_full_pass(self) -> float:
+        """Canvas positions the base computed per full pass (the canvas length without a cache)."""
+        return self.positions / max(1, self.full_passes)
+
+    @property
+    def positions_per_unroll(self) -> float:
+        """Canvas positions the sampler computed per unroll (the canvas length without a cache, the block with)."""
+        return self.sampler_positions / max(1, self.sampler_passes)
+
+    @property
+    def unroll_cost(self) -> float | None:
+        """Mean time of one unroll over that of one cached full pass (of a whole-canvas pass without a cache)."""
+        spans = self.full_passes - self.refresh_passes
+        per_pass = (self.span_seconds / spans) if spans else (self.refresh_seconds / max(1, self.refresh_passes))
+        if not self.sampler_passes or per_pass <= 0:
+            return None
+        return self.unroll_seconds / self.sampler_passes / per_pass
+
     def merge(self, other: "Stats") -> "Stats":
         """Stats of two runs one after the other (per-sequence counts averaged by sequences)."""
         n = self.sequences + other.sequences
         avg = lambda a, b: (a * self.sequences + b * other.sequences) / max(1, n)  # noqa: E731
-        return Stats(self.full_passes + other.full_passes, self.row_passes + other.row_passes,
-                     self.sampler_passes + other.sampler_passes, avg(self.new_tokens, other.new_tokens), n,
-                     self.seconds + other.seconds, self.eos_filled + other.eos_filled)
+        add = lambda name: getattr(self, name) + getattr(other, name)  # noqa: E731
+        return Stats(add("full_passes"), add("row_passes"), add("sampler_passes"), avg(self.new_tokens, other.new_tokens),
+                     n, add("seconds"), add("eos_filled"), self.cache, add("refresh_passes"), add("positions"),
+                     add("sampler_positions"), add("refresh_seconds"), add("span_seconds"), add("unroll_seconds"))
 
     def to_dict(self) -> dict:
+        cost = self.unroll_cost
         return {"full_passes": self.full_passes, "sampler_passes": self.sampler_passes,
                 "new_tokens": int(self.new_tokens) if float(self.new_tokens).is_integer() else self.new_tokens,
                 "sequences": self.sequences,
                 "tokens_per_full_pass": round(self.tokens_per_full_pass, 4),
                 "seconds": round(self.seconds, 4), "tokens_per_second": round(self.tokens_per_second, 2),
-                "eos_filled": self.eos_filled}
+                "eos_filled": self.eos_filled, "cache": self.cache, "refresh_passes": self.refresh_passes,
+                "positions_per_full_pass": round(self.positions_per_full_pass, 2),
+                "positions_per_unroll": round(self.positions_per_unroll, 2),
+                "unroll_cost": None if cost is None else round(cost, 4)}
 
 
 @dataclass
@@ -78,6 +121,7 @@ class StepContext:
     step: int
     unroll: int = 0  # 0 = the full pass's distributions, j = after j sampler unrolls
     _full_logits: tuple | None = field(default=None, repr=False)  # (candidates, logits) of the full pass
+    _sampler_kv: tuple | None = field(default=None, repr=False)  # with a cache: the sampler's (k, v) this step
 
     @property
     def x(self) -> torch.Tensor:
@@ -138,12 +182,26 @@ class StepContext:
 
     def unroll_sampler(self, prior: torch.Tensor) -> torch.Tensor:
         """One pass of the joint sampler on the current canvas; returns its hidden states (B, L, H)."""
-        sampler = self.loop.sampler
+        loop, sampler = self.loop, self.loop.sampler
         if sampler is None:
             raise AdjustError("this strategy needs a joint sampler (--sampler)")
-        self.loop.stats.sampler_passes += 1
+        loop.stats.sampler_passes += 1
         self.unroll += 1
-        return sampler(self.loop.base, self.x, prior, self.loop.attention_mask)
+        t0 = time.perf_counter()
+        if loop.cache == "none":
+            out = sampler(loop.base, self.x, prior, loop.attention_mask)
+            loop.stats.sampler_positions += self.x.shape[1]
+        else:
+            # outside the block nothing changes within a step: the sampler's keys/values there come once per
+            # step, from the step's full pass; each unroll computes only the block's rows
+            lo, hi = loop.block
+            if self._sampler_kv is None:
+                self._sampler_kv = sampler.keys_values(loop.base, self.x, self.hidden, loop.attention_mask)
+            out = prior.clone()
+            out[:, lo:hi] = sampler.forward_span(loop.base, self.x, prior, loop.attention_mask, self._sampler_kv, lo, hi)
+            loop.stats.sampler_positions += hi - lo
+        loop.stats.unroll_seconds += _elapsed(t0, self.x.device)
+        return out
 
 
 class _Loop:
@@ -157,14 +215,48 @@ class _Loop:
     in later passes (`row_passes`), and the loop ends when no sequence has any.
     """
 
-    def __init__(self, base, x, attention_mask, gen_start, sampling, rng, sampler, record_history, stops=None):
+    def __init__(self, base, x, attention_mask, gen_start, sampling, rng, sampler, record_history, stops=None,
+                 cache: str = "none", cache_refresh: int | None = None):
         self.base, self.x, self.attention_mask = base, x, attention_mask
         self.gen_start, self.sampling, self.rng, self.sampler = gen_start, sampling, rng, sampler
-        self.stats = Stats(sequences=x.shape[0])
+        self.stats = Stats(sequences=x.shape[0], cache=cache)
         self.block = (gen_start, x.shape[1])
         self.history = [[] for _ in range(x.shape[0])] if record_history else None
         self._cand = None
         self.stops = None if stops is None else torch.tensor(stops, dtype=torch.long, device=x.device)
+        self.cache, self.cache_refresh = cache, cache_refresh
+        self._kv, self._hidden, self._since = None, None, 0  # the base's cache, its hidden states, passes since
+
+    def start_block(self, lo: int, hi: int) -> None:
+        self.block = (lo, hi)
+        self._cand = None
+        self._kv = None  # a cache is refreshed at every block start
+
+    def full_pass(self) -> torch.Tensor:
+        """The base's aligned hidden states (B, L, H) of the canvas: all computed now without a cache; with one,
+        a whole-canvas pass that refreshes it (block start, every `cache_refresh` passes) or only the block
+        (dual) or the block and its right (prefix), the other positions keeping their last states."""
+        x, mask, L, stats = self.x, self.attention_mask, self.x.shape[1], self.stats
+        t0 = time.perf_counter()
+        if self.cache == "none":
+            hidden = self.base.hidden_states(x, mask)
+        elif self._kv is None or (self.cache_refresh is not None and self._since >= self.cache_refresh):
+            self._hidden, self._kv = self.base.cache_pass(x, mask)
+            hidden, self._since = self._hidden, 0
+        else:
+            lo, hi = self.block
+            end = hi if self.cache == "dual" else L
+            self._hidden[:, lo:end] = self.base.span_hidden(x, mask, self._kv, lo, end)
+            hidden = self._hidden
+            stats.positions += end - lo
+            stats.span_seconds += _elapsed(t0, x.device)
+            self._since += 1
+            return hidden
+        self._since += 1
+        stats.refresh_passes += 1
+        stats.positions += L
+        stats.refresh_seconds += _elapsed(t0, x.device)
+        return hidden
 
     def candidates(self):
         if self._cand is None:
@@ -201,6 +293,12 @@ class _Loop:
         self.stats.eos_filled += int(fill.sum())
 
 
+def _elapsed(t0: float, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def build_canvas(prompts: list[list[int]], gen_length: int, base):
     """Left-padded canvas (B, P + gen_length), attention mask (None if no padding), and P."""
     P = max((len(p) for p in prompts), default=0)
@@ -230,11 +328,27 @@ def check_request(base, prompts: list[list[int]], gen_length: int, block_length:
             raise AdjustError("a prompt contains the mask token; prompts must be plain text")
 
 
+def check_cache(base, cache: str, block_length: int | None, cache_refresh: int | None) -> None:
+    """Refuse a cache mode the request or the base cannot have (before any work; base None: the arguments only)."""
+    if cache not in CACHE_MODES:
+        raise AdjustError(f"unknown --cache {cache!r}; choose one of {', '.join(CACHE_MODES)}")
+    if cache_refresh is not None and cache_refresh < 1:
+        raise AdjustError(f"--cache-refresh must be at least 1, got {cache_refresh}")
+    if cache == "none":
+        return
+    if block_length is None:
+        raise AdjustError(f"--cache {cache} needs --block-length: the cache is refreshed at each block start")
+    if base is not None and not getattr(base, "supports_cache", False):
+        raise AdjustError(f"--cache {cache}: the base {base.name} ({type(base).__name__}) cannot take a key/value "
+                          "cache (only our tiny model and the native Dream and LLaDA can); use --cache none")
+
+
 @torch.inference_mode()
 def generate(base, prompts: list[list[int]], strategy, sampling: SamplingConfig = SamplingConfig(),
              gen_length: int = 64, block_length: int | None = None, seed: int = 0,
              sample_indices: list[int] | None = None, sampler=None, record_history: bool = False,
-             early_exit: bool = False, on_step=None) -> Generation:
+             early_exit: bool = False, on_step=None, cache: str = "none",
+             cache_refresh: int | None = None) -> Generation:
     """Generate `gen_length` tokens after each prompt (an empty prompt = unconditional).
 
     Each sequence b uses its own generator seeded by (seed, prompts[b], sample_indices[b]),
@@ -245,8 +359,11 @@ def generate(base, prompts: list[list[int]], strategy, sampling: SamplingConfig 
     generation-relative columns and tokens it unmasked; an exception it raises stops the generation
     (the server streams and cancels this way). It only observes: the tokens are the same with or
     without it.
+    `cache` ("none", "prefix", "dual"; needs `block_length`) and `cache_refresh` (refresh it every N full
+    passes too, not only at block starts): the key/value cache, see the module's docstring.
     """
     check_request(base, prompts, gen_length, block_length)
+    check_cache(base, cache, block_length, cache_refresh)
     if not strategy.adaptive and strategy.k > gen_length:
         raise AdjustError(f"--tokens-per-pass {strategy.k} is larger than --gen-length {gen_length}")
     if strategy.uses_sampler and sampler is None:
@@ -261,17 +378,16 @@ def generate(base, prompts: list[list[int]], strategy, sampling: SamplingConfig 
     sample_indices = sample_indices or [0] * len(prompts)
     rng = RowRNG([row_seed(seed, p, i) for p, i in zip(prompts, sample_indices)], device)
     stops = tuple(base.stop_ids) if early_exit and base.eos_id is not None and base.stop_ids else None
-    loop = _Loop(base, x, attention_mask, P, sampling, rng, sampler, record_history, stops)
+    loop = _Loop(base, x, attention_mask, P, sampling, rng, sampler, record_history, stops, cache, cache_refresh)
     block_length = block_length or gen_length
     t0 = time.perf_counter()
     step = 0
     for lo in range(P, P + gen_length, block_length):
-        loop.block = (lo, min(lo + block_length, P + gen_length))
-        loop._cand = None
+        loop.start_block(lo, min(lo + block_length, P + gen_length))
         while len(loop.candidates()[0]):
             rows_before = torch.bincount(loop.candidates()[0], minlength=x.shape[0])
             before = loop.x.clone() if on_step is not None else None
-            hidden = base.hidden_states(loop.x, attention_mask)
+            hidden = loop.full_pass()
             loop.stats.full_passes += 1
             loop.stats.row_passes += int((rows_before > 0).sum())
             strategy.step(StepContext(loop, hidden, step))
@@ -300,7 +416,8 @@ def full_passes_needed(gen_length: int, k: int, block_length: int | None = None)
 def generate_texts(base, prompts: list[str], strategy, sampling: SamplingConfig = SamplingConfig(),
                    gen_length: int = 64, num_samples: int = 1, batch_size: int = 16,
                    block_length: int | None = None, seed: int = 0, sampler=None, record_history: bool = False,
-                   progress: bool = False, early_exit: bool | None = None) -> tuple[list[dict], Stats]:
+                   progress: bool = False, early_exit: bool | None = None, cache: str = "none",
+                   cache_refresh: int | None = None) -> tuple[list[dict], Stats]:
     """Text in, samples out: `num_samples` generations per prompt ("" = unconditional), batched.
 
     Returns ([{"prompt", "text", "token_ids", "sample_index", ("history")}], merged Stats).
@@ -316,6 +433,7 @@ def generate_texts(base, prompts: list[str], strategy, sampling: SamplingConfig 
         early_exit = bool(getattr(base, "chat", False))
     encoded = [base.encode(p) for p in prompts]
     check_request(base, encoded, gen_length, block_length)
+    check_cache(base, cache, block_length, cache_refresh)
     jobs = [(n, text, ids, i) for n, (text, ids) in enumerate(zip(prompts, encoded)) for i in range(num_samples)]
     # Batch prompts of equal length only: no padding, so a sequence gets bit-identical
     # logits (hence tokens) in any batch, and no compute is spent on pad tokens.
@@ -325,7 +443,8 @@ def generate_texts(base, prompts: list[str], strategy, sampling: SamplingConfig 
     bar = tqdm(total=len(jobs), desc=f"generate {strategy.describe()}", disable=not progress, leave=False)
     for chunk in batches:
         out = generate(base, [ids for _, _, ids, _ in chunk], strategy, sampling, gen_length, block_length, seed,
-                       [i for *_, i in chunk], sampler, record_history, early_exit)
+                       [i for *_, i in chunk], sampler, record_history, early_exit=early_exit, cache=cache,
+                       cache_refresh=cache_refresh)
         stats = out.stats if stats is None else stats.merge(out.stats)
         for b, (n, text, _, i) in enumerate(chunk):
             ids = out.tokens[b].tolist()

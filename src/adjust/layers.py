@@ -68,19 +68,37 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(hidden, (heads + 2 * kv_heads) * self.head_dim, bias=qkv_bias)
         self.out = nn.Linear(hidden, hidden, bias=False)
 
-    def forward(self, x, cos, sin, key_mask=None):
-        B, L, H = x.shape
+    def project(self, x, cos, sin):
+        """q (B, nh, L, hd), k and v (B, nkv, L, hd), rotary positions applied to q and k."""
+        B, L, _ = x.shape
         nh, nkv, hd = self.heads, self.kv_heads, self.head_dim
-        gqa = {}
         if nkv == nh:
             q, k, v = self.qkv(x).view(B, L, 3, nh, hd).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, L, hd)
         else:
             q, k, v = self.qkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
             q, k, v = (t.view(B, L, -1, hd).transpose(1, 2) for t in (q, k, v))  # (B, nh | nkv, L, hd)
-            gqa = {"enable_gqa": True}  # each group of nh / nkv query heads shares one key/value head
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, key_mask=None, kv=None, start: int = 0, keep: list | None = None):
+        """Attention of the rows `x` (B, n, H).
+
+        Plain: `x` is the whole canvas. `keep`: a list that receives this layer's (k, v) of the rows (a full
+        pass that fills a key/value cache). `kv` = (k, v) of the whole canvas (B, nkv, L, hd): `x` holds only
+        the rows start .. start+n, whose fresh keys/values are written over the cached ones there (in place:
+        a cache serves one span, recomputed on every use); the other positions are attended through their
+        cached keys/values (`key_mask` is the whole canvas's)."""
+        B, L, H = x.shape
+        q, k, v = self.project(x, cos, sin)
+        if keep is not None:
+            keep.append((k, v))
+        if kv is not None:  # the span's fresh keys/values go into the cache in place (no copy of the rest)
+            (ck, cv), end = kv, start + L
+            ck[:, :, start:end], cv[:, :, start:end] = k, v
+            k, v = ck, cv
+        # each group of nh / nkv query heads shares one key/value head
+        gqa = {"enable_gqa": True} if self.kv_heads != self.heads else {}
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, L): True = attend
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)  # (B, nh, L, hd), bidirectional
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)  # (B, nh, n, hd), bidirectional
         return self.out(y.transpose(1, 2).reshape(B, L, H))
 
 
@@ -106,8 +124,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(hidden, eps)
         self.mlp = SwiGLU(hidden, intermediate)
 
-    def forward(self, x, cos, sin, key_mask=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, key_mask)
+    def forward(self, x, cos, sin, key_mask=None, kv=None, start: int = 0, keep: list | None = None):
+        """`kv`, `start`, `keep`: see `Attention.forward` (a span of rows against cached keys/values)."""
+        x = x + self.attn(self.attn_norm(x), cos, sin, key_mask, kv, start, keep)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -132,13 +151,30 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(hidden_size, norm_eps)
         self.head = None if tie_embeddings else nn.Linear(hidden_size, vocab_size, bias=False)
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, keep: list | None = None):
+        """Final post-norm hidden states (B, L, H) of the canvas. `keep`: a list that receives each layer's
+        keys and values (k, v), each (B, kv_heads, L, head_dim), rotary positions applied: a key/value cache."""
         x = self.embed(input_ids)  # (B, L, H)
         cos, sin = rope_for(attention_mask, input_ids.shape, input_ids.device, self.head_dim, self.rope_theta, x.dtype)
         key_mask = None if attention_mask is None else attention_mask.bool()
         for block in self.blocks:
-            x = block(x, cos, sin, key_mask)
+            x = block(x, cos, sin, key_mask, keep=keep)
         return self.norm(x)  # (B, L, H), final post-norm hidden states
+
+    def forward_span(self, input_ids, attention_mask, kv: list, start: int, end: int) -> torch.Tensor:
+        """Hidden states (B, end - start, H) of the positions start .. end-1 of the canvas `input_ids` (B, L) only.
+
+        Those rows are computed afresh in every layer and attend to their own fresh keys/values and to the
+        cached ones (`kv`, as `forward(keep=...)` filled it) of every other position: the canvas's other
+        tokens are taken to be those the cache was computed on. With a cache of the same canvas the result
+        equals forward(...)[:, start:end] up to floating-point rounding."""
+        x = self.embed(input_ids[:, start:end])
+        cos, sin = rope_for(attention_mask, input_ids.shape, input_ids.device, self.head_dim, self.rope_theta, x.dtype)
+        cos, sin = cos[:, :, start:end], sin[:, :, start:end]
+        key_mask = None if attention_mask is None else attention_mask.bool()
+        for block, layer_kv in zip(self.blocks, kv):
+            x = block(x, cos, sin, key_mask, kv=layer_kv, start=start)
+        return self.norm(x)
 
     def output_weight(self) -> torch.Tensor:
         return (self.embed if self.head is None else self.head).weight

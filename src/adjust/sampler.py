@@ -80,13 +80,37 @@ class JointSampler(nn.Module):
         """One unroll: (B, L) tokens + (B, L, H) prior -> (B, L, H) new aligned hidden states.
 
         Computed in the dtype of the sampler's weights; the result has the prior's dtype."""
+        own, z = self._inputs(base, input_ids, prior)
+        cos, sin = self._rope(input_ids, attention_mask, z.dtype)
+        z = self.block(z, cos, sin, None if attention_mask is None else attention_mask.bool())
+        return (self.out_norm(z) + own).to(prior.dtype)
+
+    def _inputs(self, base, input_ids, prior):
+        """(prior in the sampler's dtype, z = proj([norm(embed(x)); norm(prior)])) for the given rows."""
         dtype = self.proj.weight.dtype
         own = prior.to(dtype)
         e = self.embed_norm(base.embed(input_ids).to(dtype))
-        z = self.proj(torch.cat([e, self.prior_norm(own)], dim=-1))  # (B, L, H)
-        cos, sin = rope_for(attention_mask, input_ids.shape, input_ids.device,
-                            self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta, z.dtype)
-        z = self.block(z, cos, sin, None if attention_mask is None else attention_mask.bool())
+        return own, self.proj(torch.cat([e, self.prior_norm(own)], dim=-1))  # (B, n, H)
+
+    def _rope(self, input_ids, attention_mask, dtype):
+        return rope_for(attention_mask, input_ids.shape, input_ids.device,
+                        self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta, dtype)
+
+    def keys_values(self, base, input_ids, prior, attention_mask=None) -> tuple:
+        """The attention's keys and values (B, heads, L, head_dim) of the whole canvas, for `forward_span`."""
+        _, z = self._inputs(base, input_ids, prior)
+        cos, sin = self._rope(input_ids, attention_mask, z.dtype)
+        _, k, v = self.block.attn.project(self.block.attn_norm(z), cos, sin)
+        return k, v
+
+    def forward_span(self, base, input_ids, prior, attention_mask, kv: tuple, start: int, end: int) -> torch.Tensor:
+        """One unroll on the rows start .. end-1 only (B, end - start, H): those rows attend to their own fresh
+        keys/values and to `kv` (from `keys_values`) at every other position. With `kv` of the same canvas and
+        prior, equal to forward(...)[:, start:end] up to floating-point rounding."""
+        own, z = self._inputs(base, input_ids[:, start:end], prior[:, start:end])
+        cos, sin = self._rope(input_ids, attention_mask, z.dtype)
+        z = self.block(z, cos[:, :, start:end], sin[:, :, start:end],
+                       None if attention_mask is None else attention_mask.bool(), kv=kv, start=start)
         return (self.out_norm(z) + own).to(prior.dtype)
 
     # --- identity and persistence ------------------------------------------------------------

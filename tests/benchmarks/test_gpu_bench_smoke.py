@@ -49,3 +49,23 @@ def test_7b_config_has_dream_shape(gpu_bench):
     # K must divide the timed tokens so every strategy times the same tokens
     with pytest.raises(SystemExit):
         gpu_bench.main(["--size", "tiny", "--device", "cpu", "--max-tokens", "6"])
+
+
+def test_tiny_size_with_caches_on_cpu(gpu_bench, tmp_path, capsys):
+    """--cache none,prefix,dual --block-length: the native Dream of that size, every strategy with every cache."""
+    out = tmp_path / "bench.json"
+    rc = gpu_bench.main(["--size", "tiny", "--device", "cpu", "--batch-sizes", "1", "--prompt-length", "8",
+                         "--gen-length", "16", "--block-length", "8", "--max-tokens", "8", "--cache", "none,prefix,dual",
+                         "--repeats", "1", "--warmup", "0", "--pass-repeats", "2", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["base"].startswith("native Dream") and report["caches"] == ["none", "prefix", "dual"]
+    rows = {r["strategy"]: r for r in report["throughput"]}
+    assert set(rows) == {f"{s} [{c}]" for s in ("exact", "parallel:4", "adjust:4") for c in ("none", "prefix", "dual")}
+    assert rows["exact [none]"]["ratio_to_exact"] == 1.0 and rows["exact [none]"]["ratio_to_uncached"] == 1.0
+    for c in ("none", "prefix", "dual"):  # the first 8 tokens: one block of 8
+        assert (rows[f"exact [{c}]"]["full_passes"], rows[f"exact [{c}]"]["tokens"]) == (8, 8)
+        assert (rows[f"adjust:4 [{c}]"]["full_passes"], rows[f"adjust:4 [{c}]"]["sampler_passes"]) == (2, 6)
+        assert rows[f"adjust:4 [{c}]"]["ratio_to_uncached"] > 0
+    with pytest.raises(SystemExit):
+        gpu_bench.main(["--size", "tiny", "--device", "cpu", "--cache", "dual"])  # no --block-length

@@ -80,3 +80,28 @@ def test_bench_records_the_code_version_and_calls_the_flop_figure_no_hard_limit(
     table = format_table(report)
     assert "if time were proportional to FLOPs" in table and "at most" not in table
     assert "not a hard limit" in report["notes"]
+
+
+def test_bench_with_caches(capsys, tiny_model_dir):
+    """--cache none,prefix,dual on a prompt: every strategy with every cache, paired ratios to uncached."""
+    report = _bench(capsys, "bench", "--base", tiny_model_dir, "--fresh-sampler", "--strategies",
+                    "exact,adjust:2", "--prompt-length", 6, "--gen-length", 8, "--block-length", 4,
+                    "--cache", "none,prefix,dual", "--batch-sizes", "1", "--repeats", 2, "--warmup", 0,
+                    "--unroll-repeats", 2, "--json")
+    assert report["prompt_length"] == 6 and report["block_length"] == 4 and report["caches"] == ["none", "prefix", "dual"]
+    rows = {(r["strategy"], r["cache"]): r for r in report["results"]}
+    assert set(rows) == {(s, c) for s in ("exact", "adjust:2") for c in ("none", "prefix", "dual")}
+    assert rows[("exact", "none")]["ratio_to_exact"] == 1.0 and rows[("exact", "none")]["ratio_to_uncached"] == 1.0
+    assert rows[("exact", "none")]["positions_per_full_pass"] == 14
+    # 2 blocks of 4, one refresh (14 positions) + 3 span passes each: dual 4 positions, prefix 8 then 4
+    assert rows[("exact", "dual")]["positions_per_full_pass"] == (2 * 14 + 6 * 4) / 8
+    assert rows[("exact", "prefix")]["positions_per_full_pass"] == (2 * 14 + 3 * 8 + 3 * 4) / 8
+    assert rows[("adjust:2", "dual")]["positions_per_unroll"] == 4 and rows[("adjust:2", "none")]["positions_per_unroll"] == 14
+    for r in rows.values():
+        assert r["tokens_per_second"] > 0 and r["ratio_to_uncached"] > 0
+    assert rows[("adjust:2", "dual")]["unroll_cost_in_run"] > 0
+
+
+def test_bench_cache_needs_blocks(capsys, tiny_model_dir):
+    rc = main(["bench", "--base", str(tiny_model_dir), "--cache", "none,dual", "--json"])
+    assert rc == 2 and "needs --block-length" in capsys.readouterr().err

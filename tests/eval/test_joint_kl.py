@@ -151,3 +151,26 @@ def test_cli_several_k_write_one_report(tiny_model_dir, tiny_base, tmp_path, cap
     (tmp_path / "file").write_text("x")
     rc = main(args + ["--out-dir", str(tmp_path / "file")])
     assert rc == 2 and "is not a directory" in capsys.readouterr().err
+
+
+def test_blocks_and_cache(tiny_base, tmp_path):
+    """--block-length restricts picks to the current block (a block as long as the region changes nothing);
+    --cache runs ADJUST's unrolls on the block rows only: at K=2 (one unroll, whose sampler keys/values are
+    those of the same canvas) the same KL within float tolerance; prefix and dual are the same measure."""
+    make_rollouts(tiny_base, tmp_path, 40, 8, SamplingConfig(), seed=0, progress=False)
+    r = load_rollouts(tmp_path, tiny_base)
+    torch.manual_seed(0)
+    sampler = JointSampler(SamplerConfig.for_base(tiny_base)).eval()
+    kw = dict(num_states=8, draws=2, seed=3)
+    plain = joint_kl(tiny_base, sampler, r, k=3, **kw)
+    whole = joint_kl(tiny_base, sampler, r, k=3, block_length=8, **kw)
+    assert whole["kl_parallel"] == plain["kl_parallel"] and whole["kl_adjust"] == plain["kl_adjust"]
+    none2 = joint_kl(tiny_base, sampler, r, k=2, block_length=4, **kw)
+    for mode in ("prefix", "dual"):
+        cached = joint_kl(tiny_base, sampler, r, k=2, block_length=4, cache=mode, **kw)
+        assert cached["cache"] == mode and cached["kl_parallel"] == none2["kl_parallel"]
+        assert cached["kl_adjust"] == pytest.approx(none2["kl_adjust"], abs=1e-4)
+    k3 = [joint_kl(tiny_base, sampler, r, k=3, block_length=4, cache=m, **kw)["kl_adjust"] for m in ("prefix", "dual")]
+    assert k3[0] == k3[1]
+    with pytest.raises(AdjustError, match="needs --block-length"):
+        joint_kl(tiny_base, sampler, r, k=2, cache="dual", **kw)

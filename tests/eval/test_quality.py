@@ -130,3 +130,15 @@ def test_report_records_the_code_version(tiny_base, sampler, tmp_path):
     result = run_quality(tiny_base, sampler, [("parallel", 2)], cache_dir=None, out_dir=tmp_path, **SMALL)
     assert result["code_version"] == code_version()
     assert json.loads((tmp_path / "quality.json").read_text())["code_version"] == code_version()
+
+
+def test_blocks_and_cache(tiny_base, sampler, tmp_path):
+    """--block-length/--cache: the evaluated sets are decoded with the cache, the exact reference without."""
+    kw = dict(SMALL, cache_dir=tmp_path / "cache", out_dir=None, featurizer=lambda texts: torch.randn(len(texts), 4).numpy())
+    out = run_quality(tiny_base, sampler, [("adjust", 2)], block_length=4, kv_cache="dual", **kw)
+    assert out["settings"]["kv_cache"] == "dual" and out["settings"]["block_length"] == 4
+    names = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert sorted(n.split("-seed")[0] for n in names) == ["adjust_2-dual", "exact", "exact-dual"]  # reference uncached
+    assert out["rows"][1]["full_passes"] == 2 * 2  # 2 blocks of 4 at K=2
+    with pytest.raises(AdjustError, match="needs --block-length"):
+        run_quality(tiny_base, sampler, [("adjust", 2)], kv_cache="dual", **kw)

@@ -280,3 +280,21 @@ def test_evaluate_tasks_records_the_code_version(tiny_base):
 
     res = T.evaluate_tasks(tiny_base, None, [LIST], "parallel:4", gen_length=4)
     assert res["code_version"] == code_version()
+
+
+def test_evaluate_tasks_with_cache(tiny_base, capsys, tiny_model_dir, tmp_path):
+    """--block-length/--cache reach the decoding loop: a refresh on every pass gives the uncached answers."""
+    from adjust.cli import main
+
+    prompts = _prompts()
+    plain = T.evaluate_tasks(tiny_base, None, prompts, "exact,parallel:2", gen_length=8, block_length=4)
+    refreshed = T.evaluate_tasks(tiny_base, None, prompts, "exact,parallel:2", gen_length=8, block_length=4,
+                                 cache="dual", cache_refresh=1)
+    assert refreshed["cache"] == "dual" and refreshed["block_length"] == 4
+    assert refreshed["validity"] == plain["validity"]
+    assert [r["invalid_examples"] for r in refreshed["results"] if "invalid_examples" in r] == \
+        [r["invalid_examples"] for r in plain["results"] if "invalid_examples" in r]
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    rc = main(["eval", "tasks", "--base", str(tiny_model_dir), "--prompts", str(f), "--cache", "prefix", "--json"])
+    assert rc == 2 and "needs --block-length" in capsys.readouterr().err

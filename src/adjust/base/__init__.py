@@ -60,6 +60,24 @@ class BaseModel(nn.Module):
         """The frozen output head (..., H) -> (..., V), without banning anything."""
         raise NotImplementedError
 
+    # --- key/value cache (decode.generate --cache prefix|dual) ------------------------------
+    # True where the adapter implements `cache_pass` and `span_hidden` (our tiny model, native Dream and
+    # LLaDA: all `layers.Transformer`); a base without (transformers masked LMs, stand-ins, remote code)
+    # makes generate refuse --cache rather than run uncached.
+    supports_cache: bool = False
+
+    def cache_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """One full pass that also returns its keys/values: (aligned hidden (B, L, H), cache).
+
+        The hidden states are those `hidden_states` returns (the same computation)."""
+        raise AdjustError(f"{self.name} cannot take a key/value cache")
+
+    def span_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache, start: int,
+                    end: int) -> torch.Tensor:
+        """Aligned hidden states (B, end - start, H) of positions start .. end-1 only, computed afresh while every
+        other position is seen through `cache` (from `cache_pass` on an earlier canvas)."""
+        raise AdjustError(f"{self.name} cannot take a key/value cache")
+
     # --- shared behaviour ---------------------------------------------------------------
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head in float32 with never-generated tokens (the mask itself, padding) at -inf."""

@@ -10,7 +10,7 @@ mlp.{gate,up,down}_proj, input_layernorm, post_attention_layernorm, model.norm, 
 from __future__ import annotations
 
 from ..errors import AdjustError
-from .hf import dream_align
+from .hf import DREAM_SHIFT, dream_align
 from .native import NativeBase, NativeConfig, config_id as _id, field, transformer_slots
 
 # Checkpoint names (without .weight) of each part of a layer.
@@ -44,6 +44,8 @@ class DreamNative(NativeBase):
     def slots(cls, cfg: NativeConfig) -> dict:
         return transformer_slots(cfg, {"embed": "model.embed_tokens.weight", "norm": "model.norm.weight",
                                        "head": "lm_head.weight"}, "model.layers.{n}.", NAMES)
+
+    align_reach = DREAM_SHIFT
 
     def _align(self, h, attention_mask):
         return dream_align(h, attention_mask)  # the one place Dream's shift is undone

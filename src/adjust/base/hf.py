@@ -85,6 +85,9 @@ def load_hf_base(path, base_type: str, dtype: str = "float32", device: str = "cp
 
 
 # --- the Dream shift: the one place it is applied ---------------------------------------------------
+DREAM_SHIFT = 1  # Dream's output at position i predicts token i + DREAM_SHIFT (undone by dream_align)
+
+
 def dream_align(h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Undo Dream's shift: aligned[:, i] = h[:, i-1], and a row's first real position keeps its own state.
 

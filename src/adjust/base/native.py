@@ -126,11 +126,28 @@ class NativeBase(BaseModel):
     def _align(self, h, attention_mask):
         return h
 
+    # How many positions to the left `_align` reads (Dream: its one-place shift); a span of aligned hidden
+    # states needs the network's outputs from that many positions before it.
+    align_reach = 0
+    supports_cache = True
+
     # --- the interface ----------------------------------------------------------------------
     def hidden_states(self, input_ids, attention_mask=None):
-        if attention_mask is not None and bool(attention_mask.bool().all()):
-            attention_mask = None  # nothing to mask: the fastest attention kernel, cached rotary table
+        attention_mask = _needed(attention_mask)
         return self._align(self.model(input_ids, attention_mask), attention_mask)
+
+    def cache_pass(self, input_ids, attention_mask=None):
+        attention_mask, kv = _needed(attention_mask), []
+        return self._align(self.model(input_ids, attention_mask, keep=kv), attention_mask), kv
+
+    def span_hidden(self, input_ids, attention_mask, cache, start, end):
+        """Aligned states of start .. end-1: the network runs on start - align_reach .. end-1 (Dream: the aligned
+        state of the span's first position is the output of the position just left of it), then `_align` on
+        that window (a row whose first real token lies inside the window keeps that token's own state)."""
+        attention_mask = _needed(attention_mask)
+        s = max(start - self.align_reach, 0)
+        h = self.model.forward_span(input_ids, attention_mask, cache, s, end)
+        return self._align(h, None if attention_mask is None else attention_mask[:, s:end])[:, start - s:]
 
     def embed(self, input_ids):
         return self.model.embed(input_ids)
@@ -159,6 +176,13 @@ class NativeBase(BaseModel):
         base = cls(cfg, net, tokenizer, str(path))
         _probe(base, dtype, dev)
         return base
+
+
+def _needed(attention_mask):
+    """None when nothing is masked: the fastest attention kernel and the cached rotary table."""
+    if attention_mask is not None and bool(attention_mask.bool().all()):
+        return None
+    return attention_mask
 
 
 def _cached_dir(hub_id: str) -> Path:

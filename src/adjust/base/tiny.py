@@ -79,8 +79,17 @@ class TinyBase(BaseModel):
         self.vocab_size, self.hidden_size, self.max_length = cfg.vocab_size, cfg.hidden_size, cfg.max_length
         self.banned_ids = (cfg.mask_id, cfg.pad_id, *range(cfg.tokenizer_size, cfg.vocab_size))
 
+    supports_cache = True
+
     def hidden_states(self, input_ids, attention_mask=None):
         return self.model(input_ids, attention_mask)
+
+    def cache_pass(self, input_ids, attention_mask=None):
+        kv = []
+        return self.model(input_ids, attention_mask, keep=kv), kv
+
+    def span_hidden(self, input_ids, attention_mask, cache, start, end):
+        return self.model.forward_span(input_ids, attention_mask, cache, start, end)
 
     def embed(self, input_ids):
         return self.model.embed(input_ids)

@@ -20,6 +20,15 @@ What is measured (unconditional generation, `gen_length` tokens per sequence):
   full pass. It is not a hard limit: hardware or kernels that run the unroll's smaller matrix
   products more efficiently than the full pass's (or that hide its cost) would beat it.
 
+With `caches` (`--cache none,prefix,dual`, needs `block_length`): every strategy runs with each
+cache mode, all interleaved in the same repeats; each row has its `cache`, its paired ratio to
+the same strategy uncached in the same repeat (`ratio_to_uncached`), the positions the base and
+the sampler computed per full pass and per unroll, and the unroll's measured cost relative to a
+full pass of that run (`unroll_cost_in_run`: a cached pass with a cache). `ratio_to_exact` is to
+uncached exact. `prompt_length` > 0: every sequence continues one prompt of that many tokens,
+sampled once by the base itself (exact decoding from an empty prompt, seed `seed`), so the
+workload has a long left context without any data file.
+
 The timing of fixed-K ADJUST does not depend on the sampler's weights, so `fresh_sampler`
 (an untrained sampler sized for the base) gives valid fixed-K timings when no trained one
 exists; tokens per pass of an adaptive sampler strategy are then meaningless, and those are
@@ -138,20 +147,37 @@ def ideal_speedup(k: int, cost: float) -> float:
     return k / (1 + (k - 1) * cost)
 
 
+def bench_prompt(base, prompt_length: int, seed: int) -> list[int]:
+    """A prompt of `prompt_length` tokens sampled by the base itself (exact, from an empty prompt)."""
+    from ..strategies import make_strategy
+
+    if prompt_length <= 0:
+        return []
+    return generate(base, [[]], make_strategy("exact"), gen_length=prompt_length, seed=seed).tokens[0].tolist()
+
+
 def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(2, 4, 8), repeats: int = 5,
               warmup: int = 1, unroll_repeats: int = 30, seed: int = 0,
               sampling: SamplingConfig = SamplingConfig(), specs: list | None = None,
-              sampler_source: str | None = None, progress: bool = False) -> dict:
+              sampler_source: str | None = None, progress: bool = False, prompt_length: int = 0,
+              block_length: int | None = None, caches=("none",)) -> dict:
     from tqdm.auto import tqdm
 
+    from ..decode import check_cache
     from .specs import build_strategy, spec_label
 
     if gen_length < 1 or repeats < 1 or warmup < 0 or unroll_repeats < 1:
         raise AdjustError("--gen-length, --repeats and --unroll-repeats must be at least 1, --warmup at least 0")
     if not batch_sizes or min(batch_sizes) < 1:
         raise AdjustError("--batch-sizes must list positive integers, e.g. 1,8")
-    if gen_length > base.max_length:
-        raise AdjustError(f"--gen-length {gen_length} exceeds the model's context of {base.max_length} tokens")
+    if prompt_length < 0:
+        raise AdjustError(f"--prompt-length must be at least 0, got {prompt_length}")
+    if prompt_length + gen_length > base.max_length:
+        raise AdjustError(f"--prompt-length {prompt_length} + --gen-length {gen_length} exceeds the model's context "
+                          f"of {base.max_length} tokens")
+    caches = list(dict.fromkeys(caches)) or ["none"]
+    for c in caches:
+        check_cache(base, c, block_length, None)
     skipped = []
     if specs is None:
         specs, skipped = default_specs(ks, sampler is not None, sampler_source not in (None, "fresh"))
@@ -168,45 +194,57 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
         sampler.check_base(base)
 
     results, cost, vs_ideal = [], {}, []
-    total = len(batch_sizes) * len(strategies) * (warmup + repeats)
+    runs_list = [(label, s, c) for label, s in strategies for c in caches]  # every strategy with every cache
+    total = len(batch_sizes) * len(runs_list) * (warmup + repeats)
+    prompt = bench_prompt(base, prompt_length, seed)
     bar = tqdm(total=total, desc="bench", disable=not progress, leave=False)
     for B in batch_sizes:
-        prompts = [[] for _ in range(B)]
-        runs = {label: [] for label, _ in strategies}
+        prompts = [list(prompt) for _ in range(B)]
+        runs = {(label, c): [] for label, _, c in runs_list}
         last = None
         for w in range(warmup):
-            for label, s in strategies:
-                last = generate(base, prompts, s, sampling, gen_length, seed=seed + 10_000 + w,
-                                sample_indices=list(range(B)), sampler=sampler)
+            for label, s, c in runs_list:
+                last = generate(base, prompts, s, sampling, gen_length, block_length, seed=seed + 10_000 + w,
+                                sample_indices=list(range(B)), sampler=sampler, cache=c)
                 bar.update(1)
         for r in range(repeats):
-            shift = r % len(strategies)
-            for label, s in strategies[shift:] + strategies[:shift]:
-                g = generate(base, prompts, s, sampling, gen_length, seed=seed + r, sample_indices=list(range(B)),
-                             sampler=sampler)
-                runs[label].append(g.stats)
+            shift = r % len(runs_list)
+            for label, s, c in runs_list[shift:] + runs_list[:shift]:
+                g = generate(base, prompts, s, sampling, gen_length, block_length, seed=seed + r,
+                             sample_indices=list(range(B)), sampler=sampler, cache=c)
+                runs[(label, c)].append(g.stats)
                 last = g
                 bar.update(1)
-        exact_tps = [st.tokens_per_second for st in runs["exact"]]
-        for label, s in strategies:
-            stats = runs[label]
+        ref_cache = "none" if "none" in caches else caches[0]
+        exact_tps = [st.tokens_per_second for st in runs[("exact", ref_cache)]]
+        for label, s, c in runs_list:
+            stats = runs[(label, c)]
             tps = [st.tokens_per_second for st in stats]
             ratios = [t / e for t, e in zip(tps, exact_tps) if e > 0]
-            results.append({
-                "strategy": label, "name": s.name, "k": s.k, "batch_size": B,
+            row = {
+                "strategy": label, "name": s.name, "k": s.k, "batch_size": B, "cache": c,
                 "tokens_per_second": round(_median(tps), 3),
-                "ratio_to_exact": 1.0 if label == "exact" else round(_median(ratios), 4),
+                "ratio_to_exact": 1.0 if (label, c) == ("exact", ref_cache) else round(_median(ratios), 4),
                 "tokens_per_full_pass": round(_median([st.tokens_per_full_pass for st in stats]), 4),
                 "full_passes": _median([st.full_passes for st in stats]),
                 "sampler_passes": _median([st.sampler_passes for st in stats]),
+                "positions_per_full_pass": round(_median([st.positions_per_full_pass for st in stats]), 2),
                 "seconds": [round(st.seconds, 5) for st in stats],
-            })
+            }
+            if s.uses_sampler:
+                row["positions_per_unroll"] = round(_median([st.positions_per_unroll for st in stats]), 2)
+                in_run = [st.unroll_cost for st in stats if st.unroll_cost is not None]
+                row["unroll_cost_in_run"] = round(_median(in_run), 4) if in_run else None
+            if "none" in caches:
+                plain = [st.tokens_per_second for st in runs[(label, "none")]]
+                row["ratio_to_uncached"] = round(_median([t / u for t, u in zip(tps, plain) if u > 0]), 4)
+            results.append(row)
         if sampler is not None:
             canvas = last.tokens if last is not None else None
             cost[str(B)] = unroll_cost(base, sampler, B, gen_length, unroll_repeats, seed, canvas)
             c = cost[str(B)]["unroll_cost"]
             for row in results:
-                if row["batch_size"] == B and row["name"] == "adjust" and row["k"] > 1:
+                if row["batch_size"] == B and row["name"] == "adjust" and row["k"] > 1 and row["cache"] == ref_cache:
                     ideal = ideal_speedup(row["k"], c)
                     vs_ideal.append({"strategy": row["strategy"], "k": row["k"], "batch_size": B, "unroll_cost": c,
                                      "ideal_speedup": round(ideal, 4), "achieved_speedup": row["ratio_to_exact"],
@@ -216,6 +254,7 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
     return {
         "base": base.name, "device": str(base.device), "dtype": str(base.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "gen_length": gen_length, "batch_sizes": list(batch_sizes),
+        "prompt_length": prompt_length, "block_length": block_length, "caches": caches,
         "repeats": repeats, "warmup": warmup, "seed": seed,
         "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
                      "order": sampling.order},
@@ -225,23 +264,30 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
                   "ratio to exact's tokens/s in the same repeat at the same batch size; ideal_speedup = "
                   "K / (1 + (K-1) * unroll_cost); flop_bound_speedup = K / (1 + (K-1) * flop_ratio), the "
                   "speedup if time were proportional to FLOPs (equal efficiency of unroll and full pass), "
-                  "not a hard limit"),
+                  "not a hard limit; ratio_to_uncached: median over repeats of the paired ratio to "
+                  "the same strategy without a cache; unroll_cost_in_run: one unroll's mean time over one full "
+                  "pass's in the decoding runs (a cached pass when a cache is on)"),
     }
 
 
 def format_table(report: dict) -> str:
     """The report as a readable table."""
     lines = [f"base {report['base']} on {report['device']} ({report['dtype']}, {report['threads']} threads), "
-             f"gen_length {report['gen_length']}, {report['repeats']} repeats (median), sampler: "
+             f"prompt {report.get('prompt_length', 0)} + gen_length {report['gen_length']}, blocks "
+             f"{report.get('block_length') or 'none'}, {report['repeats']} repeats (median), sampler: "
              f"{report['sampler'] or 'none'}"]
     for B in report["batch_sizes"]:
         lines.append("")
         lines.append(f"batch {B}")
-        lines.append(f"  {'strategy':<26}{'tokens/s':>12}{'x exact':>10}{'tok/pass':>10}{'passes':>8}{'unrolls':>9}")
+        lines.append(f"  {'strategy':<26}{'cache':>7}{'tokens/s':>12}{'x exact':>10}{'x uncached':>11}{'tok/pass':>10}"
+                     f"{'passes':>8}{'unrolls':>9}{'pos/pass':>9}")
         for row in report["results"]:
             if row["batch_size"] == B:
-                lines.append(f"  {row['strategy']:<26}{row['tokens_per_second']:>12.1f}{row['ratio_to_exact']:>10.3f}"
-                             f"{row['tokens_per_full_pass']:>10.2f}{row['full_passes']:>8g}{row['sampler_passes']:>9g}")
+                unc = row.get("ratio_to_uncached")
+                lines.append(f"  {row['strategy']:<26}{row.get('cache', 'none'):>7}{row['tokens_per_second']:>12.1f}"
+                             f"{row['ratio_to_exact']:>10.3f}{'' if unc is None else f'{unc:.3f}':>11}"
+                             f"{row['tokens_per_full_pass']:>10.2f}{row['full_passes']:>8g}{row['sampler_passes']:>9g}"
+                             f"{row.get('positions_per_full_pass', 0):>9g}")
         c = report["unroll_cost"].get(str(B))
         if c:
             lines.append(f"  one full pass {c['full_pass_ms']:.3f} ms, one sampler unroll {c['unroll_ms']:.3f} ms "

@@ -20,6 +20,17 @@ se(R) = sd_s(a_s - R p_s) / (sqrt(states) |mean p|), which accounts for the two 
 measured on the same paths. A ratio is only a finding when KL_parallel is clearly above zero:
 if it is within two standard errors of zero (a Monte-Carlo estimate can even come out
 negative), the ratio is not reported and `ratio_note` says why.
+
+With `block_length` (semi-autoregressive decoding), every pick of a step is restricted to the
+state's current block, the block of that size (counted from the generation start) holding the
+leftmost masked position, as the decoding loop restricts it; a row whose block runs out of masks
+writes no more tokens in that step (for the truth and both approximations alike). With
+`cache` "prefix" or "dual" (needs `block_length`), ADJUST's unrolls run as the decoding loop
+runs them with a key/value cache: the sampler's keys/values of the whole canvas come once per
+step (after the step's first token, from the full pass's states) and each unroll computes only
+the block's rows. The state's full pass is a fresh one either way (a cache is refreshed at a block
+start), so prefix and dual give the same joint-KL: it measures the sampler side of the cache; the
+base side (stale keys/values in later passes of a block) shows in NLL and task validity.
 """
 
 from __future__ import annotations
@@ -40,9 +51,14 @@ from ..splits import held_out_split
 @torch.no_grad()
 def joint_kl(base, sampler, rollouts: Rollouts, k: int, num_states: int = 64, draws: int = 4,
              order: str = "entropy", seed: int = 0, batch_size: int = 16, states: list | None = None,
-             progress: bool = False) -> dict:
+             progress: bool = False, block_length: int | None = None, cache: str = "none") -> dict:
     """Per-step KL of parallel and ADJUST against the true K-token joint (nats per K-token step)."""
     _check_k(k, rollouts)
+    from ..decode import check_cache
+
+    check_cache(base, cache, block_length, None)
+    if block_length is not None and block_length < 1:
+        raise AdjustError(f"--block-length must be at least 1, got {block_length}")
     G = rollouts.gen_length
     if order == "random":
         raise AdjustError("joint-kl needs a deterministic order rule (entropy, confidence or margin)")
@@ -65,13 +81,16 @@ def joint_kl(base, sampler, rollouts: Rollouts, k: int, num_states: int = 64, dr
         for items in group_by_length(chunk, lambda job: len(rollouts.prompts[job[1]])):
             x = rollouts.states([n for _, n, _ in items], [t for _, _, t in items], base.mask_id).to(device)
             job_state += [s for s, _, _ in items]
-            lp, lpar, ladj = _one_batch(base, sampler, x, k, order, g)
+            start = len(rollouts.prompts[items[0][1]])
+            lp, lpar, ladj = _one_batch(base, sampler, x, k, order, g, block_length, start, cache)
             gaps["parallel"] += (lp - lpar).tolist()
             if ladj is not None:
                 gaps["adjust"] += (lp - ladj).tolist()
         bar.update(len(chunk))
     bar.close()
     out = {"tokens_per_pass": k, "num_states": len(states), "distinct_states": len(cluster), "draws_per_state": draws}
+    if block_length is not None:
+        out.update(block_length=block_length, cache=cache)
     per_state = {name: _state_means(vals, job_state, len(cluster)) for name, vals in gaps.items() if vals}
     out.update(summarize(per_state["parallel"], per_state.get("adjust")))
     return out
@@ -123,7 +142,8 @@ def summarize(par: torch.Tensor, adj: torch.Tensor | None = None) -> dict:
 
 def joint_kl_report(base, sampler, rollouts: Rollouts, ks, num_states: int = 64, draws: int = 4,
                     order: str = "entropy", seed: int = 0, rollouts_source: str | None = None,
-                    sampler_source: str | None = None, progress: bool = False) -> dict:
+                    sampler_source: str | None = None, progress: bool = False, block_length: int | None = None,
+                    cache: str = "none") -> dict:
     """`joint_kl` at each K of `ks` (same seed, order, states and draws per K) as one report:
     {"rows": [one per K], "settings", "base", "code_version"}; see markdown_table."""
     ks = list(ks)
@@ -132,12 +152,12 @@ def joint_kl_report(base, sampler, rollouts: Rollouts, ks, num_states: int = 64,
     for k in ks:  # every K checked before any is computed
         _check_k(k, rollouts)
     rows = [joint_kl(base, sampler, rollouts, k, num_states=num_states, draws=draws, order=order, seed=seed,
-                     progress=progress) for k in ks]
+                     progress=progress, block_length=block_length, cache=cache) for k in ks]
     return {"rows": rows,
             "settings": {"tokens_per_pass": ks, "num_states": num_states, "draws_per_state": draws, "order": order,
                          "seed": seed, "rollouts": rollouts_source, "rollouts_count": len(rollouts),
-                         "held_out_pool": max(1, len(rollouts) // 20), "gen_length": rollouts.gen_length,
-                         "sampler": sampler_source, "units": "nats per K-token step",
+                         "held_out_pool": len(held_out_split(len(rollouts))[1]), "gen_length": rollouts.gen_length,
+                         "sampler": sampler_source, "block_length": block_length, "cache": cache, "units": "nats per K-token step",
                          "stderr": "over distinct states (each state's draws averaged first); ratio by the delta method"},
             "base": getattr(base, "name", None), "code_version": code_version()}
 
@@ -209,9 +229,36 @@ def _gather(logp_full: torch.Tensor, pos: torch.Tensor, tok: torch.Tensor) -> to
     return logp_full[torch.arange(len(pos)), pos, tok]
 
 
-def _one_batch(base, sampler, x: torch.Tensor, k: int, order: str, g: torch.Generator):
+def _blocks(x: torch.Tensor, mask_id: int, block_length: int | None, start: int) -> tuple:
+    """(lo, hi) per row (B,): the current block, holding the leftmost masked position (the whole canvas without
+    blocks)."""
+    B, L = x.shape
+    if block_length is None:
+        return torch.zeros(B, dtype=torch.long, device=x.device), torch.full((B,), L, device=x.device)
+    first = (x == mask_id).long().argmax(-1)  # the leftmost masked position (every state has one)
+    lo = start + (first - start) // block_length * block_length
+    return lo, torch.clamp(lo + block_length, max=L)
+
+
+def _cached_unroll(base, sampler, cur, prior, kv, lo, hi):
+    """The decoding loop's cached unroll: only each row's block rows, against the step's sampler keys/values."""
+    out = prior.clone()
+    for a in lo.unique().tolist():
+        rows = (lo == a).nonzero(as_tuple=True)[0]
+        b = int(hi[rows[0]])
+        sub_kv = (kv[0][rows], kv[1][rows])
+        out[rows, a:b] = sampler.forward_span(base, cur[rows], prior[rows], None, sub_kv, a, b)
+    return out
+
+
+def _one_batch(base, sampler, x: torch.Tensor, k: int, order: str, g: torch.Generator,
+               block_length: int | None = None, start: int = 0, cache: str = "none"):
     B = x.shape[0]
     rows = torch.arange(B, device=x.device)
+    lo, hi = _blocks(x, base.mask_id, block_length, start)
+    cols = torch.arange(x.shape[1], device=x.device)[None]
+    in_block = (cols >= lo[:, None]) & (cols < hi[:, None])
+    kv = None
     h0 = base.hidden_states(x)
     logp0 = torch.log_softmax(base.logits(h0), -1)  # (B, L, V), the one full pass
     lp = torch.zeros(B, dtype=torch.float64)
@@ -219,21 +266,27 @@ def _one_batch(base, sampler, x: torch.Tensor, k: int, order: str, g: torch.Gene
     prior, q = h0, logp0
     cur, logp_true = x.clone(), logp0
     for j in range(k):
-        masked = cur == base.mask_id
+        masked = (cur == base.mask_id) & in_block
+        live = masked.any(-1).cpu()  # rows whose block still has a mask (all rows without blocks)
         scores = order_scores(logp_true.reshape(-1, logp_true.shape[-1]), order).view(B, -1).double()
         pos = scores.masked_fill(~masked, float("-inf")).argmax(-1)  # (B,)
         here = logp_true[rows, pos].double()  # (B, V)
         gumbel = -torch.log(-torch.log(torch.rand(here.shape, generator=g, dtype=torch.float64)
                                        .clamp(1e-300, 1 - 1e-16))).to(here.device)
         tok = (here + gumbel).argmax(-1)
-        lp += here[rows, tok].cpu()
-        lpar += _gather(logp0, pos, tok).double().cpu()
+        lp += torch.where(live, here[rows, tok].cpu(), 0.0)
+        lpar += torch.where(live, _gather(logp0, pos, tok).double().cpu(), 0.0)
         if sampler is not None:
-            ladj += _gather(q, pos, tok).double().cpu()
-        cur[rows, pos] = tok
+            ladj += torch.where(live, _gather(q, pos, tok).double().cpu(), 0.0)
+        cur[rows, pos] = torch.where(live.to(cur.device), tok, cur[rows, pos])
         if j + 1 < k:
             logp_true = torch.log_softmax(base.logits(base.hidden_states(cur)), -1)
             if sampler is not None:
-                prior = sampler(base, cur, prior)
+                if cache == "none":
+                    prior = sampler(base, cur, prior)
+                else:
+                    if kv is None:  # once per step, after its first token, from the full pass's states
+                        kv = sampler.keys_values(base, cur, h0)
+                    prior = _cached_unroll(base, sampler, cur, prior, kv, lo, hi)
                 q = torch.log_softmax(base.logits(prior), -1)
     return lp, lpar, (ladj if sampler is not None else None)

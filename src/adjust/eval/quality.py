@@ -10,8 +10,12 @@ cannot be told apart from exact joint sampling once it reaches it. Per configura
     achieved tokens per full pass, tokens/s and speed relative to exact, and, with rollouts,
     the joint KL of parallel / ADJUST at their K (adjust.eval.joint_kl).
 
+With `block_length` (semi-autoregressive blocks) and `kv_cache` ("prefix" / "dual", see
+adjust.decode): every evaluated set is decoded in those blocks with that key/value cache; the
+reference Q is exact in the same blocks without a cache.
+
 Samples are cached in `cache_dir`, one JSON file per (base, sampler if used, strategy,
-parameters, sampling, num_samples, gen_length, seed, and the version of the generating code:
+parameters, sampling, num_samples, gen_length, blocks and key/value cache if set, seed, and the version of the generating code:
 `adjust.provenance.sampling_code_version()`): a rerun with one more strategy only generates
 that one, and a change to the code that writes tokens regenerates every set. Tokens/s come
 from the run that generated the samples (the machine is recorded with them).
@@ -90,7 +94,9 @@ def _fingerprint_module(module) -> str:
 class SampleCache:
     """Generated sample sets on disk, one JSON file per configuration; counts hits and generations."""
 
-    def __init__(self, cache_dir, base, sampler, num_samples, gen_length, sampling, batch_size, progress):
+    def __init__(self, cache_dir, base, sampler, num_samples, gen_length, sampling, batch_size, progress,
+                 block_length: int | None = None):
+        self.block_length = block_length
         self.dir = Path(cache_dir) if cache_dir is not None else None
         self.base, self.sampler = base, sampler
         self.num_samples, self.gen_length, self.sampling = num_samples, gen_length, sampling
@@ -101,25 +107,28 @@ class SampleCache:
         self.hits: list[str] = []
         self.generated: list[str] = []
 
-    def key(self, name, params, strategy, seed) -> dict:
+    def key(self, name, params, strategy, seed, kv_cache: str = "none") -> dict:
+        extra = {"block_length": self.block_length} if self.block_length else {}  # keys of earlier sets unchanged
+        if kv_cache != "none":
+            extra["kv_cache"] = kv_cache
         return {"version": CACHE_VERSION, "code": self.code, "base": self.base_id, "dtype": str(self.base.dtype),
                 "sampler": self.sampler_id if strategy.uses_sampler else None,
                 "strategy": name, "params": params, "describe": strategy.describe(),
                 "sampling": dataclasses.asdict(self.sampling), "num_samples": self.num_samples,
-                "gen_length": self.gen_length, "seed": seed}
+                "gen_length": self.gen_length, "seed": seed, **extra}
 
     def path(self, key: dict, label: str) -> Path | None:
         if self.dir is None:
             return None
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        slug = re.sub(r"[^A-Za-z0-9._=-]+", "_", label)
+        slug = re.sub(r"[^A-Za-z0-9._=-]+", "_", label + (f"-{key['kv_cache']}" if "kv_cache" in key else ""))
         return self.dir / f"{slug}-seed{key['seed']}-n{self.num_samples}-g{self.gen_length}-{digest}.json"
 
-    def get(self, name: str, params: dict, seed: int) -> dict:
+    def get(self, name: str, params: dict, seed: int, kv_cache: str = "none") -> dict:
         """{"texts", "token_ids", "stats": Stats, "machine", "path", "cached"} of one configuration."""
         strategy = build_strategy(name, params)
         label = spec_label(name, params)
-        key = self.key(name, params, strategy, seed)
+        key = self.key(name, params, strategy, seed, kv_cache)
         path = self.path(key, label)
         if path is not None and path.is_file():
             try:
@@ -134,7 +143,7 @@ class SampleCache:
         samples, stats = generate_texts(self.base, [""], strategy, self.sampling, gen_length=self.gen_length,
                                         num_samples=self.num_samples, batch_size=self.batch_size, seed=seed,
                                         sampler=self.sampler if strategy.uses_sampler else None,
-                                        progress=self.progress)
+                                        progress=self.progress, block_length=self.block_length, cache=kv_cache)
         self.generated.append(f"{label}@seed{seed}")
         entry = {"key": key, "describe": strategy.describe(), "machine": machine_info(self.base.device),
                  "stats": dataclasses.asdict(stats), "texts": [s["text"] for s in samples],
@@ -175,7 +184,7 @@ def run_quality(base, sampler=None, strategies=None, num_samples: int = 500, gen
                 cache_dir="results/cache", featurizer=MINILM, evaluator: str = "base", joint_kl_rollouts=None,
                 batch_size: int = 50, out_dir=None, nll_draws: int = 8, joint_kl_states: int = 64,
                 joint_kl_draws: int = 4, mauve_seed: int = 25, sampling: SamplingConfig | None = None,
-                progress: bool = True) -> dict:
+                progress: bool = True, block_length: int | None = None, kv_cache: str = "none") -> dict:
     """Evaluate `strategies` (default: DEFAULT_STRATEGIES) against exact sampling; see the module docstring.
 
     strategies: list of (name, K) or (name, {param: value}) or "name". Returns one JSON-ready
@@ -188,6 +197,9 @@ def run_quality(base, sampler=None, strategies=None, num_samples: int = 500, gen
         raise AdjustError(f"--num-samples must be at least 2 for MAUVE, got {num_samples}")
     if nll_draws < 1:
         raise AdjustError(f"--nll-draws must be at least 1, got {nll_draws}")
+    from ..decode import check_cache
+
+    check_cache(base, kv_cache, block_length, None)
     sampling = sampling or SamplingConfig(temperature=1.0)
     explicit = strategies is not None
     specs = normalize_specs(DEFAULT_STRATEGIES if strategies is None else strategies)
@@ -196,7 +208,8 @@ def run_quality(base, sampler=None, strategies=None, num_samples: int = 500, gen
     for n in notes:
         print(f"adjust: warning: {n}", file=sys.stderr)
 
-    cache = SampleCache(cache_dir, base, sampler, num_samples, gen_length, sampling, batch_size, progress)
+    cache = SampleCache(cache_dir, base, sampler, num_samples, gen_length, sampling, batch_size, progress,
+                        block_length)
     reference = cache.get("exact", {}, seed)
     features = lambda texts: featurize(texts, featurizer, base.device, progress=False)  # noqa: E731
     q_features = features(reference["texts"])
@@ -211,7 +224,7 @@ def run_quality(base, sampler=None, strategies=None, num_samples: int = 500, gen
 
     rows = []
     for name, params in tqdm(specs, desc="eval quality", disable=not progress):
-        got = cache.get(name, params, seed + 1)
+        got = cache.get(name, params, seed + 1, kv_cache)
         texts, stats = got["texts"], got["stats"]
         if evaluator == "base":
             nll = nll_under_base(base, got["token_ids"], draws=nll_draws, seed=seed, batch_size=batch_size,
@@ -250,6 +263,7 @@ def run_quality(base, sampler=None, strategies=None, num_samples: int = 500, gen
     result = {
         "rows": rows,
         "settings": {"num_samples": num_samples, "gen_length": gen_length, "seed": seed,
+                     "block_length": block_length, "kv_cache": kv_cache,
                      "reference": f"exact, seed {seed}", "candidates_seed": seed + 1,
                      "sampling": dataclasses.asdict(sampling), "featurizer": featurizer if isinstance(featurizer, str)
                      else getattr(featurizer, "__name__", "callable"),
