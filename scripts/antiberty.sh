@@ -13,8 +13,8 @@ if [[ $SMOKE == 1 ]]; then
   WORK=${WORK:-runs/antiberty-smoke}; N=${N:-16}; GEN=${GEN:-8}; STEPS=${STEPS:-3}; STATES=${STATES:-4}; DRAWS=${DRAWS:-2}
   RESULTS_DIR=${RESULTS_DIR:-$WORK/results}; BENCH_REPEATS=${BENCH_REPEATS:-1}
 else
-  WORK=${WORK:-runs/antiberty}; N=${N:-768}; GEN=${GEN:-40}; STEPS=${STEPS:-3000}; STATES=${STATES:-256}; DRAWS=${DRAWS:-8}
-  RESULTS_DIR=${RESULTS_DIR:-results}; BENCH_REPEATS=${BENCH_REPEATS:-5}
+  WORK=${WORK:-runs/antiberty}; N=${N:-768}; GEN=${GEN:-40}; STEPS=${STEPS:-3000}; STATES=${STATES:-128}; DRAWS=${DRAWS:-8}
+  RESULTS_DIR=${RESULTS_DIR:-results/antiberty}; BENCH_REPEATS=${BENCH_REPEATS:-5}
 fi
 ENTROPY_WINDOWS=${ENTROPY_WINDOWS:-0.8}
 MAX_UNROLLS=${MAX_UNROLLS:-3}
@@ -44,21 +44,11 @@ $ADJUST rollouts --base "$BASE" --dtype "$DTYPE" --out "$WORK/rollouts" --prompt
       --eval-every 250 --cache-base-states \
       --max-unrolls "$MAX_UNROLLS" --entropy-windows "$ENTROPY_WINDOWS" --min-lr-ratio 0.05 --seed "$SEED" --quiet
 
-# 4. joint KL to the true K-token joint on held-out states, K = 2, 4, 8
-for K in 2 4 8; do
-  $ADJUST eval joint-kl --base "$BASE" --dtype "$DTYPE" --rollouts "$WORK/rollouts" -K "$K" --num-states "$STATES" --draws "$DRAWS" \
-      --seed 1 --json > "$WORK/joint_kl_k$K.json"
-done
-python3 - "$WORK" "$RESULTS_DIR" <<'EOF'
-import json, sys, pathlib
-work, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-rows = [json.loads((work / f"joint_kl_k{k}.json").read_text()) for k in (2, 4, 8)]
-out.mkdir(parents=True, exist_ok=True)
-(out / "joint_kl_antiberty.json").write_text(json.dumps(rows, indent=2) + "\n")
-print(json.dumps(rows, indent=2))
-EOF
+# 4. joint KL to the true K-token joint on held-out states, K = 2, 4, 8: one report (json, md, png)
+$ADJUST eval joint-kl --base "$BASE" --dtype "$DTYPE" --rollouts "$WORK/rollouts" -K 2,4,8 --num-states "$STATES" \
+    --draws "$DRAWS" --seed 1 --out-dir "$RESULTS_DIR"
 
 # 5. tokens/s side by side (one thread, batch 1 and 8)
 $ADJUST bench --base "$BASE" --dtype "$DTYPE" --gen-length "$GEN" --ks 2,4 --repeats "$BENCH_REPEATS" \
-    --threads 1 --json > "$RESULTS_DIR/bench_antiberty.json"
+    --threads 1 --json > "$RESULTS_DIR/bench.json.tmp" && mv "$RESULTS_DIR/bench.json.tmp" "$RESULTS_DIR/bench.json"
 echo "antiberty: done ($WORK, $RESULTS_DIR)"

@@ -106,3 +106,30 @@ def test_convert_refuses_bad_input(pickled, tmp_path, capsys):
                  str(root / "config.json"), "--vocab", str(tmp_path / "vocab.txt"), "--out", str(tmp_path / "o2")]) == 2
     assert "special tokens" in capsys.readouterr().err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_masked_lm_generation_can_end_at_sep(pickled, tmp_path, capsys):
+    """--stop-at-eos: once [SEP] is written, the rest of the sequence is [SEP], not decoded, and counted."""
+    root, net = pickled
+    state = torch.load(root / "pytorch_model.bin", weights_only=True)
+    sep = VOCAB.index("[SEP]")
+    state["cls.predictions.bias"][sep] += 4.0  # a model that often ends early
+    state["cls.predictions.decoder.bias"][sep] += 4.0
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    assert main(["convert", "bert", "--weights", str(tmp_path / "pytorch_model.bin"), "--config",
+                 str(root / "config.json"), "--vocab", str(root / "vocab.txt"), "--out", str(tmp_path / "conv")]) == 0
+    capsys.readouterr()
+    args = ["generate", "--base", str(tmp_path / "conv"), "--prompt", "E V Q L", "--gen-length", "12",
+            "--num-samples", "6", "--json"]
+    assert main(args + ["--stop-at-eos"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    ended = 0
+    for s in out["samples"]:
+        ids = s["token_ids"]
+        if sep in ids:
+            ended += 1
+            assert set(ids[ids.index(sep):]) == {sep}
+            assert "[SEP]" not in s["text"]
+    assert ended and out["stats"]["eos_filled"] > 0
+    assert main(args) == 0  # without the flag every position is decoded
+    assert json.loads(capsys.readouterr().out)["stats"]["eos_filled"] == 0

@@ -106,7 +106,7 @@ def cmd_generate(args) -> None:
                                     num_samples=args.num_samples, batch_size=args.batch_size,
                                     block_length=args.block_length, seed=args.seed, sampler=sampler,
                                     record_history=args.show_steps, progress=not args.json, cache=args.cache,
-                                    cache_refresh=args.cache_refresh)
+                                    cache_refresh=args.cache_refresh, early_exit=True if args.stop_at_eos else None)
     if args.json:
         for s in samples:
             s.pop("sample_index", None)
@@ -503,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="sequences decoded together")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object with samples and stats")
     p.add_argument("--show-steps", action="store_true", help="show which positions each pass unmasked")
+    p.add_argument("--stop-at-eos", action="store_true", help="end each sequence at its first EOS (a masked LM's "
+                   "[SEP]): later positions are set to EOS, not decoded (always on with --chat)")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("convert", help="turn a pickled BERT masked LM (pytorch_model.bin, e.g. AntiBERTy) into a "
                        "safetensors BertForMaskedLM directory with a tokenizer (weights-only load; no code runs)")
