@@ -171,7 +171,8 @@ def test_loglikelihood_rolling_windows(lm):
 
 @pytest.mark.parametrize("args, message", [
     ({"strategy": "exact", "tau": 0.9}, "takes no model arg tau"),
-    ({"cache": "prefix"}, "cache is not available"),
+    ({"cache": "prefix"}, "needs --block-length"),
+    ({"cache": "disk", "block_length": 4}, "unknown --cache"),
     ({"bogus": 1}, "unknown model arg(s) bogus"),
     ({"mc_num": 0}, "mc_num must be at least 1"),
     ({"temperature": -1}, "--temperature"),
@@ -232,3 +233,13 @@ def test_model_args_win_over_lm_eval_defaults():
     assert made.batch_size == 4
     if not torch.cuda.is_available():
         assert made.device.type == "cpu"
+
+
+def test_cache_reaches_the_decoding_loop():
+    """model arg cache: generate_until decodes with the loop's key/value cache, as generate_texts does with it."""
+    p = "list: cat dog sun ="
+    cached = AdjustLM(base=str(TASK_BASE), gen_length=16, block_length=8, cache="dual")
+    (out,) = cached.generate_until([_gen(cached, p, max_gen_toks=16, until=[])])
+    want, stats = generate_texts(cached.base, [p], make_strategy("exact"), SamplingConfig(), gen_length=16,
+                                 block_length=8, cache="dual")
+    assert out == want[0]["text"] and stats.to_dict()["cache"] == "dual"

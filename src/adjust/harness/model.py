@@ -99,7 +99,8 @@ class AdjustLM(LM):
     user turn of the tokenizer's chat template; dtype, device, batch_size, seed; mc_num:
     Monte Carlo draws of the likelihood bound; check_greedy: compute loglikelihood's
     is_greedy by a greedy decode (false: always False, as LLaDA's evaluation without it).
-    cache: refused (no prefix cache yet).
+    cache: none | prefix | dual, the decoding loop's key/value cache (needs block_length; only bases
+    that can take one: our tiny model, native Dream and LLaDA).
     """
 
     def __init__(self, **kwargs):
@@ -114,9 +115,9 @@ class AdjustLM(LM):
             raise AdjustError(f"unknown model arg(s) {', '.join(unknown)} for --model adjust; it accepts: "
                               f"{', '.join(MODEL_ARGS)}")
         a = {**MODEL_ARGS, **{k: v for k, v in kwargs.items() if v is not None}}
-        if a["cache"] not in (None, False, "", "none", "None"):
-            raise AdjustError(f"model arg cache={a['cache']!r}: a prefix/KV cache is not available in adjust yet; "
-                              "leave cache out")
+        from ..decode import check_cache
+
+        self.cache = "none" if a["cache"] in (None, False, "", "None") else str(a["cache"])
         self.gen_length = _int("gen_length", a["gen_length"], 1)
         self.block_length = _int("block_length", a["block_length"], 1)
         self.batch_size = _batch_size(a["batch_size"])
@@ -135,7 +136,9 @@ class AdjustLM(LM):
                          dtype=str(a["dtype"]), device=str(a["device"]),
                          remote_code=_bool("remote_code", a["remote_code"]),
                          sampler=None if a["sampler"] is None else str(a["sampler"]))
+        check_cache(None, self.cache, self.block_length, None)  # a bad cache setting fails before loading
         self.base, self.sampler = load_models(spec, "required" if self.strategy.uses_sampler else "none")
+        check_cache(self.base, self.cache, self.block_length, None)
         self._device = self.base.device
         if self.chat:
             self._template()  # no chat template: refused now, not after the first batch
@@ -244,7 +247,7 @@ class AdjustLM(LM):
                 samples, _ = generate_texts(self.base, contexts, self.strategy, sampling, gen_length=gen_length,
                                             num_samples=c, batch_size=self.batch_size,
                                             block_length=self.block_length, seed=self.seed, sampler=self.sampler,
-                                            progress=not disable_tqdm)
+                                            progress=not disable_tqdm, cache=self.cache)
                 for s in samples:
                     texts.setdefault(s["prompt"], []).append(s)
             taken: dict[str, int] = {}
