@@ -101,6 +101,19 @@ def test_server_gives_the_cli_tokens(client, capsys):
     assert [c.text for c in r.choices] == cli
 
 
+def test_cache_reaches_the_decoding_loop(client, capsys):
+    """The request field cache (with block_length) decodes as `adjust generate --cache` does."""
+    from adjust.cli import main
+
+    capsys.readouterr()
+    assert main(["generate", "--base", str(SHIPPED), "--prompt", PROMPT, "--seed", "4", "--gen-length", "16",
+                 "--block-length", "8", "--cache", "dual", "--strategy", "adjust", "-K", "4", "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)["samples"][0]["text"]
+    r = client.completions.create(model="shakespeare-base", prompt=PROMPT, max_tokens=16, seed=4,
+                                  extra_body={**ADJ, "block_length": 8, "cache": "dual"})
+    assert r.choices[0].text == cli
+
+
 def test_list_of_prompts_and_token_ids(server, client):
     kw = dict(model="shakespeare-base", max_tokens=8, seed=2, n=2)
     both = client.completions.create(prompt=[PROMPT, "KING:"], **kw)
@@ -205,6 +218,8 @@ BAD = [
     ("bad order", {"prompt": PROMPT, "order": "sideways"}, "order"),
     ("wrong type", {"prompt": PROMPT, "max_tokens": "16"}, "max_tokens"),
     ("mask token in prompt", {"prompt": [5, 1, 7]}, "prompt"),
+    ("cache without blocks", {"prompt": PROMPT, "cache": "dual"}, "cache"),
+    ("unknown cache", {"prompt": PROMPT, "cache": "disk", "block_length": 8}, "cache"),
 ]
 
 

@@ -41,6 +41,7 @@ class DecodeSettings:
     gen_length: int
     block_length: int | None
     seed: int
+    cache: str = "none"  # the decoding loop's key/value cache (needs block_length)
 
     def make_strategy(self):
         return make_strategy(self.strategy, **dict(self.strategy_params))
@@ -227,7 +228,8 @@ class Batcher:
 
         try:
             out = generate(self.base, [r.prompt_ids for r in batch], s.make_strategy(), s.sampling, s.gen_length,
-                           s.block_length, s.seed, [r.sample_index for r in batch], self.sampler, on_step=on_step)
+                           s.block_length, s.seed, [r.sample_index for r in batch], self.sampler, on_step=on_step,
+                           cache=s.cache)
         except _Abort:
             self.stats.aborted_batches += 1
             return

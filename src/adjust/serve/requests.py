@@ -166,9 +166,6 @@ def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults:
             raise ApiError(f"'{name}' is not supported by adjust serve", name, "unsupported_parameter")
     if body.get("echo"):
         raise ApiError("'echo' is not supported by adjust serve", "echo", "unsupported_parameter")
-    if body.get("cache") not in (None, False, "none"):
-        raise ApiError("'cache' is not supported yet: every pass recomputes the whole canvas", "cache",
-                       "unsupported_parameter")
     get_str(body, "model")
     get_str(body, "user")
     context = base.max_length
@@ -203,6 +200,14 @@ def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults:
     if order not in ORDERS:
         raise ApiError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)}", "order", "invalid_value")
     block_length = get_int(body, "block_length", None, lo=1)
+    cache = get_str(body, "cache", "none")
+    try:
+        from ..decode import check_cache
+
+        check_cache(base, cache, block_length, None)
+    except AdjustError as e:
+        raise ApiError(str(e).replace("--block-length", "'block_length'").replace("--cache", "'cache'"), "cache",
+                       "invalid_value")
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
         raise ApiError(f"'seed' must be an integer, got {seed!r}", "seed", "invalid_type")
@@ -239,7 +244,7 @@ def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults:
         raise ApiError("'stream_options' must be an object", "stream_options", "invalid_type")
     opts = opts or {}
     settings = DecodeSettings(name, tuple(sorted(params.items())), sampling, max_tokens, block_length,
-                              server_seed if seed is None else seed)
+                              server_seed if seed is None else seed, cache)
     return Parsed(prompts, n, settings, seed is not None, parse_stops(body), get_bool(body, "stream"),
                   get_bool(opts, "include_usage"), get_bool(opts, "include_steps"))
 
