@@ -208,6 +208,7 @@ BAD = [
     ("prompt + max_tokens beyond the context", {"prompt": PROMPT, "max_tokens": 126}, "max_tokens"),
     ("n < 1", {"prompt": PROMPT, "n": 0}, "n"),
     ("temperature < 0", {"prompt": PROMPT, "temperature": -0.5}, "temperature"),
+    ("temperature too small", {"prompt": PROMPT, "temperature": 1e-300}, "temperature"),
     ("top_p = 0", {"prompt": PROMPT, "top_p": 0}, "top_p"),
     ("top_p > 1", {"prompt": PROMPT, "top_p": 1.5}, "top_p"),
     ("prompt too long", {"prompt": "To be or not to be, " * 60}, "prompt"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import AdjustError
-from ..sampling import ORDERS, SamplingConfig
+from ..sampling import SamplingConfig
 from ..strategies import make_strategy, strategy_names
 from .batching import DecodeSettings
 
@@ -189,16 +189,15 @@ def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults:
     n = get_int(body, "n", 1)
     if n < 1 or n > MAX_N:
         raise ApiError(f"'n' must be between 1 and {MAX_N}, got {n}", "n", "invalid_value")
-    temperature = get_number(body, "temperature", 1.0)
-    if temperature < 0:
-        raise ApiError(f"'temperature' must be >= 0, got {temperature}", "temperature", "invalid_value")
-    top_p = get_number(body, "top_p", 1.0)
-    if not 0 < top_p <= 1:
-        raise ApiError(f"'top_p' must be in (0, 1], got {top_p}", "top_p", "invalid_value")
-    top_k = get_int(body, "top_k", 0, lo=0)
-    order = get_str(body, "order", "entropy")
-    if order not in ORDERS:
-        raise ApiError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)}", "order", "invalid_value")
+    temperature, top_p = get_number(body, "temperature", 1.0), get_number(body, "top_p", 1.0)
+    top_k, order = get_int(body, "top_k", 0, lo=0), get_str(body, "order", "entropy")
+    try:  # SamplingConfig holds the one rule for these, as for the CLI's flags
+        sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, order=order)
+    except AdjustError as e:
+        param = next((f for f, flag in SAMPLING_FLAGS.items() if flag in str(e)), None)
+        flag = SAMPLING_FLAGS.get(param, "")
+        raise ApiError(str(e).replace(flag, f"'{param}'") if flag.startswith("--") else str(e), param,
+                       "invalid_value")
     block_length = get_int(body, "block_length", None, lo=1)
     cache = get_str(body, "cache", "none")
     try:
@@ -235,10 +234,6 @@ def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults:
     if strategy.uses_sampler and sampler is None:
         raise ApiError(f"strategy {name!r} needs a joint sampler, and this server has none (start it with "
                        "--sampler DIR)", "strategy", "sampler_required")
-    try:
-        sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k, order=order)
-    except AdjustError as e:
-        raise ApiError(str(e), None, "invalid_value")
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
         raise ApiError("'stream_options' must be an object", "stream_options", "invalid_type")
@@ -253,6 +248,10 @@ def _accepted(strategy) -> set:
     import inspect
 
     return set(inspect.signature(type(strategy).__init__).parameters)
+
+
+# the sampling fields and how SamplingConfig's messages name them
+SAMPLING_FLAGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "--top-k", "order": "order rule"}
 
 
 def _param_of(message: str) -> str:
