@@ -114,6 +114,15 @@ def draw_examples(rollouts: Rollouts, pool: list[int], batch: int, u: int, g: to
     return ns, ts
 
 
+def rollout_steps(rollouts: Rollouts, batch_size: int):
+    """Batches (ns, ss) of (rollout, step) pairs covering every step of every rollout, one prompt length each."""
+    for group in by_prompt_length(rollouts, list(range(len(rollouts)))):
+        pairs = [(n, s) for n in group for s in range(rollouts.gen_length)]
+        for lo in range(0, len(pairs), batch_size):
+            ns, ss = zip(*pairs[lo:lo + batch_size])
+            yield list(ns), list(ss)
+
+
 class BaseStates:
     """The frozen base's hidden states at steps 0..G-1 of every rollout, computed once, kept on the CPU."""
 
@@ -130,14 +139,11 @@ class BaseStates:
         self.states = [torch.empty(G, len(p) + G, H, dtype=base.dtype) for p in rollouts.prompts]
         bar = tqdm(total=len(rollouts) * G, desc="base states", disable=not progress, dynamic_ncols=True)
         with torch.no_grad():
-            for group in by_prompt_length(rollouts, list(range(len(rollouts)))):
-                pairs = [(n, s) for n in group for s in range(G)]
-                for lo in range(0, len(pairs), batch_size):
-                    ns, ss = map(list, zip(*pairs[lo:lo + batch_size]))
-                    hidden = base.hidden_states(rollouts.states(ns, ss, base.mask_id).to(base.device)).cpu()
-                    for i, (n, s) in enumerate(zip(ns, ss)):
-                        self.states[n][s] = hidden[i]
-                    bar.update(len(ns))
+            for ns, ss in rollout_steps(rollouts, batch_size):
+                hidden = base.hidden_states(rollouts.states(ns, ss, base.mask_id).to(base.device)).cpu()
+                for i, (n, s) in enumerate(zip(ns, ss)):
+                    self.states[n][s] = hidden[i]
+                bar.update(len(ns))
         bar.close()
 
     def get(self, ns, ts, device) -> torch.Tensor:
@@ -156,22 +162,18 @@ def step_entropies(base, rollouts: Rollouts, batch_size: int = 256, progress: bo
     from ..sampling import SamplingConfig, entropy, log_probs
 
     sampling = SamplingConfig(**rollouts.meta["sampling"])
-    G = rollouts.gen_length
-    out = torch.zeros(len(rollouts), G)
+    out = torch.zeros(len(rollouts), rollouts.gen_length)
     bar = tqdm(total=out.numel(), desc="step entropies", disable=not progress, dynamic_ncols=True)
     with torch.no_grad():
-        for group in by_prompt_length(rollouts, list(range(len(rollouts)))):
-            plen, pairs = len(rollouts.prompts[group[0]]), [(n, s) for n in group for s in range(G)]
-            for lo in range(0, len(pairs), batch_size):
-                ns, ss = zip(*pairs[lo:lo + batch_size])
-                cols = plen + rollouts.order[list(ns), list(ss)].to(base.device)
-                if cached is not None:
-                    states = cached.get(ns, ss, base.device)
-                else:
-                    states = base.hidden_states(rollouts.states(list(ns), list(ss), base.mask_id).to(base.device))
-                hidden = states[torch.arange(len(ns), device=base.device), cols]
-                out[list(ns), list(ss)] = entropy(log_probs(base.logits(hidden), sampling)).float().cpu()
-                bar.update(len(ns))
+        for ns, ss in rollout_steps(rollouts, batch_size):
+            cols = len(rollouts.prompts[ns[0]]) + rollouts.order[ns, ss].to(base.device)
+            if cached is not None:
+                states = cached.get(ns, ss, base.device)
+            else:
+                states = base.hidden_states(rollouts.states(ns, ss, base.mask_id).to(base.device))
+            hidden = states[torch.arange(len(ns), device=base.device), cols]
+            out[ns, ss] = entropy(log_probs(base.logits(hidden), sampling)).float().cpu()
+            bar.update(len(ns))
     bar.close()
     return out
 
