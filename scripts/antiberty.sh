@@ -19,7 +19,7 @@ fi
 ENTROPY_WINDOWS=${ENTROPY_WINDOWS:-0.8}
 MAX_UNROLLS=${MAX_UNROLLS:-3}
 SEED=${SEED:-0}
-DTYPE=${DTYPE:-bfloat16}  # 3.4x faster than float32 per pass on this CPU (avx512_bf16); every step uses the same
+DTYPE=${DTYPE:-bfloat16}  # faster than float32 per pass on CPUs with avx512_bf16; every step uses the same dtype
 BASE=$WORK/antiberty-base
 mkdir -p "$WORK"
 
