@@ -30,15 +30,15 @@ RESULTS_DIR=${RESULTS_DIR:-results}           # tasks.json, tasks.md, tasks.png
 RESULTS=$RESULTS_DIR/tasks.json
 DEVICE=${DEVICE:-cpu}                        # rollouts, distill, eval (train-base runs on CPU)
 SEED=${SEED:-0}
-GEN_LENGTH=${GEN_LENGTH:-16}                 # answer + EOS padding; rollouts and eval must agree
+GEN_LENGTH=${GEN_LENGTH:-10}                 # answer (up to 7 tokens) + EOS; rollouts and eval must agree
 # data
-N_TRAIN=${N_TRAIN:-60000}                    # training examples (one document each, tasks in equal shares)
+N_TRAIN=${N_TRAIN:-200000}                   # training examples (one document each, tasks in equal shares)
 N_ROLLOUT_PROMPTS=${N_ROLLOUT_PROMPTS:-1200} # train-split prompts per task for rollouts
 N_EVAL=${N_EVAL:-200}                        # held-out prompts per task
 # base model
 LAYERS=${LAYERS:-4}; HIDDEN=${HIDDEN:-128}; HEADS=${HEADS:-4}; INTER=${INTER:-344}
-SEQ_LEN=${SEQ_LEN:-40}; VOCAB=${VOCAB:-512}  # longest prompt (19 tokens) + GEN_LENGTH must fit SEQ_LEN
-BASE_STEPS=${BASE_STEPS:-10000}; BASE_BATCH=${BASE_BATCH:-64}; BASE_LR=${BASE_LR:-1e-3}
+SEQ_LEN=${SEQ_LEN:-28}; VOCAB=${VOCAB:-512}  # longest prompt (12 tokens) + GEN_LENGTH must fit SEQ_LEN
+BASE_STEPS=${BASE_STEPS:-20000}; BASE_BATCH=${BASE_BATCH:-64}; BASE_LR=${BASE_LR:-1e-3}
 EVAL_EVERY=${EVAL_EVERY:-500}
 # joint sampler
 ROLLOUTS=${ROLLOUTS:-7200}                   # exact trajectories (cycled over the rollout prompts)

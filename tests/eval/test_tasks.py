@@ -20,7 +20,8 @@ torch.set_num_threads(1)
 # validators: exact hand-made cases
 # --------------------------------------------------------------------------------------------
 LIST = "list: cat dog sun ="
-PICK = "pick: bakori tumesa lipodu ="
+PICK = "pick: catsun dogmap hatbox ="
+SHUFFLE = "shuffle: cat dog sun fish ="
 REVERSE = "reverse: cat dog sun ="
 
 
@@ -43,23 +44,41 @@ def test_list_rejects_duplicates_and_wrong_sets(answer):
     assert not T.is_valid(LIST, answer)
 
 
-@pytest.mark.parametrize("answer", [" bakori", " tumesa", "lipodu", " lipodu\n", f" tumesa{EOS}junk"])
+@pytest.mark.parametrize("answer", [" catsun", " dogmap", "hatbox", " hatbox\n", f" dogmap{EOS}junk"])
 def test_pick_accepts_exactly_one_given_word(answer):
     assert T.is_valid(PICK, answer)
 
 
 @pytest.mark.parametrize("answer", [
-    " bamesa",  # pieces of two words glued (the parallel-decoding failure)
-    " tukori",
-    " bakoridu",
-    " bako",  # truncated
-    " bakori tumesa",  # two words
-    " bakori bakori",
+    " catmap",  # halves of two words glued (the parallel-decoding failure)
+    " dogsun",
+    " catsunbox",
+    " cat",  # truncated
+    " cat sun",  # the halves as two words
+    " catsun dogmap",  # two words
+    " catsun catsun",
     " pick",
     "",
 ])
 def test_pick_rejects_mixtures(answer):
     assert not T.is_valid(PICK, answer)
+
+
+@pytest.mark.parametrize("answer", [" dog cat fish sun", " sun fish dog cat", " fish sun cat dog"])
+def test_shuffle_accepts_every_derangement(answer):
+    assert T.is_valid(SHUFFLE, answer)
+
+
+@pytest.mark.parametrize("answer", [
+    " cat dog sun fish",  # the given order
+    " dog cat sun fish",  # sun and fish keep their places
+    " sun fish dog fish",  # duplicate
+    " dog cat fish",  # missing word
+    " dog cat fish sun hat",  # extra word
+    "",
+])
+def test_shuffle_rejects_fixed_points_and_wrong_sets(answer):
+    assert not T.is_valid(SHUFFLE, answer)
 
 
 def test_reverse_accepts_only_the_reversal():
@@ -87,9 +106,17 @@ def test_generated_examples_are_valid_and_parse_back():
             assert T.is_valid(ex.prompt, " " + ex.answer), ex
     picks = T.examples("pick", 50, seed=3)
     assert all(3 <= len(e.items) <= 4 and len(set(e.items)) == len(e.items) for e in picks)
+    assert all(any(w.startswith(a) and w[len(a):] in T.WORDS for a in T.WORDS) for e in picks for w in e.items)
+    for name, (lo, hi) in {"list": (5, 7), "shuffle": (5, 7), "reverse": (4, 6)}.items():
+        exs = T.examples(name, 50, seed=3)
+        assert all(lo <= len(e.items) <= hi and set(e.items) <= set(T.WORDS) for e in exs), name
+        assert {len(e.items) for e in exs} == set(range(lo, hi + 1)), name
     lists = T.examples("list", 50, seed=3)
-    assert all(3 <= len(e.items) <= 5 and set(e.items) <= set(T.WORDS) for e in lists)
     assert len({e.answer for e in lists}) > 1  # answers come in varied orders
+    shuffles = T.examples("shuffle", 200, seed=3)
+    assert all(a != i for e in shuffles for a, i in zip(e.answer.split(), e.items))  # derangements
+    firsts = {e.answer.split()[0] == e.items[1] for e in shuffles}
+    assert firsts == {True, False}  # not one fixed rotation
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,7 +144,7 @@ def test_training_records_are_prompt_completion_pairs(tmp_path):
         assert EOS not in r["completion"]  # train-base --packing documents adds the EOS padding
         assert T.is_valid(r["prompt"], r["completion"])
         counts[T.task_of(r["prompt"])] += 1
-    assert sorted(counts.values()) == [10, 10, 11]  # tasks in equal shares, interleaved
+    assert sorted(counts.values()) == [7, 8, 8, 8]  # tasks in equal shares, interleaved
     assert [p + c for p, c in read_examples(out)] == [r["prompt"] + r["completion"] for r in recs]
 
 
@@ -181,10 +208,10 @@ def test_evaluate_tasks_on_a_random_model(tiny_base):
     assert set(res["validity"]) == set(T.TASKS) | {"all"}
     assert set(res["validity"]["all"]) == {"exact", "parallel:4", "adjust:2"}
     rows = {(r["task"], r["label"]): r for r in res["results"]}
-    assert len(rows) == 3 * 4
+    assert len(rows) == 3 * (len(T.TASKS) + 1)
     for (task, label), r in rows.items():
         assert 0.0 <= r["valid"] <= 1.0
-        assert r["n"] == (9 if task == "all" else 3)
+        assert r["n"] == (3 * len(T.TASKS) if task == "all" else 3)
     assert rows[("list", "exact")]["tokens_per_full_pass"] == 1.0
     assert rows[("all", "parallel:4")]["tokens_per_full_pass"] == 4.0 and rows[("all", "parallel:4")]["K"] == 4
     assert rows[("pick", "adjust:2")]["sampler_passes"] > 0
@@ -198,7 +225,7 @@ def test_evaluate_counts_valid_answers(tiny_base, monkeypatch):
     """Validity is the fraction of answers the validator accepts (generation stubbed)."""
     import adjust.decode as D
 
-    answers = {LIST: " dog sun cat", PICK: " bamesa", REVERSE: " sun dog cat"}
+    answers = {LIST: " dog sun cat", PICK: " catmap", REVERSE: " sun dog cat"}
 
     def fake(base, prompts, strategy, sampling, **kw):
         stats = D.Stats(full_passes=2, row_passes=2 * len(prompts), new_tokens=kw["gen_length"], sequences=len(prompts))
@@ -209,7 +236,7 @@ def test_evaluate_counts_valid_answers(tiny_base, monkeypatch):
     assert res["validity"] == {"list": {"parallel:2": 1.0}, "pick": {"parallel:2": 0.0},
                                "reverse": {"parallel:2": 1.0}, "all": {"parallel:2": 0.75}}
     pick = next(r for r in res["results"] if r["task"] == "pick")
-    assert pick["invalid_examples"] == [{"prompt": PICK, "answer": " bamesa"}]
+    assert pick["invalid_examples"] == [{"prompt": PICK, "answer": " catmap"}]
 
 
 def test_cli_eval_tasks_prints_one_json_object(tiny_model_dir, tmp_path, capsys):
@@ -229,8 +256,8 @@ def test_cli_eval_tasks_prints_one_json_object(tiny_model_dir, tmp_path, capsys)
     assert json.loads((tmp_path / "r" / "tasks.json").read_text())["validity"] == res["validity"]
     table = (tmp_path / "r" / "tasks.md").read_text().splitlines()
     assert table[0] == "| task | exact | parallel:2 |"
-    assert [line.split(" | ")[0] for line in table[2:6]] == [f"| {t}" for t in [*T.TASKS, "all"]]
-    assert table[6].startswith("| tokens / full pass | 1.00 | 2.00 |")
+    assert [line.split(" | ")[0] for line in table[2:3 + len(T.TASKS)]] == [f"| {t}" for t in [*T.TASKS, "all"]]
+    assert table[3 + len(T.TASKS)].startswith("| tokens / full pass | 1.00 | 2.00 |")
     assert (tmp_path / "r" / "tasks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rc = main(["eval", "tasks", "--base", str(tiny_model_dir), "--prompts", str(prompts), "--strategies", "adjust:2",
                "--json"])
@@ -252,16 +279,19 @@ def test_heldout_overlap_counts_item_sets_trained_under_another_task():
     assert out["pick"]["item_sets_in_training"] == 0
 
 
-def test_the_task_models_held_out_list_prompts_overlap_reverse_training_data():
+def test_the_task_models_held_out_overlap_is_the_recorded_one():
     """The split holds out (task, item set) pairs, so a held-out `list` item set can be a training
-    `reverse` one. The task model's data (`data --n 60000 --seed 0`: 20,000 examples a task) and
-    held-out prompts (`prompts --n 200 --split eval --seed 1`): the counts the README states."""
-    tasks = ("list", "reverse")  # `pick` has its own made-up words: no overlap possible
-    train = [T.training_record(e) for task in tasks for e in T.examples(task, 20000, seed=0)]
-    held = [e.prompt for task in tasks for e in T.examples(task, 200, seed=1, split="eval")]
+    `shuffle` or `reverse` one. The task model's data (scripts/task_pipeline.sh: `data --n 200000 --seed 0`,
+    50,000 examples a task) and held-out prompts (`prompts --n 200 --split eval --seed 1`) give the counts
+    recorded in results/tasks_heldout_overlap.json, which the README states."""
+    from pathlib import Path
+
+    recorded = json.loads((Path(__file__).resolve().parents[2] / "results" / "tasks_heldout_overlap.json").read_text())
+    train = [T.training_record(e) for task in T.TASKS for e in T.examples(task, 50000, seed=0)]
+    held = [e.prompt for task in T.TASKS for e in T.examples(task, 200, seed=1, split="eval")]
     out = T.heldout_overlap(held, train)
-    assert out["list"] == {"prompts": 200, "item_sets_in_training": 33, "by_training_task": {"reverse": 33}}
-    assert out["reverse"] == {"prompts": 200, "item_sets_in_training": 37, "by_training_task": {"list": 37}}
+    assert out == {task: recorded[task] for task in T.TASKS}
+    assert out["pick"]["item_sets_in_training"] == 0  # compounds never occur as another task's items
 
 
 def test_module_main_reports_the_overlap(tmp_path, capsys):

@@ -6,26 +6,35 @@ answer has several valid forms or depends on tokens decoded in the same pass, so
 positions independently from their marginals (parallel decoding) breaks it, while the
 model's true joint (exact, K = 1) keeps it valid:
 
-- list:    "list: cat dog sun =" -> the given words, each exactly once, any order
-           (" sun cat dog"). Every answer position's marginal spreads over all the words,
-           so independent draws repeat some and drop others.
-- pick:    "pick: bakori tumesa lipodu =" -> exactly one of the made-up words, each built of
-           3 syllables and so spanning several BPE tokens (" tumesa"). Independent draws
-           glue pieces of different words together (" tupodu").
-- reverse: "reverse: cat dog sun =" -> the words in reverse order (" sun dog cat"). One
-           valid answer: a control where the model is sure of every token, so parallel
+- list:    "list: cat dog sun fish hat =" -> the 5-7 given words, each exactly once, in any
+           order (" hat sun cat fish dog"). Every answer position's marginal spreads over all
+           the words, so independent draws repeat some and drop others.
+- shuffle: "shuffle: cat dog sun fish hat =" -> the 5-7 given words, each exactly once, with
+           no word at its own place (a derangement: " dog hat fish sun cat"). Like `list`, and
+           each position must also avoid one word: the whole answer is mutually constrained.
+- pick:    "pick: catsun dogmap hatbox =" -> exactly one of the 3-4 given compound words, each
+           two common words glued together and so two BPE tokens (" dogmap"). Independent
+           draws glue halves of different words together (" catmap").
+- reverse: "reverse: cat dog sun fish =" -> the 4-6 words in reverse order (" fish sun dog cat").
+           One valid answer: a control where the model is sure of every token, so parallel
            decoding should stay valid unless the model is unsure of the alignment.
+
+The answers fill most of the generation region (DEFAULT_GEN_LENGTH = 10 tokens: up to 7 answer
+words and the EOS), so a confident rule cannot gain its speed from EOS padding alone.
+An earlier `pick` of made-up three-syllable words was never learned (exact decoding 0.000:
+their BPE pieces differ from word to word, so copying one meant copying an irregular
+segmentation); the compounds split into two known pieces, each a common word.
 
 Validators are reference-free: they read the task and its items from the prompt alone.
 
 Training data (`write_task_data`): one JSONL record per example in the prompt-completion
-format, {"prompt": "list: cat dog sun =", "completion": " sun cat dog"}. Train the base with
+format, {"prompt": "list: cat dog sun fish hat =", "completion": " hat sun cat fish dog"}. Train the base with
 `adjust train-base --packing documents`: every training sequence is then one example from
 position 0, followed by EOS padding to the batch's length, exactly what generation gives the
 model (prompt at position 0, answer, EOS to the end of the generation region), and only the
 completion is masked and scored. What was measured on the pipeline's 4-layer model: lr 2e-3
 never learned to copy (random windows of a joined stream, 4,500 steps; documents with a tied
-head, 3,000 steps; untied, 1,000 steps); lr 1e-3 with documents and an untied head did (list: 89% valid
+head, 3,000 steps; untied, 1,000 steps); lr 1e-3 with documents and an untied head did (list of 3-5 words, the first task set: 89% valid
 with exact decoding after 10,000 steps). Stream windows at lr 1e-3 were not tried.
 Held-out prompts are disjoint from training by construction: an example belongs to the eval
 split iff a hash of (task, item set) falls in a fixed tenth.
@@ -46,7 +55,7 @@ from pathlib import Path
 
 from ..errors import AdjustError
 
-DEFAULT_GEN_LENGTH = 16
+DEFAULT_GEN_LENGTH = 10
 EVAL_BUCKETS = 10  # one in EVAL_BUCKETS item sets is held out for evaluation
 
 # Short common English words; each becomes one BPE token once the tokenizer sees the data.
@@ -54,8 +63,6 @@ WORDS = (
     "cat dog sun sky red blue tree fish bird milk book door hat cup pen box car bus map key "
     "bed egg ice ink jam owl pig rat bee cow fox hen ant bag cake coin drum frog gold lamp"
 ).split()
-# Syllables of the made-up words of `pick`: 14 consonants x 5 vowels; 3 syllables a word.
-SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
 
 
 @dataclass
@@ -102,10 +109,11 @@ class Task:
 
 class ListTask(Task):
     name = "list"
-    description = "list the given words, each exactly once, in any order"
+    description = "list the 5-7 given words, each exactly once, in any order"
+    sizes = (5, 7)
 
     def items(self, rng):
-        return rng.sample(WORDS, rng.randint(3, 5))
+        return rng.sample(WORDS, rng.randint(*self.sizes))
 
     def answer(self, items, rng):
         return rng.sample(items, len(items))
@@ -114,15 +122,31 @@ class ListTask(Task):
         return sorted(words) == sorted(items)
 
 
+class ShuffleTask(ListTask):
+    """The items of `list`; the answer is a derangement of them."""
+
+    name = "shuffle"
+    description = "the 5-7 given words, each exactly once, none at its own place"
+
+    def answer(self, items, rng):
+        while True:  # rejection sampling: about 37% of permutations are derangements
+            out = rng.sample(items, len(items))
+            if self.valid_words(items, out):
+                return out
+
+    def valid_words(self, items, words):
+        return sorted(words) == sorted(items) and all(w != i for w, i in zip(words, items))
+
+
 class PickTask(Task):
     name = "pick"
-    description = "answer exactly one of the given made-up (multi-token) words"
+    description = "answer exactly one of the 3-4 given compound (two-token) words"
 
     def items(self, rng):
         n = rng.randint(3, 4)
         out: list[str] = []
         while len(out) < n:
-            w = "".join(rng.choice(SYLLABLES) for _ in range(3))
+            w = "".join(rng.sample(WORDS, 2))
             if w not in out:
                 out.append(w)
         return out
@@ -135,10 +159,11 @@ class PickTask(Task):
 
 
 class ReverseTask(ListTask):
-    """The items of `list` (3-5 common words); one valid answer."""
+    """4-6 common words; one valid answer."""
 
     name = "reverse"
-    description = "copy the given words in reverse order"
+    description = "copy the 4-6 given words in reverse order"
+    sizes = (4, 6)
 
     def answer(self, items, rng):
         return items[::-1]
@@ -147,7 +172,7 @@ class ReverseTask(ListTask):
         return words == items[::-1]
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (ListTask(), PickTask(), ReverseTask())}
+TASKS: dict[str, Task] = {t.name: t for t in (ListTask(), ShuffleTask(), PickTask(), ReverseTask())}
 
 
 def get_task(name: str) -> Task:
@@ -459,7 +484,7 @@ def heldout_overlap(eval_prompts, train_prompts) -> dict:
     """Held-out prompts whose item set (as a set) occurs in training data, per task.
 
     The split holds out a (task, item set) pair, so an item set held out for one task can
-    still be trained on under another: `list` and `reverse` draw the same 3-5 common words.
+    still be trained on under another: `list`, `shuffle` and `reverse` draw from the same common words.
     eval_prompts / train_prompts: prompt strings or records with a "prompt". Returns
     {task: {"prompts", "item_sets_in_training", "by_training_task": {task: count}}}, counting
     each held-out prompt once under "item_sets_in_training".

@@ -27,6 +27,10 @@ def list_docs(**kwargs):
     return _docs("list")
 
 
+def shuffle_docs(**kwargs):
+    return _docs("shuffle")
+
+
 def pick_docs(**kwargs):
     return _docs("pick")
 
