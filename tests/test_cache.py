@@ -22,7 +22,7 @@ from published import write_dream, write_llada  # noqa: E402
 
 KINDS = ["tiny", "dream", "llada"]
 STRATEGIES = [("exact", {}), ("parallel", {"tokens_per_pass": 4}), ("threshold", {"tau": 0.9}),
-              ("adjust", {"tokens_per_pass": 4}), ("adjust-threshold", {})]
+              ("adjust", {"tokens_per_pass": 4}), ("adjust-threshold", {}), ("threshold-adjust", {"tau": 0.5})]
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +232,8 @@ def test_cache_refresh_every_n(bases, samplers, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
-@pytest.mark.parametrize("name,params", [("exact", {}), ("threshold", {"tau": 0.9}), ("adjust", {"tokens_per_pass": 4})])
+@pytest.mark.parametrize("name,params", [("exact", {}), ("threshold", {"tau": 0.9}), ("adjust", {"tokens_per_pass": 4}),
+                                         ("threshold-adjust", {"tau": 0.5})])
 def test_alone_equals_in_a_batch_with_cache(bases, samplers, kind, mode, name, params):
     base, sampler = bases[kind], samplers[kind]
     prompts = prompts_for(base, n=3, seed=4)  # equal lengths: no padding

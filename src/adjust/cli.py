@@ -630,10 +630,12 @@ def _add_quality_parser(ev) -> None:
                       "  name            the strategy with its defaults     (threshold)\n"
                       "  name:K          K tokens per full pass             (parallel:2, adjust:4)\n"
                       "  name:k=v;k=v    keyword parameters of the strategy (threshold:tau=0.9,\n"
-                      "                                                      adjust-threshold:tau=0.8;max_tokens_per_pass=8)\n"
+                      "                                                      adjust-threshold:tau=0.8;max_tokens_per_pass=8,\n"
+                      "                                                      threshold-adjust:tau=0.9;K=4)\n"
                       "Quote the list in the shell (';' separates parameters). exact is always evaluated.\n"
-                      "Default: parallel and adjust at K = 2, 3, 4, 8, plus threshold, factor, entropy-bound\n"
-                      "and adjust-threshold at a few settings (unregistered ones are skipped with a warning).")
+                      "Default: parallel and adjust at K = 2, 3, 4, 8, plus threshold, factor, entropy-bound,\n"
+                      "adjust-threshold and threshold-adjust at a few settings (unregistered ones are skipped\n"
+                      "with a warning).")
     _add_base_args(p)
     p.add_argument("--sampler", default=None, help="joint sampler directory (default: <base>/sampler if present; "
                    "strategies that need one are skipped without it)")
@@ -669,10 +671,12 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     from .sampling import ORDERS
 
     p.add_argument("--strategy", default="exact", help="exact | parallel | adjust | threshold | factor | "
-                   "entropy-bound | adjust-threshold (default: exact)")
+                   "entropy-bound | adjust-threshold | threshold-adjust (default: exact)")
     p.add_argument("--tokens-per-pass", "-K", type=int, default=None,
-                   help="K, tokens unmasked per full pass (default: 1 for exact, 4 otherwise)")
-    p.add_argument("--tau", type=float, default=None, help="confidence threshold of threshold / adjust-threshold")
+                   help="K, tokens unmasked per full pass (default: 1 for exact, 4 otherwise); threshold-adjust: "
+                   "its confident tokens (or one), then at most K - 1 sampler unrolls")
+    p.add_argument("--tau", type=float, default=None,
+                   help="confidence threshold of threshold / adjust-threshold / threshold-adjust (default 0.9)")
     p.add_argument("--factor", type=float, default=None, help="f of the factor strategy")
     p.add_argument("--gamma", type=float, default=None, help="entropy budget of entropy-bound")
     p.add_argument("--max-tokens-per-pass", type=int, default=None, help="cap of adjust-threshold (default 8)")

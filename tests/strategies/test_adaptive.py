@@ -94,7 +94,10 @@ def test_adjust_threshold_respects_its_cap(dummy_base):
 
 @pytest.mark.parametrize("name,kw", [("threshold", {"tau": 0}), ("threshold", {"tau": 1.5}),
                                      ("factor", {"factor": -1}), ("entropy-bound", {"gamma": -0.1}),
-                                     ("adjust-threshold", {"tau": 0.9, "max_tokens_per_pass": 0})])
+                                     ("adjust-threshold", {"tau": 0.9, "max_tokens_per_pass": 0}),
+                                     # a spec's value that is not a number arrives as text (threshold:tau=abc)
+                                     ("threshold", {"tau": "abc"}), ("factor", {"factor": "x"}),
+                                     ("entropy-bound", {"gamma": "x"}), ("adjust-threshold", {"tau": "x"})])
 def test_bad_parameters_are_refused(name, kw):
     with pytest.raises(AdjustError):
         make_strategy(name, **kw)

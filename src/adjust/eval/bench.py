@@ -47,7 +47,7 @@ from ..errors import AdjustError
 from ..provenance import code_version
 from ..sampling import SamplingConfig
 
-ADAPTIVE = ("threshold", "entropy-bound", "adjust-threshold")
+ADAPTIVE = ("threshold", "entropy-bound", "adjust-threshold", "threshold-adjust")
 
 
 def default_specs(ks=(2, 4, 8), with_sampler: bool = True, trained_sampler: bool = True) -> tuple[list, list]:

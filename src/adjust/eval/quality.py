@@ -55,6 +55,7 @@ DEFAULT_STRATEGIES: list[tuple[str, dict]] = (
     + [("factor", {"factor": f}) for f in (0.5, 1.0, 2.0)]
     + [("entropy-bound", {"gamma": g}) for g in (0.01, 0.1, 1.0)]
     + [("adjust-threshold", {"tau": t, "max_tokens_per_pass": 8}) for t in (0.9, 0.7)]
+    + [("threshold-adjust", {"tau": 0.9, "tokens_per_pass": k}) for k in (2, 4)]
 )
 
 

@@ -1,8 +1,8 @@
 """Adaptive strategies: how many tokens a full pass unmasks depends on the model's confidence.
 
-Peers (docs/method.md section 8) use only the full pass; `adjust-threshold` adds the sampler
-(docs/method.md section 9). Confidence = the largest probability of a position's distribution
-after temperature / top-k / top-p; every rule unmasks at least one token per full pass.
+Peers (docs/method.md section 8) use only the full pass; `adjust-threshold` and `threshold-adjust`
+add the sampler (docs/method.md section 9). Confidence = the largest probability of a position's
+distribution after temperature / top-k / top-p; every rule unmasks at least one token per full pass.
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ def _per_row_sorted(values: torch.Tensor, rows: torch.Tensor, B: int, descending
     return table, valid
 
 
+def confidence(logp: torch.Tensor) -> torch.Tensor:
+    """(N, V) filtered log-probs -> (N,) confidence: the largest probability of each distribution."""
+    return logp.max(-1).values.exp()
+
+
 class _Adaptive(Strategy):
     adaptive = True
 
@@ -41,8 +46,15 @@ class _Adaptive(Strategy):
         ctx.commit(ctx.choose(self.score(ctx, logp, rows), rows, n), rows, cols, logp)
 
 
-def _check_unit(name: str, value: float, low_open: bool = True) -> float:
-    if not (0 < value <= 1 if low_open else 0 <= value <= 1):
+def _number(name: str, value) -> float:
+    """`value` if it is a number (a spec's value that is not one arrives as text), else AdjustError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AdjustError(f"--{name} must be a number, got {value!r}")
+    return value
+
+
+def _check_unit(name: str, value: float) -> float:
+    if not 0 < _number(name, value) <= 1:
         raise AdjustError(f"--{name} must be in (0, 1], got {value}")
     return value
 
@@ -56,8 +68,7 @@ class Threshold(_Adaptive):
         self.tau = _check_unit("tau", tau)
 
     def counts(self, logp, rows, B):
-        conf = logp.max(-1).values.exp()
-        return torch.bincount(rows, weights=(conf >= self.tau).double(), minlength=B).long()
+        return torch.bincount(rows, weights=(confidence(logp) >= self.tau).double(), minlength=B).long()
 
     def describe(self):
         return f"threshold(tau={self.tau})"
@@ -70,13 +81,12 @@ class Factor(_Adaptive):
 
     def __init__(self, factor: float = 1.0):
         super().__init__()
-        if not factor > 0:
+        if not _number("factor", factor) > 0:
             raise AdjustError(f"--factor must be positive, got {factor}")
         self.f = factor
 
     def counts(self, logp, rows, B):
-        conf = logp.max(-1).values.exp()
-        table, valid = _per_row_sorted(conf, rows, B, descending=True)
+        table, valid = _per_row_sorted(confidence(logp), rows, B, descending=True)
         n = torch.arange(1, table.shape[1] + 1, device=table.device, dtype=torch.float64)
         ok = (table >= 1 - self.f / (n + 1)) & valid
         return ok.long().cumprod(dim=1).sum(1)  # length of the accepted prefix
@@ -92,7 +102,7 @@ class EntropyBound(_Adaptive):
 
     def __init__(self, gamma: float = 0.1):
         super().__init__()
-        if not gamma >= 0:
+        if not _number("gamma", gamma) >= 0:
             raise AdjustError(f"--gamma must be >= 0, got {gamma}")
         self.gamma = gamma
 
@@ -133,7 +143,7 @@ class AdjustThreshold(Strategy):
                 return
             chosen = ctx.choose(ctx.scores(logp, rows), rows, active.long())
             if j > 0:  # the first token of a pass is always taken
-                confident = logp[chosen].max(-1).values.exp() >= self.tau
+                confident = confidence(logp[chosen]) >= self.tau
                 active[rows[chosen[~confident]]] = False
                 chosen = chosen[confident]
             if len(chosen) == 0:
@@ -145,3 +155,52 @@ class AdjustThreshold(Strategy):
 
     def describe(self):
         return f"adjust-threshold(tau={self.tau},max={self.k})"
+
+
+@register("threshold-adjust")
+class ThresholdAdjust(Strategy):
+    """Threshold first, then ADJUST: the confident positions come free from the full pass, the
+    sampler's K - 1 unrolls go to the uncertain ones (docs/method.md section 9).
+
+    Rule, per sequence, in each step:
+    1. from the full pass, commit every masked position of the block whose confidence (largest
+       probability after temperature / top-k / top-p, as `threshold` measures it) is >= tau, each
+       drawn from its own marginal; no unroll is spent on them;
+    2. if no position is that confident, commit instead the one best position by the order rule
+       (so every full pass writes at least one token, as `adjust`'s first pick);
+    3. then, while masks remain in the block and fewer than K - 1 unrolls have run: one sampler
+       unroll on the canvas as it is now (every token written in this step included, the whole
+       confident batch too), and commit the best-scored (order rule) remaining position, drawn from
+       the sampler's distribution.
+    A sequence writes (confident count, or 1) + min(K - 1, masks left after it) tokens per full
+    pass. K = 1 is `threshold` except for the fallback pick of step 2 (order rule here, the most
+    confident position there: the same with --order confidence); with tau = 1.0 on a model whose
+    probabilities never reach 1 it is `adjust` with the same K. A batch's rows are independent: an
+    unroll runs while any row has masks left, and a row without masks takes nothing from it.
+    """
+
+    uses_sampler = True
+    adaptive = True
+
+    def __init__(self, tau: float = 0.9, tokens_per_pass: int = 4):
+        super().__init__(tokens_per_pass)
+        self.tau = _check_unit("tau", tau)
+
+    def step(self, ctx) -> None:
+        B = ctx.x.shape[0]
+        rows, cols, logp = ctx.distributions()
+        confident = confidence(logp) >= self.tau
+        unsure = torch.bincount(rows[confident], minlength=B) == 0  # rows with no confident position
+        fallback = ctx.choose(ctx.scores(logp, rows), rows, unsure.long())
+        ctx.commit(torch.cat([confident.nonzero(as_tuple=True)[0], fallback]), rows, cols, logp)
+        one = torch.ones(B, dtype=torch.long, device=ctx.x.device)
+        hidden = ctx.hidden
+        for _ in range(self.k - 1):
+            if not ctx.remaining().any():
+                return
+            hidden = ctx.unroll_sampler(hidden)
+            rows, cols, logp = ctx.distributions(hidden)
+            ctx.commit(ctx.choose(ctx.scores(logp, rows), rows, one), rows, cols, logp)
+
+    def describe(self):
+        return f"threshold-adjust(tau={self.tau},K={self.k})"
