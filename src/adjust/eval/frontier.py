@@ -592,8 +592,10 @@ def markdown_table(result: dict) -> str:
     lines = [f"# Quality vs speed frontier: {s['base'].get('name')}", "",
              f"Quality: {q_title} on {work}, gen length {s['gen_length']}, T = {s['sampling']['temperature']}, "
              f"order {s['sampling']['order']}, seed {s['seed']}. Speed: median tokens/s of {s['repeats']} interleaved "
-             f"repeats (shuffled order, {s['warmup']} warm-up) on {len(s['timing_prompts'])} prompts, "
-             f"{s['threads']} thread(s), x exact = median paired ratio to {s['speed_reference']} in the same repeat.",
+             f"repeats (shuffled order, {s['warmup']} warm-up), each run decoding "
+             + (f"{len(s['timing_prompts'])} batch(es) of B unconditional samples, " if not s["prompt_count"] else
+                f"{len(s['timing_prompts'])} prompt(s) as a batch of B samples each, ")
+             + f"{s['threads']} thread(s), x exact = median paired ratio to {s['speed_reference']} in the same repeat.",
              ""]
     if result["mode"] == "text":
         lines += ["NLL: nats per generated token under the base's masked-diffusion bound (lower is not always "
