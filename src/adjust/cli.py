@@ -343,7 +343,6 @@ def cmd_eval_tasks(args) -> None:
 
 def _add_tasks_parser(ev) -> None:
     from .eval.tasks import DEFAULT_GEN_LENGTH, TASKS
-    from .sampling import ORDERS
 
     p = ev.add_parser("tasks", help="validity of answers to verifiable tasks (list, pick, reverse) per strategy")
     _add_base_args(p)
@@ -359,14 +358,101 @@ def _add_tasks_parser(ev) -> None:
     _add_cache_args(p)
     p.add_argument("--num-samples", type=int, default=1, help="answers per prompt")
     p.add_argument("--batch-size", type=int, default=64)
+    _add_sampling_args(p)
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    p.add_argument("--out-dir", default=None, help="also write tasks.json, tasks.md (table) and tasks.png (plot) here")
+    p.set_defaults(func=cmd_eval_tasks)
+
+
+def cmd_eval_frontier(args) -> None:
+    from .eval.frontier import parse_families, plan_points, run_frontier
+    from .eval.report import check_out_dir
+    from .strategies import STRATEGIES
+
+    check_out_dir(args.out_dir)
+    families = parse_families(args.families)
+    plan, _ = plan_points(families, args.grid)  # bad families, grids and values fail before loading anything
+    batch_sizes = _int_list([args.batch_sizes], "--batch-sizes")
+    caches = [c.strip() for c in args.cache.split(",") if c.strip()]
+    from .decode import check_cache
+
+    for c in caches:
+        check_cache(None, c, args.block_length, None)
+    prompts = None
+    if args.prompts:
+        from .data import read_prompt_file
+
+        prompts = read_prompt_file(args.prompts)
+    needs = families is not None and any(STRATEGIES[name].uses_sampler for _, name, _ in plan)
+    base, sampler = _load(args, "required" if needs else "optional")
+    result = run_frontier(base, sampler, prompts, families, args.grid, quality=args.quality,
+                          num_samples=args.num_samples, gen_length=args.gen_length, seed=args.seed,
+                          sampling=_sampling_from_args(args), batch_size=args.batch_size, batch_sizes=batch_sizes,
+                          timing_prompts=args.timing_prompts, repeats=args.repeats, warmup=args.warmup,
+                          threads=args.threads, caches=caches, block_length=args.block_length,
+                          nll_draws=args.nll_draws, out_dir=args.out_dir, progress=not args.json,
+                          sampler_source=None if sampler is None else str(args.sampler or "beside the base"),
+                          prompts_source=args.prompts)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        from .eval.frontier import markdown_table
+
+        print(markdown_table(result) + "\n" + "\n".join(f"wrote {p}" for p in result["files"].values()))
+
+
+def _add_frontier_parser(ev) -> None:
+    from .eval.frontier import DEFAULT_GRIDS, QUALITY_MODES, TWO_SIDED_MEASURES
+
+    p = ev.add_parser("frontier", formatter_class=argparse.RawDescriptionHelpFormatter,
+                      help="quality vs tokens/s of every strategy family's knob, Pareto fronts, who dominates whom",
+                      description="Sweeps each family's knob on the same prompts and seeds; per point: quality (task "
+                      "validity, or NLL and a two-sided measure on free text), tokens per full pass and tokens/s "
+                      "timed side by side (interleaved repeats); each family's Pareto front, the ADJUST-family "
+                      "point that dominates each peer point on its front, and the issue's targets. Writes "
+                      "frontier.json, frontier.md and frontier.png to --out-dir.",
+                      epilog="default grids (--grid FAMILY:key=v,v;key=v,v replaces one; K is tokens_per_pass):\n"
+                      + "\n".join(f"  {g}" for g in DEFAULT_GRIDS.values())
+                      + "\nexact is always run (the K = 1 point of parallel and adjust). Quote grids in the shell.")
+    _add_base_args(p)
+    p.add_argument("--sampler", default=None, help="joint sampler directory (default: <base>/sampler if present; "
+                   "without one the ADJUST families are skipped)")
+    p.add_argument("--prompts", default=None, help="task prompts (.jsonl from `python -m adjust.eval.tasks prompts`: "
+                   "validity) or plain prompts, one a line or .jsonl (free text); default: unconditional free text")
+    p.add_argument("--out-dir", required=True, help="where frontier.json / .md / .png go")
+    p.add_argument("--families", default=None, help=f"comma-separated subset of {','.join(DEFAULT_GRIDS)} "
+                   "(default: every one registered here)")
+    p.add_argument("--grid", action="append", default=None, metavar="FAMILY:KEY=V,V[;KEY=V,V]",
+                   help="replace a family's grid, e.g. threshold:tau=0.9,0.5 (repeatable)")
+    p.add_argument("--quality", default="auto", help=f"{' | '.join(list(QUALITY_MODES) + list(TWO_SIDED_MEASURES))}"
+                   " (auto: validity on task prompts, else the two-sided measure if one is wired, else nll)")
+    p.add_argument("--num-samples", type=int, default=None, help="samples per prompt (default 1; unconditional: 200)")
+    p.add_argument("--gen-length", type=int, default=None, help="tokens per sample (default 16 on task prompts, else 64)")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences decoded together when measuring quality")
+    p.add_argument("--batch-sizes", default="1,8", help="batch sizes timed (tokens/s)")
+    p.add_argument("--timing-prompts", type=int, default=8, help="prompts timed (a fixed subset; each decoded as a "
+                   "batch of B samples)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (every point once each, shuffled order)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of every point first")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads for the run (default 1)")
+    p.add_argument("--cache", default="none", help="comma-separated key/value cache modes swept, e.g. none,dual "
+                   "(prefix/dual need --block-length)")
+    p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")
+    p.add_argument("--nll-draws", type=int, default=4, help="Monte-Carlo draws of the base's bound per sample (free text)")
+    _add_sampling_args(p)
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object (also written to --out-dir)")
+    p.set_defaults(func=cmd_eval_frontier)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """--order, --temperature, --top-p, --top-k and --seed (read by _sampling_from_args)."""
+    from .sampling import ORDERS
+
     p.add_argument("--order", default="entropy", help=f"order rule: {' | '.join(ORDERS)}")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print exactly one JSON object")
-    p.add_argument("--out-dir", default=None, help="also write tasks.json, tasks.md (table) and tasks.png (plot) here")
-    p.set_defaults(func=cmd_eval_tasks)
 
 
 def cmd_convert(args) -> None:
@@ -587,6 +673,7 @@ def _add_eval_parsers(sub) -> None:
     p.set_defaults(func=cmd_eval_joint_kl)
     _add_quality_parser(ev)
     _add_tasks_parser(ev)  # `adjust eval tasks`: validity on verifiable parallel-decoding tasks
+    _add_frontier_parser(ev)  # `adjust eval frontier`: quality vs speed of every family, Pareto fronts
 
 
 def _add_bench_parser(sub) -> None:

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from adjust.errors import AdjustError
+
 from adjust.eval.metrics import distinct_n, featurize, mauve_buckets, mauve_score, nll_under_base, nll_under_causal_lm
 
 pytest.importorskip("mauve")
@@ -54,6 +56,26 @@ def test_nll_under_base_finite_and_reproducible(tiny_base):
     assert len(a) == 5 and all(math.isfinite(v) and v > 0 for v in a)
     assert a == nll_under_base(tiny_base, ids, draws=2, seed=3, batch_size=2)
     assert a != nll_under_base(tiny_base, ids, draws=2, seed=4, batch_size=2)
+
+
+def test_nll_under_base_given_prompts_scores_only_the_continuation(tiny_base):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, len(tiny_base.tokenizer), (4, 6), generator=g).tolist()
+    prompts = [[], [5, 6], [5, 6], [7, 8, 9]]
+    plain = nll_under_base(tiny_base, ids, draws=2, seed=3, batch_size=4)
+    assert nll_under_base(tiny_base, ids, draws=2, seed=3, batch_size=4, prompt_ids=[[]] * 4) == plain
+    given = nll_under_base(tiny_base, ids, draws=2, seed=3, batch_size=4, prompt_ids=prompts)
+    assert len(given) == 4 and all(math.isfinite(v) and v > 0 for v in given)
+    assert given[1] != plain[1] and given[3] != plain[3]  # the prompt conditions the continuation
+    # the bound with the prompt visible and only the continuation eligible (masked and scored)
+    from adjust.likelihood import estimate_nll
+
+    x = torch.tensor([[5, 6] + ids[1]])
+    eligible = torch.tensor([[False, False] + [True] * 6])
+    assert nll_under_base(tiny_base, [ids[1]], draws=2, seed=3, prompt_ids=[[5, 6]]) == pytest.approx(
+        estimate_nll(tiny_base, x, eligible, draws=2, seed=3).tolist())
+    with pytest.raises(AdjustError):
+        nll_under_base(tiny_base, ids, prompt_ids=prompts[:2])
 
 
 @pytest.fixture(scope="module")

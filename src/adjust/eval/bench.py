@@ -75,6 +75,41 @@ def _median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def interleaved_runs(runs: list, repeats: int, warmup: int, seed: int, shuffle: bool = False, bar=None) -> dict:
+    """Time several runs side by side: {key: [fn(seed + r) for r in range(repeats)]} for runs [(key, fn)].
+
+    Each fn runs `warmup` times untimed first (seeds seed + 10_000 + w). Then repeat r runs every
+    fn once with seed `seed + r`, the order rotated by r (`shuffle`: shuffled by a generator seeded
+    with seed + r instead), so that machine noise (a busy neighbour, a frequency change) hits all
+    of them alike and ratios within one repeat are paired. `bar` (a tqdm bar) advances once a call.
+    """
+    import random
+
+    for w in range(warmup):
+        for _, fn in runs:
+            fn(seed + 10_000 + w)
+            if bar is not None:
+                bar.update(1)
+    out: dict = {key: [] for key, _ in runs}
+    for r in range(repeats):
+        if shuffle:
+            order = list(runs)
+            random.Random(seed + r).shuffle(order)
+        else:
+            shift = r % len(runs)
+            order = runs[shift:] + runs[:shift]
+        for key, fn in order:
+            out[key].append(fn(seed + r))
+            if bar is not None:
+                bar.update(1)
+    return out
+
+
+def paired_ratio(values, reference) -> float:
+    """Median over repeats of values[r] / reference[r] (repeats with a non-positive reference left out)."""
+    return _median([v / e for v, e in zip(values, reference) if e > 0])
+
+
 def time_call(fn, device) -> float:
     """Seconds one call of `fn` takes, all its device work included (CUDA events on a GPU)."""
     if device.type == "cuda":
@@ -200,31 +235,24 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
     bar = tqdm(total=total, desc="bench", disable=not progress, leave=False)
     for B in batch_sizes:
         prompts = [list(prompt) for _ in range(B)]
-        runs = {(label, c): [] for label, _, c in runs_list}
-        last = None
-        for w in range(warmup):
-            for label, s, c in runs_list:
-                last = generate(base, prompts, s, sampling, gen_length, block_length, seed=seed + 10_000 + w,
-                                sample_indices=list(range(B)), sampler=sampler, cache=c)
-                bar.update(1)
-        for r in range(repeats):
-            shift = r % len(runs_list)
-            for label, s, c in runs_list[shift:] + runs_list[:shift]:
-                g = generate(base, prompts, s, sampling, gen_length, block_length, seed=seed + r,
-                             sample_indices=list(range(B)), sampler=sampler, cache=c)
-                runs[(label, c)].append(g.stats)
-                last = g
-                bar.update(1)
+
+        def run(s, c):
+            return lambda seed_r: generate(base, prompts, s, sampling, gen_length, block_length, seed=seed_r,
+                                           sample_indices=list(range(B)), sampler=sampler, cache=c)
+
+        gens = interleaved_runs([((label, c), run(s, c)) for label, s, c in runs_list], repeats, warmup, seed,
+                                bar=bar)
+        runs = {key: [g.stats for g in gs] for key, gs in gens.items()}
+        last = gens[(runs_list[0][0], runs_list[0][2])][-1]
         ref_cache = "none" if "none" in caches else caches[0]
         exact_tps = [st.tokens_per_second for st in runs[("exact", ref_cache)]]
         for label, s, c in runs_list:
             stats = runs[(label, c)]
             tps = [st.tokens_per_second for st in stats]
-            ratios = [t / e for t, e in zip(tps, exact_tps) if e > 0]
             row = {
                 "strategy": label, "name": s.name, "k": s.k, "batch_size": B, "cache": c,
                 "tokens_per_second": round(_median(tps), 3),
-                "ratio_to_exact": 1.0 if (label, c) == ("exact", ref_cache) else round(_median(ratios), 4),
+                "ratio_to_exact": 1.0 if (label, c) == ("exact", ref_cache) else round(paired_ratio(tps, exact_tps), 4),
                 "tokens_per_full_pass": round(_median([st.tokens_per_full_pass for st in stats]), 4),
                 "full_passes": _median([st.full_passes for st in stats]),
                 "sampler_passes": _median([st.sampler_passes for st in stats]),
@@ -237,7 +265,7 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
                 row["unroll_cost_in_run"] = round(_median(in_run), 4) if in_run else None
             if "none" in caches:
                 plain = [st.tokens_per_second for st in runs[(label, "none")]]
-                row["ratio_to_uncached"] = round(_median([t / u for t, u in zip(tps, plain) if u > 0]), 4)
+                row["ratio_to_uncached"] = round(paired_ratio(tps, plain), 4)
             results.append(row)
         if sampler is not None:
             canvas = last.tokens if last is not None else None

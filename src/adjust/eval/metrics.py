@@ -177,23 +177,34 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 # --------------------------------------------------------------------------------------------
 
 def nll_under_base(base, token_ids: Sequence[Sequence[int]], draws: int = 8, seed: int = 0,
-                   batch_size: int = 50, progress: bool = False) -> list[float]:
+                   batch_size: int = 50, progress: bool = False,
+                   prompt_ids: Sequence[Sequence[int]] | None = None) -> list[float]:
     """Per sequence, nats per token under the base's own masked-diffusion bound (adjust.likelihood).
 
     Every token of a sequence is eligible (scored); sequences are batched by length, and the
     b-th batch uses seed + b, so the result is reproducible for a fixed seed and batch size.
+    `prompt_ids` (one per sequence): each sequence is scored after its prompt, which stays
+    visible and is not scored (the NLL of a continuation given its prompt).
     """
     from tqdm.auto import tqdm
 
     from ..batching import group_by_length
     from ..likelihood import estimate_nll
 
+    if prompt_ids is not None and len(prompt_ids) != len(token_ids):
+        raise AdjustError(f"{len(prompt_ids)} prompts for {len(token_ids)} sequences")
+    prefix = (lambda i: list(prompt_ids[i])) if prompt_ids is not None else (lambda i: [])  # noqa: E731
     out: list[float] = [math.nan] * len(token_ids)
-    groups = group_by_length((i for i, ids in enumerate(token_ids) if len(ids)), lambda i: len(token_ids[i]))
+    groups = group_by_length((i for i, ids in enumerate(token_ids) if len(ids)),
+                             lambda i: len(prefix(i)) + len(token_ids[i]))
     chunks = [idx[s:s + batch_size] for idx in groups for s in range(0, len(idx), batch_size)]
     for b, chunk in enumerate(tqdm(chunks, desc="nll (base)", disable=not progress, leave=False)):
-        x = torch.tensor([list(token_ids[i]) for i in chunk], dtype=torch.long, device=base.device)
-        nll = estimate_nll(base, x, draws=draws, seed=seed + b).cpu().tolist()
+        x = torch.tensor([prefix(i) + list(token_ids[i]) for i in chunk], dtype=torch.long, device=base.device)
+        eligible = None
+        if prompt_ids is not None:
+            starts = torch.tensor([len(prefix(i)) for i in chunk], device=base.device)
+            eligible = torch.arange(x.shape[1], device=base.device)[None] >= starts[:, None]
+        nll = estimate_nll(base, x, eligible, draws=draws, seed=seed + b).cpu().tolist()
         for i, v in zip(chunk, nll):
             out[i] = float(v)
     return out
