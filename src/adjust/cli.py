@@ -427,7 +427,7 @@ def _add_frontier_parser(ev) -> None:
     p.add_argument("--quality", default="auto", help=f"{' | '.join(list(QUALITY_MODES) + list(TWO_SIDED_MEASURES))}"
                    " (auto: validity on task prompts, else the two-sided measure if one is wired, else nll)")
     p.add_argument("--num-samples", type=int, default=None, help="samples per prompt (default 1; unconditional: 200)")
-    p.add_argument("--gen-length", type=int, default=None, help="tokens per sample (default 16 on task prompts, else 64)")
+    p.add_argument("--gen-length", type=int, default=None, help="tokens per sample (default: the tasks' region, 10, on task prompts; else 64)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences decoded together when measuring quality")
     p.add_argument("--batch-sizes", default="1,8", help="batch sizes timed (tokens/s)")
     p.add_argument("--timing-prompts", type=int, default=8, help="prompts timed (a fixed subset; each decoded as a "
