@@ -365,7 +365,7 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
     """Sweep, measure and analyse (see the module docstring); with `out_dir`, write frontier.json/.md/.png.
 
     prompts: task prompts (validity), plain prompts or None (unconditional free text). num_samples:
-    samples per prompt (default 1; unconditional: 200). gen_length default: the tasks' region (tasks.DEFAULT_GEN_LENGTH) for task prompts
+    samples per prompt (default 1; unconditional: 200). gen_length default: the tasks' region for task prompts
     (adjust.eval.tasks.DEFAULT_GEN_LENGTH), 64 otherwise. threads: torch CPU threads for the whole run
     (restored after; None leaves them). Every argument is checked before the first generation.
     """
