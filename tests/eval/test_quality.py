@@ -154,7 +154,7 @@ def test_c2st_column_and_its_noise_floor(tiny_base, tiny_model_dir, tmp_path, ca
     assert out["settings"]["c2st_noise_floor_se"] == exact["c2st_auc_se"] and out["settings"]["c2st"]["folds"] == 5
     for r in out["rows"]:
         assert 0 <= r["c2st_auc"] <= 1 and r["c2st_auc_se"] >= 0 and 0 <= r["c2st_accuracy"] <= 1
-        assert 0 <= r["mauve_base"] <= 1
+        assert 0 <= r["mauve_base"] <= 1 and r["nll_stderr"] > 0
     assert out["settings"]["mauve_base_noise_floor"] == exact["mauve_base"]
     md = (tmp_path / "out" / "quality.md").read_text()
     assert "| speed vs exact | C2ST AUC | MAUVE (base) |" in md and "noise floor (exact vs exact)" in md

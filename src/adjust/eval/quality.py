@@ -42,7 +42,8 @@ from ..errors import AdjustError
 from ..io import read_json, write_json
 from ..provenance import code_version, sampling_code_version
 from ..sampling import SamplingConfig
-from .metrics import MINILM, distinct_n, featurize, finite_mean, mauve_score, nll_under_base, nll_under_causal_lm
+from .metrics import (MINILM, distinct_n, featurize, finite_mean, finite_stderr, mauve_score, nll_under_base,
+                      nll_under_causal_lm)
 from .report import save_figure
 from .report import write_report as _write_report
 from .specs import build_strategy, spec_label
@@ -254,7 +255,7 @@ def run_quality(base, sampler=None, strategies=None, num_samples: int = 500, gen
                "mauve": mauve_score(p_features=features(texts), q_features=q_features, seed=mauve_seed),
                "c2st_auc": two.get("auc"), "c2st_auc_se": two.get("auc_se"), "c2st_accuracy": two.get("accuracy"),
                "mauve_base": two.get("mauve"),
-               "nll": finite_mean(nll), "distinct_2": distinct_n(texts, 2), "distinct_3": distinct_n(texts, 3),
+               "nll": finite_mean(nll), "nll_stderr": finite_stderr(nll), "distinct_2": distinct_n(texts, 2), "distinct_3": distinct_n(texts, 3),
                "joint_kl": None, "joint_kl_stderr": None,
                "tokens_per_second": stats.tokens_per_second, "speed_vs_exact": None,
                "full_passes": stats.full_passes, "sampler_passes": stats.sampler_passes, "seconds": stats.seconds,
