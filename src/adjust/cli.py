@@ -623,7 +623,8 @@ def _add_quality_parser(ev) -> None:
     p = ev.add_parser("quality", formatter_class=argparse.RawDescriptionHelpFormatter,
                       help="MAUVE / C2ST / NLL / diversity of each strategy's samples against exact sampling, vs speed",
                       description="Unconditional samples (T = 1) of exact (the reference) and of each strategy; "
-                      "MAUVE vs exact, C2ST AUC vs exact (a classifier two-sample test on the base's hidden states), NLL, distinct-n, tokens per full pass, tokens/s, joint-KL (with --rollouts). "
+                      "MAUVE vs exact, C2ST AUC vs exact (a classifier two-sample test on the base's hidden states), "
+                      "NLL, distinct-n, tokens per full pass, tokens/s, joint-KL (with --rollouts). "
                       "Writes quality.json, quality.md and quality.png to --out-dir; samples are cached per "
                       "configuration in --cache-dir.",
                       epilog="--strategies syntax: a comma-separated list of specs, each one of\n"

@@ -255,7 +255,8 @@ def run_quality(base, sampler=None, strategies=None, num_samples: int = 500, gen
                "mauve": mauve_score(p_features=features(texts), q_features=q_features, seed=mauve_seed),
                "c2st_auc": two.get("auc"), "c2st_auc_se": two.get("auc_se"), "c2st_accuracy": two.get("accuracy"),
                "mauve_base": two.get("mauve"),
-               "nll": finite_mean(nll), "nll_stderr": finite_stderr(nll), "distinct_2": distinct_n(texts, 2), "distinct_3": distinct_n(texts, 3),
+               "nll": finite_mean(nll), "nll_stderr": finite_stderr(nll),
+               "distinct_2": distinct_n(texts, 2), "distinct_3": distinct_n(texts, 3),
                "joint_kl": None, "joint_kl_stderr": None,
                "tokens_per_second": stats.tokens_per_second, "speed_vs_exact": None,
                "full_passes": stats.full_passes, "sampler_passes": stats.sampler_passes, "seconds": stats.seconds,
@@ -292,8 +293,8 @@ def run_quality(base, sampler=None, strategies=None, num_samples: int = 500, gen
                      "mauve_noise_floor": rows[0]["mauve"],
                      "c2st": {"features": C2ST_FEATURES, "folds": c2st_folds, "seed": seed,
                               "classifier": "L2 logistic regression, penalty by inner 3-fold cross-validation",
-                              "auc": "held-out ROC AUC of the evaluated set vs exact (seed "
-                                     f"{seed}), mean over folds; se: DeLong over the held-out samples"} if c2st_folds else None,
+                              "auc": f"held-out ROC AUC of the evaluated set vs exact (seed {seed}), mean over "
+                                     "folds; se: DeLong over the held-out samples"} if c2st_folds else None,
                      "c2st_noise_floor": rows[0]["c2st_auc"], "c2st_noise_floor_se": rows[0]["c2st_auc_se"],
                      "mauve_base_noise_floor": rows[0]["mauve_base"],
                      "base": base.identity(),
@@ -342,7 +343,8 @@ def markdown_table(result: dict) -> str:
              f"({s['nll']}). Noise floor (exact vs exact): MAUVE {_fmt(s['mauve_noise_floor'])}."
              + (f" C2ST AUC: held-out AUC of a classifier telling the set from exact ({s['c2st']['folds']}-fold; "
                 f"features: {s['c2st']['features']}; 0.5 = indistinguishable, higher = further from exact in "
-                f"either direction); noise floor (exact vs exact) {_c2st(s['c2st_noise_floor'], s['c2st_noise_floor_se'])}. "
+                f"either direction); noise floor (exact vs exact) "
+                f"{_c2st(s['c2st_noise_floor'], s['c2st_noise_floor_se'])}. "
                 f"MAUVE (base): MAUVE on those features, noise floor {_fmt(s['mauve_base_noise_floor'])}."
                 if s.get("c2st") else ""),
              "",
@@ -355,7 +357,8 @@ def markdown_table(result: dict) -> str:
         speed = "-" if r["speed_vs_exact"] is None else f"{r['speed_vs_exact']:.2f}x"
         lines.append(f"| {r['strategy']} | {r['param_text']} | {_fmt(r['tokens_per_full_pass'], 2)} | "
                      f"{_fmt(r['mauve'])} | {_fmt(r['nll'])} | {_fmt(r['distinct_2'])} | {kl} | "
-                     f"{_fmt(r['tokens_per_second'], 1)} | {speed} | {_c2st(r.get('c2st_auc'), r.get('c2st_auc_se'))} | "
+                     f"{_fmt(r['tokens_per_second'], 1)} | {speed} | "
+                     f"{_c2st(r.get('c2st_auc'), r.get('c2st_auc_se'))} | "
                      f"{_fmt(r.get('mauve_base'))} |")
     m = result["machine"]
     lines += ["", f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}, device {m['device']}"
@@ -388,7 +391,8 @@ def plot(result: dict, path) -> None:
                 pts = sorted((r[x_key], r[y_key], r.get(se_key) or 0.0) for r in rs
                              if r[x_key] is not None and r[y_key] is not None)
                 if name in ("parallel", "adjust") and exact[y_key] is not None:
-                    pts = [(exact[x_key], exact[y_key], exact.get(se_key) or 0.0)] + pts  # fixed-K families start at K = 1
+                    # fixed-K families start at K = 1
+                    pts = [(exact[x_key], exact[y_key], exact.get(se_key) or 0.0)] + pts
                 if pts:
                     xs, ys, es = zip(*pts)
                     ax.errorbar(xs, ys, yerr=es if se_key else None, marker="o", capsize=2, label=name)

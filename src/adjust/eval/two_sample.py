@@ -15,24 +15,23 @@ full pass; its final hidden states at the generation positions are pooled into t
 their standard deviation over those positions (2H numbers per sample; every generated
 position counts, EOS padding included, as the sample was written).
 
-Classifier: an L2-regularised logistic regression (float64, L-BFGS in torch; features
+Classifier: an L2-regularised logistic regression (float64, Newton's method in torch; features
 standardised on the training folds) in stratified k-fold cross-validation; the penalty is
-chosen per outer fold by an inner cross-validation on the training part only, so the held-out
-folds never inform it. Reported: the held-out ROC AUC averaged over the folds (0.5: the
-classifier cannot tell the sets apart; 1.0: it always can; either direction of mismatch
-raises it), its standard error (DeLong's variance of each fold's AUC over its held-out
-samples, averaged over the disjoint folds and divided by their number: the noise of the
-finite sample sets, not of the classifier's training), held-out accuracy, and `auc_null_sd`, the standard deviation of the AUC of a fixed scorer on
-sets of these sizes when both come from one distribution (Mann-Whitney: sqrt((n_a + n_b + 1)
-/ (12 n_a n_b))), the scale of the noise. The noise floor that matters is measured: two
-independent exact sets (different seeds) through the same test.
+chosen per outer fold from L2_GRID by an inner cross-validation on the training part only, so
+the held-out folds never inform it. Reported: the held-out ROC AUC averaged over the folds
+(0.5: the classifier cannot tell the sets apart; 1.0: it always can; either direction of
+mismatch raises it), its standard error (DeLong's variance of each fold's AUC over its
+held-out samples, averaged over the disjoint folds and divided by their number: the noise of
+the finite sample sets, not of the classifier's training), held-out accuracy, and
+`auc_null_sd`, the standard deviation of a fixed scorer's AUC on sets of these sizes drawn
+from one distribution (Mann-Whitney: sqrt((n_a + n_b + 1) / (12 n_a n_b))), the scale of the
+noise. The noise floor that matters is measured: two independent exact sets (different
+seeds) through the same test.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
-
 import numpy as np
 import torch
 import torch.nn.functional as F
