@@ -311,7 +311,7 @@ def cmd_eval_quality(args) -> None:
                          seed=args.seed, cache_dir=args.cache_dir, featurizer=args.featurizer,
                          evaluator=args.evaluator, joint_kl_rollouts=args.rollouts, batch_size=args.batch_size,
                          out_dir=args.out_dir, nll_draws=args.nll_draws, progress=not args.json,
-                         block_length=args.block_length, kv_cache=args.kv_cache)
+                         block_length=args.block_length, kv_cache=args.kv_cache, c2st_folds=args.c2st_folds)
     if args.json:
         print(json.dumps(result))
     else:
@@ -708,9 +708,10 @@ def _add_bench_parser(sub) -> None:
 
 def _add_quality_parser(ev) -> None:
     p = ev.add_parser("quality", formatter_class=argparse.RawDescriptionHelpFormatter,
-                      help="MAUVE / NLL / diversity of each strategy's samples against exact sampling, vs speed",
+                      help="MAUVE / C2ST / NLL / diversity of each strategy's samples against exact sampling, vs speed",
                       description="Unconditional samples (T = 1) of exact (the reference) and of each strategy; "
-                      "MAUVE vs exact, NLL, distinct-n, tokens per full pass, tokens/s, joint-KL (with --rollouts). "
+                      "MAUVE vs exact, C2ST AUC vs exact (a classifier two-sample test on the base's hidden states), "
+                      "NLL, distinct-n, tokens per full pass, tokens/s, joint-KL (with --rollouts). "
                       "Writes quality.json, quality.md and quality.png to --out-dir; samples are cached per "
                       "configuration in --cache-dir.",
                       epilog="--strategies syntax: a comma-separated list of specs, each one of\n"
@@ -735,6 +736,8 @@ def _add_quality_parser(ev) -> None:
     p.add_argument("--evaluator", default="base", help="NLL under: base (its masked-diffusion bound) or a local "
                    "causal LM path")
     p.add_argument("--nll-draws", type=int, default=8, help="Monte-Carlo draws of the base's bound per sample")
+    p.add_argument("--c2st-folds", type=int, default=5, help="folds of the classifier two-sample test against exact "
+                   "on the base's hidden states (C2ST AUC column; 0 = skip it)")
     p.add_argument("--cache-dir", default="results/cache", help="generated samples, one file per configuration")
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")
     p.add_argument("--cache", dest="kv_cache", default="none", help="key/value cache of the evaluated sets: none | "

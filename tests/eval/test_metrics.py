@@ -100,3 +100,10 @@ def test_causal_lm_nll_and_hf_featurizer(tiny_gpt2, tokenizer):
     f = featurize(texts, str(tiny_gpt2), batch_size=2)
     assert f.shape == (3, 32) and (f[0] != f[1]).any()
     assert (featurize(texts[:1], str(tiny_gpt2)) == pytest.approx(f[:1], abs=1e-5))
+
+
+def test_finite_stderr():
+    from adjust.eval.metrics import finite_stderr
+
+    assert finite_stderr([1.0, 2.0, 3.0, float("nan"), None]) == pytest.approx(1 / math.sqrt(3))
+    assert finite_stderr([4.0, float("inf")]) is None and finite_stderr([]) is None

@@ -67,8 +67,8 @@ def test_report_files_and_cache_reuse(tiny_base, sampler, tmp_path):
     assert second["cache"]["generated"] == ["parallel:4@seed1"]
     assert sorted(second["cache"]["hits"]) == ["adjust:2@seed1", "exact@seed0", "exact@seed1", "parallel:2@seed1"]
     for a, b in zip(first["rows"], second["rows"]):
-        assert (a["label"], a["mauve"], a["nll"], a["tokens_per_second"]) == (b["label"], b["mauve"], b["nll"],
-                                                                            b["tokens_per_second"])
+        assert (a["label"], a["mauve"], a["nll"], a["tokens_per_second"], a["c2st_auc"]) == (
+            b["label"], b["mauve"], b["nll"], b["tokens_per_second"], b["c2st_auc"])
     assert second["rows"][-1]["tokens_per_full_pass"] == pytest.approx(4.0)
 
 
@@ -142,3 +142,31 @@ def test_blocks_and_cache(tiny_base, sampler, tmp_path):
     assert out["rows"][1]["full_passes"] == 2 * 2  # 2 blocks of 4 at K=2
     with pytest.raises(AdjustError, match="needs --block-length"):
         run_quality(tiny_base, sampler, [("adjust", 2)], kv_cache="dual", **kw)
+
+
+def test_c2st_column_and_its_noise_floor(tiny_base, tiny_model_dir, tmp_path, capsys):
+    """The two-sample test against exact: one AUC per row, the exact row's is the reported noise floor, in the
+    table and the JSON; 0 folds turns it off and leaves the other columns; bad folds are refused."""
+    kw = dict(SMALL, num_samples=40, cache_dir=tmp_path / "cache", featurizer=lambda t: torch.randn(len(t), 4).numpy())
+    out = run_quality(tiny_base, None, [("parallel", 8)], out_dir=tmp_path / "out", **kw)
+    exact, par = out["rows"]
+    assert out["settings"]["c2st_noise_floor"] == exact["c2st_auc"]
+    assert out["settings"]["c2st_noise_floor_se"] == exact["c2st_auc_se"] and out["settings"]["c2st"]["folds"] == 5
+    for r in out["rows"]:
+        assert 0 <= r["c2st_auc"] <= 1 and r["c2st_auc_se"] >= 0 and 0 <= r["c2st_accuracy"] <= 1
+        assert 0 <= r["mauve_base"] <= 1 and r["nll_stderr"] > 0
+    assert out["settings"]["mauve_base_noise_floor"] == exact["mauve_base"]
+    md = (tmp_path / "out" / "quality.md").read_text()
+    assert "| speed vs exact | C2ST AUC | MAUVE (base) |" in md and "noise floor (exact vs exact)" in md
+    assert f"| {exact['c2st_auc']:.3f} ± {exact['c2st_auc_se']:.3f} |" in md
+
+    off = run_quality(tiny_base, None, [("parallel", 8)], c2st_folds=0, out_dir=tmp_path / "off", **kw)
+    assert off["settings"]["c2st"] is None and all(r["c2st_auc"] is None is r["mauve_base"] for r in off["rows"])
+    assert "C2ST AUC: held-out" not in (tmp_path / "off" / "quality.md").read_text()
+    assert [r["mauve"] for r in off["rows"]] != [None, None]
+    with pytest.raises(AdjustError, match="--c2st-folds"):
+        run_quality(tiny_base, None, [("parallel", 8)], c2st_folds=1, **kw)
+    capsys.readouterr()
+    assert main(["eval", "quality", "--base", str(tiny_model_dir), "--strategies", "parallel:2", "--c2st-folds", "-1",
+                 "--json"]) == 2
+    assert "adjust: error: --c2st-folds" in capsys.readouterr().err

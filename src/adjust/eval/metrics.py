@@ -256,3 +256,12 @@ def finite_mean(values: Sequence[float]) -> float | None:
     """Mean of the finite values, None if there are none."""
     ok = [v for v in values if v is not None and math.isfinite(v)]
     return sum(ok) / len(ok) if ok else None
+
+
+def finite_stderr(values: Sequence[float]) -> float | None:
+    """Standard error of the mean of the finite values (sample sd / sqrt(n)), None if fewer than two."""
+    ok = [v for v in values if v is not None and math.isfinite(v)]
+    if len(ok) < 2:
+        return None
+    mean = sum(ok) / len(ok)
+    return math.sqrt(sum((v - mean) ** 2 for v in ok) / (len(ok) - 1) / len(ok))

@@ -3,12 +3,14 @@
 Protocol. `num_samples` unconditional samples of `gen_length` tokens at T = 1.0 are drawn
 with `exact` (K = 1) as the reference set Q (seed s). Every evaluated configuration,
 `exact` itself included, is sampled with seed s + 1, so no set shares random numbers with
-Q; the `exact` row's MAUVE (two independent exact sets) is the noise floor: a strategy
-cannot be told apart from exact joint sampling once it reaches it. Per configuration:
+Q; the `exact` row's MAUVE and C2ST AUC (two independent exact sets) are the noise floors: a
+strategy cannot be told apart from exact joint sampling once it reaches them. Per configuration:
 
-    MAUVE vs Q, NLL under the evaluator (the base's own bound, or a causal LM), distinct-2/3,
-    achieved tokens per full pass, tokens/s and speed relative to exact, and, with rollouts,
-    the joint KL of parallel / ADJUST at their K (adjust.eval.joint_kl).
+    MAUVE vs Q, the C2ST AUC vs Q (a classifier two-sample test on the base's own hidden states,
+    adjust.eval.two_sample: 0.5 = indistinguishable, two-sided, unlike NLL), NLL under the
+    evaluator (the base's own bound, or a causal LM), distinct-2/3, achieved tokens per full
+    pass, tokens/s and speed relative to exact, and, with rollouts, the joint KL of parallel /
+    ADJUST at their K (adjust.eval.joint_kl).
 
 With `block_length` (semi-autoregressive blocks) and `kv_cache` ("prefix" / "dual", see
 adjust.decode): every evaluated set is decoded in those blocks with that key/value cache; the
@@ -40,10 +42,13 @@ from ..errors import AdjustError
 from ..io import read_json, write_json
 from ..provenance import code_version, sampling_code_version
 from ..sampling import SamplingConfig
-from .metrics import MINILM, distinct_n, featurize, finite_mean, mauve_score, nll_under_base, nll_under_causal_lm
+from .metrics import (MINILM, distinct_n, featurize, finite_mean, finite_stderr, mauve_score, nll_under_base,
+                      nll_under_causal_lm)
 from .report import save_figure
 from .report import write_report as _write_report
 from .specs import build_strategy, spec_label
+from .two_sample import FEATURES as C2ST_FEATURES
+from .two_sample import base_features, c2st
 
 CACHE_VERSION = 1
 
@@ -185,8 +190,11 @@ def run_quality(base, sampler=None, strategies=None, num_samples: int = 500, gen
                 cache_dir="results/cache", featurizer=MINILM, evaluator: str = "base", joint_kl_rollouts=None,
                 batch_size: int = 50, out_dir=None, nll_draws: int = 8, joint_kl_states: int = 64,
                 joint_kl_draws: int = 4, mauve_seed: int = 25, sampling: SamplingConfig | None = None,
-                progress: bool = True, block_length: int | None = None, kv_cache: str = "none") -> dict:
+                progress: bool = True, block_length: int | None = None, kv_cache: str = "none",
+                c2st_folds: int = 5) -> dict:
     """Evaluate `strategies` (default: DEFAULT_STRATEGIES) against exact sampling; see the module docstring.
+
+    c2st_folds: cross-validation folds of the two-sample test (at most num_samples are used); 0 = no test.
 
     strategies: list of (name, K) or (name, {param: value}) or "name". Returns one JSON-ready
     dict: rows, settings, machine, notes, cache {hits, generated}, and with `out_dir` the paths
@@ -198,6 +206,9 @@ def run_quality(base, sampler=None, strategies=None, num_samples: int = 500, gen
         raise AdjustError(f"--num-samples must be at least 2 for MAUVE, got {num_samples}")
     if nll_draws < 1:
         raise AdjustError(f"--nll-draws must be at least 1, got {nll_draws}")
+    if isinstance(c2st_folds, bool) or not isinstance(c2st_folds, int) or c2st_folds < 0 or c2st_folds == 1:
+        raise AdjustError(f"--c2st-folds must be 0 (no two-sample test) or at least 2, got {c2st_folds!r}")
+    c2st_folds = min(c2st_folds, num_samples)
     from ..decode import check_cache
 
     check_cache(base, kv_cache, block_length, None)
@@ -214,6 +225,7 @@ def run_quality(base, sampler=None, strategies=None, num_samples: int = 500, gen
     reference = cache.get("exact", {}, seed)
     features = lambda texts: featurize(texts, featurizer, base.device, progress=False)  # noqa: E731
     q_features = features(reference["texts"])
+    q_base_features = base_features(base, reference["token_ids"], batch_size=batch_size) if c2st_folds else None
 
     rollouts = None
     if joint_kl_rollouts is not None:
@@ -232,12 +244,20 @@ def run_quality(base, sampler=None, strategies=None, num_samples: int = 500, gen
                                  progress=progress)
         else:
             nll = nll_under_causal_lm(evaluator, texts, device=base.device, progress=progress)
+        two = {}
+        if c2st_folds:
+            p_base_features = base_features(base, got["token_ids"], batch_size=batch_size)
+            two = c2st(p_base_features, q_base_features, folds=c2st_folds, seed=seed)
+            two["mauve"] = mauve_score(p_features=p_base_features, q_features=q_base_features, seed=mauve_seed)
         row = {"strategy": name, "label": spec_label(name, params), "params": params,
                "param_text": _param_text(name, params),
                "describe": build_strategy(name, params).describe(),
                "tokens_per_full_pass": stats.tokens_per_full_pass,
                "mauve": mauve_score(p_features=features(texts), q_features=q_features, seed=mauve_seed),
-               "nll": finite_mean(nll), "distinct_2": distinct_n(texts, 2), "distinct_3": distinct_n(texts, 3),
+               "c2st_auc": two.get("auc"), "c2st_auc_se": two.get("auc_se"), "c2st_accuracy": two.get("accuracy"),
+               "mauve_base": two.get("mauve"),
+               "nll": finite_mean(nll), "nll_stderr": finite_stderr(nll),
+               "distinct_2": distinct_n(texts, 2), "distinct_3": distinct_n(texts, 3),
                "joint_kl": None, "joint_kl_stderr": None,
                "tokens_per_second": stats.tokens_per_second, "speed_vs_exact": None,
                "full_passes": stats.full_passes, "sampler_passes": stats.sampler_passes, "seconds": stats.seconds,
@@ -271,7 +291,14 @@ def run_quality(base, sampler=None, strategies=None, num_samples: int = 500, gen
                      "mauve_buckets": "auto (n/10, at least 2)", "mauve_seed": mauve_seed,
                      "evaluator": evaluator, "nll": "nats per token" + (
                          f", masked-diffusion bound of the base, {nll_draws} draws" if evaluator == "base" else ""),
-                     "mauve_noise_floor": rows[0]["mauve"], "base": base.identity(),
+                     "mauve_noise_floor": rows[0]["mauve"],
+                     "c2st": {"features": C2ST_FEATURES, "folds": c2st_folds, "seed": seed,
+                              "classifier": "L2 logistic regression, penalty by inner 3-fold cross-validation",
+                              "auc": f"held-out ROC AUC of the evaluated set vs exact (seed {seed}), mean over "
+                                     "folds; se: DeLong over the held-out samples"} if c2st_folds else None,
+                     "c2st_noise_floor": rows[0]["c2st_auc"], "c2st_noise_floor_se": rows[0]["c2st_auc_se"],
+                     "mauve_base_noise_floor": rows[0]["mauve_base"],
+                     "base": base.identity(),
                      "sampler": cache.sampler_id, "joint_kl_rollouts": None if joint_kl_rollouts is None
                      else str(joint_kl_rollouts) if isinstance(joint_kl_rollouts, (str, os.PathLike)) else "in memory",
                      "batch_size": batch_size, "cache_dir": None if cache_dir is None else str(cache_dir)},
@@ -305,23 +332,35 @@ def _fmt(v, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _c2st(auc, se) -> str:
+    return "-" if auc is None else f"{auc:.3f}" + ("" if se is None else f" ± {se:.3f}")
+
+
 def markdown_table(result: dict) -> str:
     s = result["settings"]
     lines = [f"Quality vs speed: {s['num_samples']} unconditional samples x {s['gen_length']} tokens, "
              f"T = {s['sampling']['temperature']}, order {s['sampling']['order']}; MAUVE against exact "
              f"(seed {s['seed']}) with featurizer {s['featurizer']}; NLL under {s['evaluator']} "
-             f"({s['nll']}). Noise floor (exact vs exact): MAUVE {_fmt(s['mauve_noise_floor'])}.",
+             f"({s['nll']}). Noise floor (exact vs exact): MAUVE {_fmt(s['mauve_noise_floor'])}."
+             + (f" C2ST AUC: held-out AUC of a classifier telling the set from exact ({s['c2st']['folds']}-fold; "
+                f"features: {s['c2st']['features']}; 0.5 = indistinguishable, higher = further from exact in "
+                f"either direction); noise floor (exact vs exact) "
+                f"{_c2st(s['c2st_noise_floor'], s['c2st_noise_floor_se'])}. "
+                f"MAUVE (base): MAUVE on those features, noise floor {_fmt(s['mauve_base_noise_floor'])}."
+                if s.get("c2st") else ""),
              "",
              "| strategy | K/param | tokens/full pass | MAUVE | NLL | distinct-2 | joint-KL | tokens/s "
-             "| speed vs exact |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| speed vs exact | C2ST AUC | MAUVE (base) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         kl = "-" if r["joint_kl"] is None else (f"{r['joint_kl']:.3f}" + (
             f" ± {r['joint_kl_stderr']:.3f}" if r.get("joint_kl_stderr") is not None else ""))
         speed = "-" if r["speed_vs_exact"] is None else f"{r['speed_vs_exact']:.2f}x"
         lines.append(f"| {r['strategy']} | {r['param_text']} | {_fmt(r['tokens_per_full_pass'], 2)} | "
                      f"{_fmt(r['mauve'])} | {_fmt(r['nll'])} | {_fmt(r['distinct_2'])} | {kl} | "
-                     f"{_fmt(r['tokens_per_second'], 1)} | {speed} |")
+                     f"{_fmt(r['tokens_per_second'], 1)} | {speed} | "
+                     f"{_c2st(r.get('c2st_auc'), r.get('c2st_auc_se'))} | "
+                     f"{_fmt(r.get('mauve_base'))} |")
     m = result["machine"]
     lines += ["", f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}, device {m['device']}"
               + (f" ({m['gpu']})" if m.get("gpu") else "") + ". Tokens/s are from the run that generated each "
@@ -331,33 +370,41 @@ def markdown_table(result: dict) -> str:
 
 
 def plot(result: dict, path) -> None:
-    """Two panels like the paper's Figures 1 and 5: MAUVE vs tokens per full pass, MAUVE vs tokens/s."""
+    """Two panels like the paper's Figures 1 and 5: MAUVE vs tokens per full pass, MAUVE vs tokens/s; below
+    them the same for the C2ST AUC (with its standard error) when the two-sample test ran."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     exact = result["rows"][0]
+    metrics = [("mauve", None, "MAUVE vs exact", (0, 1.05))]
+    if exact.get("c2st_auc") is not None:
+        metrics.append(("c2st_auc", "c2st_auc_se", "C2ST AUC vs exact (0.5 = same)", (0.3, 1.02)))
+    fig, grid = plt.subplots(len(metrics), 2, figsize=(11, 4.2 * len(metrics)), squeeze=False)
     families: dict[str, list] = {}
     for r in result["rows"][1:]:
         families.setdefault(r["strategy"], []).append(r)
-    for ax, x_key, x_label in ((axes[0], "tokens_per_full_pass", "tokens per full pass"),
-                               (axes[1], "tokens_per_second", "tokens / s")):
-        for name, rs in families.items():
-            pts = sorted((r[x_key], r["mauve"]) for r in rs if r[x_key] is not None and r["mauve"] is not None)
-            if name in ("parallel", "adjust") and exact["mauve"] is not None:
-                pts = [(exact[x_key], exact["mauve"])] + pts  # fixed-K families start at K = 1
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
-        if exact["mauve"] is not None:
-            ax.scatter([exact[x_key]], [exact["mauve"]], marker="*", s=160, color="black", zorder=5, label="exact")
-            ax.axhline(exact["mauve"], color="gray", linestyle=":", linewidth=1)
-        ax.set_xlabel(x_label)
-        ax.set_ylabel("MAUVE vs exact")
-        ax.set_ylim(0, 1.05)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    for (y_key, se_key, y_label, y_lim), axes in zip(metrics, grid):
+        for ax, x_key, x_label in ((axes[0], "tokens_per_full_pass", "tokens per full pass"),
+                                   (axes[1], "tokens_per_second", "tokens / s")):
+            for name, rs in families.items():
+                pts = sorted((r[x_key], r[y_key], r.get(se_key) or 0.0) for r in rs
+                             if r[x_key] is not None and r[y_key] is not None)
+                if name in ("parallel", "adjust") and exact[y_key] is not None:
+                    # fixed-K families start at K = 1
+                    pts = [(exact[x_key], exact[y_key], exact.get(se_key) or 0.0)] + pts
+                if pts:
+                    xs, ys, es = zip(*pts)
+                    ax.errorbar(xs, ys, yerr=es if se_key else None, marker="o", capsize=2, label=name)
+            if exact[y_key] is not None:
+                ax.scatter([exact[x_key]], [exact[y_key]], marker="*", s=160, color="black", zorder=5, label="exact")
+                ax.axhline(exact[y_key], color="gray", linestyle=":", linewidth=1)
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(y_label)
+            ax.set_ylim(*y_lim)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
     s = result["settings"]
     fig.suptitle(f"{s['base'].get('name')}: {s['num_samples']} samples x {s['gen_length']} tokens, T = "
                  f"{s['sampling']['temperature']} (dotted: exact vs exact noise floor)", fontsize=10)
