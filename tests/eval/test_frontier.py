@@ -290,6 +290,19 @@ def test_same_seed_same_quality_and_two_sided_hook(tiny_base, tiny_sampler):
     assert [p["quality"]["text"]["value"] for p in nll_only["points"]] == [p["nll"] for p in first["points"]]
 
 
+def test_free_text_defaults_to_the_c2st_two_sided_measure(tiny_base):
+    kw = dict(families=["parallel"], grids=["parallel:K=4"], gen_length=8, batch_sizes=(1,), timing_prompts=1,
+              repeats=1, warmup=0, nll_draws=1, progress=False)
+    res = F.run_frontier(tiny_base, None, ["The dog", "A cat sat on"], num_samples=6, **kw)
+    assert res["settings"]["measure"] == "c2st_auc"
+    for p in res["points"]:
+        t = p["two_sided"]
+        assert t["name"] == "c2st_auc" and 0.0 <= t["value"] <= 1.0 and t["se"] >= 0
+        assert p["quality"]["text"]["score"] == -abs(t["value"] - 0.5)  # two-sided: either direction is worse
+    with pytest.raises(AdjustError, match="needs at least 10 samples"):  # checked before any generation
+        F.run_frontier(tiny_base, None, ["The dog", "A cat sat on"], num_samples=4, **kw)
+
+
 def test_same_seed_same_validity_on_rerun(tiny_base, tiny_sampler):
     kw = dict(families=["threshold", "adjust"], grids=["threshold:tau=0.5", "adjust:K=4"], gen_length=8,
               batch_size=2, batch_sizes=(1,), timing_prompts=1, repeats=1, warmup=0, progress=False)
@@ -302,7 +315,7 @@ def test_same_seed_same_validity_on_rerun(tiny_base, tiny_sampler):
 def test_free_text_prompts_score_the_continuation(tiny_base):
     res = F.run_frontier(tiny_base, None, ["The dog", "A cat sat on"], families=["parallel"], grids=["parallel:K=2"],
                          num_samples=2, gen_length=6, batch_sizes=(2,), timing_prompts=1, repeats=1, warmup=0,
-                         nll_draws=1, progress=False)
+                         nll_draws=1, progress=False, quality="nll")
     assert res["mode"] == "text" and res["settings"]["measure"] == "nll" and res["targets"]["batch_size"] == 2
     assert [p["label"] for p in res["points"]] == ["exact", "parallel:2"]
     assert all(p["quality"]["text"]["n"] == 4 and p["nll"] > 0 for p in res["points"])

@@ -74,8 +74,23 @@ SPEEDUP_TARGET = 1.25  # an ADJUST-family point >= 1.25x the peer's tokens/s
 FRONT_SPEED = 1.5  # the ADJUST family on the overall front above 1.5x exact's tokens/s
 
 # name -> fn(base, exact_samples, strategy_samples) -> {"name", "value", "se"[, "score"]}
-TWO_SIDED_MEASURES: dict[str, Callable] = {}
-DEFAULT_TWO_SIDED: str | None = None
+def c2st_auc(base, exact_samples, strategy_samples) -> dict:
+    """The classifier two-sample test (adjust.eval.two_sample) of a strategy's samples against exact ones:
+    held-out AUC (0.5 = indistinguishable), its standard error, and score -|AUC - 0.5| (higher = closer)."""
+    from .two_sample import c2st_samples
+
+    def prompts(samples):
+        return [base.encode(s["prompt"]) if s.get("prompt") else [] for s in samples]
+
+    r = c2st_samples(base, exact_samples, strategy_samples, prompts(exact_samples), prompts(strategy_samples))
+    return {"name": "c2st_auc", "value": r["auc"], "se": r["auc_se"], "score": -abs(r["auc"] - 0.5)}
+
+
+c2st_auc.min_samples = 10  # 5 cross-validation folds of at least 2 samples each
+
+
+TWO_SIDED_MEASURES: dict[str, Callable] = {"c2st": c2st_auc}
+DEFAULT_TWO_SIDED: str | None = "c2st"
 QUALITY_MODES = ("auto", "validity", "nll")
 
 
@@ -324,6 +339,8 @@ def choose_quality(quality: str, records, two_sided) -> tuple[str, Callable | No
         return "validity", None, None
     if quality in TWO_SIDED_MEASURES:
         return "text", TWO_SIDED_MEASURES[quality], quality
+    if quality == "nll":
+        return "text", None, "nll"
     if two_sided is None and DEFAULT_TWO_SIDED is not None:
         two_sided = TWO_SIDED_MEASURES[DEFAULT_TWO_SIDED]
     name = getattr(two_sided, "measure_name", None) or getattr(two_sided, "__name__", "two-sided")
@@ -395,6 +412,10 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
             raise AdjustError(f"{name} must be an integer >= {low}, got {v}")
     if threads is not None and threads < 1:
         raise AdjustError(f"--threads must be at least 1, got {threads}")
+    n_samples = num_samples * (len(prompts) if prompts else 1)
+    if measure is not None and n_samples < getattr(measure, "min_samples", 1):
+        raise AdjustError(f"the two-sided measure {measure_name} needs at least {measure.min_samples} samples per "
+                          f"strategy, got {n_samples}; raise --num-samples (or use --quality nll)")
     caches = list(dict.fromkeys(caches)) or ["none"]
     for c in caches:
         if c not in CACHE_MODES:
