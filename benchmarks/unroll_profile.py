@@ -21,9 +21,11 @@ piece, and two ratios: `unroll_cost_bench` = (sampler + LM head per unroll) / (b
 full pass), the definition of `adjust bench`'s unroll_cost, and `unroll_cost_step` = everything charged to
 the unroll phase / everything charged to the full-pass phase (what a step really pays). A piece's figure
 is, for each wrapped function charged to it, the median time of one call times its calls per unroll (per
-full pass), summed: medians, so that a call preempted by another process on a shared machine does not
-count (the means are in `mean_per_unroll_ms` / `mean_per_full_pass_ms`). Wrapper overhead (~1 us a call)
-is included.
+full pass), summed (the means are in `mean_per_unroll_ms` / `mean_per_full_pass_ms`). With one thread
+(the default) the clock is the process's CPU time (`time.process_time`): on a machine shared with other
+jobs, wall time charges a long call (a full pass) for the time the scheduler gave others while a short one
+(a piece of an unroll) mostly fits between preemptions, which biases the ratio; CPU time charges each the
+work it did. With more threads it is wall time. Wrapper overhead (~1 us a call) is included.
 
 With --ranks N (default 16; 0 = off): N unconditional full-mode generations at K, and for every token
 picked after an unroll its rank, by the full pass's order score of the step, among the positions that
@@ -62,6 +64,7 @@ class Profiler:
         self.unrolls = 0
         self.passes = 0
         self.wrapped: list = []  # (owner, attr, original) to put back
+        self.clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
 
     def wrap(self, owner, attr: str, piece: str, before=None) -> None:
         fn = getattr(owner, attr)
@@ -73,11 +76,11 @@ class Profiler:
             if before is not None:
                 before()
             prof.stack.append(0.0)
-            t0 = time.perf_counter()
+            t0 = prof.clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                total = time.perf_counter() - t0
+                total = prof.clock() - t0
                 inner = prof.stack.pop()
                 if prof.stack:
                     prof.stack[-1] += total
@@ -269,6 +272,7 @@ def main(argv=None) -> int:
     report = {"base": base.name, "sampler": str(args.sampler or "beside the base"), "dtype": str(base.dtype),
               "threads": torch.get_num_threads(), "gen_length": args.gen_length, "k": args.k,
               "repeats": args.repeats, "seed": args.seed, "pieces": list(PIECES), "rows": rows,
+              "clock": "process CPU time" if prof.clock is time.process_time else "wall",
               "pick_ranks": ranks, "load_average": [round(v, 2) for v in os.getloadavg()],
               "command": "python benchmarks/unroll_profile.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "code_version": code_version()}
