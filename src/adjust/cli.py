@@ -95,18 +95,20 @@ def _sampling_from_args(args):
 
 
 def cmd_generate(args) -> None:
-    from .decode import check_cache, generate_texts
+    from .decode import check_cache, generate_texts, unroll_plan
 
     strategy = _strategy_from_args(args)
     sampling = _sampling_from_args(args)
     prompts = _read_prompts(args)  # bad prompts fail before a model loads
     check_cache(None, args.cache, args.block_length, args.cache_refresh)
+    unroll_plan(args.unroll)
     base, sampler = _load(args, "required" if strategy.uses_sampler else "none")
     samples, stats = generate_texts(base, prompts, strategy, sampling, gen_length=args.gen_length,
                                     num_samples=args.num_samples, batch_size=args.batch_size,
                                     block_length=args.block_length, seed=args.seed, sampler=sampler,
                                     record_history=args.show_steps, progress=not args.json, cache=args.cache,
-                                    cache_refresh=args.cache_refresh, early_exit=True if args.stop_at_eos else None)
+                                    cache_refresh=args.cache_refresh, early_exit=True if args.stop_at_eos else None,
+                                    unroll=args.unroll)
     if args.json:
         for s in samples:
             s.pop("sample_index", None)
@@ -124,7 +126,9 @@ def cmd_generate(args) -> None:
           f"{d['seconds']:.2f} s | {d['tokens_per_second']:.1f} tokens/s"
           + (f" | {d['eos_filled']} positions after EOS not decoded" if d["eos_filled"] else "")
           + (f" | cache {d['cache']}: {d['refresh_passes']} refreshes, {d['positions_per_full_pass']:g} positions/pass"
-             if d["cache"] != "none" else ""))
+             if d["cache"] != "none" else "")
+          + (f" | unroll {d['unroll']}: {d['positions_per_unroll']:g} positions/unroll"
+             if d["unroll"] != "full" and d["sampler_passes"] else ""))
 
 
 def format_steps(base, history) -> str:
@@ -275,11 +279,14 @@ def cmd_bench(args) -> None:
         ks = [int(k) for k in args.ks.split(",") if k.strip()]
     except ValueError:
         raise_bad(f"--batch-sizes and --ks take comma-separated integers, got {args.batch_sizes!r}, {args.ks!r}")
-    from .decode import check_cache
+    from .decode import check_cache, unroll_plan
 
     caches = [c.strip() for c in args.cache.split(",") if c.strip()]
     for c in caches:
         check_cache(None, c, args.block_length, None)
+    unrolls = [u.strip() for u in args.unroll.split(",") if u.strip()]
+    for u in unrolls:
+        unroll_plan(u)
     base, sampler = _load(args, "none" if args.fresh_sampler else "optional")
     source = None if sampler is None else str(args.sampler or "beside the base")
     if args.fresh_sampler:
@@ -294,7 +301,7 @@ def cmd_bench(args) -> None:
                        repeats=args.repeats, warmup=args.warmup, unroll_repeats=args.unroll_repeats, seed=args.seed,
                        sampling=_sampling_from_args(args), specs=specs, sampler_source=source,
                        progress=not args.json, prompt_length=args.prompt_length, block_length=args.block_length,
-                       caches=caches)
+                       caches=caches, unrolls=unrolls)
     print(json.dumps(report) if args.json else format_table(report))
 
 
@@ -303,15 +310,17 @@ def cmd_eval_quality(args) -> None:
     from .eval.specs import parse_strategy_specs
 
     specs = parse_strategy_specs(args.strategies) if args.strategies else None
-    from .decode import check_cache
+    from .decode import check_cache, unroll_plan
 
     check_cache(None, args.kv_cache, args.block_length, None)
+    unroll_plan(args.unroll)
     base, sampler = _load(args, "optional")
     result = run_quality(base, sampler, specs, num_samples=args.num_samples, gen_length=args.gen_length,
                          seed=args.seed, cache_dir=args.cache_dir, featurizer=args.featurizer,
                          evaluator=args.evaluator, joint_kl_rollouts=args.rollouts, batch_size=args.batch_size,
                          out_dir=args.out_dir, nll_draws=args.nll_draws, progress=not args.json,
-                         block_length=args.block_length, kv_cache=args.kv_cache, c2st_folds=args.c2st_folds)
+                         block_length=args.block_length, kv_cache=args.kv_cache, c2st_folds=args.c2st_folds,
+                         unroll=args.unroll)
     if args.json:
         print(json.dumps(result))
     else:
@@ -327,14 +336,15 @@ def cmd_eval_tasks(args) -> None:
     records = select_records(read_task_prompts(args.prompts), args.tasks.split(",") if args.tasks else None,
                              args.limit)
     sampling = _sampling_from_args(args)
-    from .decode import check_cache
+    from .decode import check_cache, unroll_plan
 
     check_cache(None, args.cache, args.block_length, args.cache_refresh)
+    unroll_plan(args.unroll)
     base, sampler = _load(args, "required" if any(s.uses_sampler for s in built) else "none")
     result = evaluate_tasks(base, sampler, records, specs, gen_length=args.gen_length, seed=args.seed,
                             sampling=sampling, num_samples=args.num_samples, batch_size=args.batch_size,
                             progress=not args.json, block_length=args.block_length, cache=args.cache,
-                            cache_refresh=args.cache_refresh)
+                            cache_refresh=args.cache_refresh, unroll=args.unroll)
     result["base"] = base.name
     if args.out_dir:
         result["files"] = write_report(result, args.out_dir)
@@ -356,6 +366,7 @@ def _add_tasks_parser(ev) -> None:
     p.add_argument("--gen-length", type=int, default=DEFAULT_GEN_LENGTH)
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")
     _add_cache_args(p)
+    _add_unroll_arg(p)
     p.add_argument("--num-samples", type=int, default=1, help="answers per prompt")
     p.add_argument("--batch-size", type=int, default=64)
     _add_sampling_args(p)
@@ -390,6 +401,7 @@ def cmd_eval_frontier(args) -> None:
                           sampling=_sampling_from_args(args), batch_size=args.batch_size, batch_sizes=batch_sizes,
                           timing_prompts=args.timing_prompts, repeats=args.repeats, warmup=args.warmup,
                           threads=args.threads, caches=caches, block_length=args.block_length,
+                          unrolls=[u.strip() for u in args.unroll.split(",") if u.strip()],
                           nll_draws=args.nll_draws, out_dir=args.out_dir, progress=not args.json,
                           sampler_source=None if sampler is None else str(args.sampler or "beside the base"),
                           prompts_source=args.prompts)
@@ -437,6 +449,8 @@ def _add_frontier_parser(ev) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads for the run (default 1)")
     p.add_argument("--cache", default="none", help="comma-separated key/value cache modes swept, e.g. none,dual "
                    "(prefix/dual need --block-length)")
+    p.add_argument("--unroll", default="full", help="comma-separated unroll modes swept for the sampler families, "
+                   "e.g. full,fast (labelled adjust:4+fast; see adjust generate --unroll)")
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")
     p.add_argument("--nll-draws", type=int, default=4, help="Monte-Carlo draws of the base's bound per sample (free text)")
     _add_sampling_args(p)
@@ -691,6 +705,8 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")
     p.add_argument("--cache", default="none", help="comma-separated key/value cache modes to time side by side, "
                    "e.g. none,prefix,dual (prefix/dual need --block-length)")
+    p.add_argument("--unroll", default="full", help="comma-separated unroll modes of the sampler strategies to time "
+                   "side by side, e.g. full,fast (see `adjust generate --help`)")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--ks", default="2,4,8", help="K values of parallel and adjust")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per strategy (interleaved; median reported)")
@@ -742,6 +758,7 @@ def _add_quality_parser(ev) -> None:
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")
     p.add_argument("--cache", dest="kv_cache", default="none", help="key/value cache of the evaluated sets: none | "
                    "prefix | dual (needs --block-length; the exact reference is uncached)")
+    _add_unroll_arg(p)
     p.add_argument("--out-dir", default="results", help="where quality.json / .md / .png go")
     p.add_argument("--seed", type=int, default=0, help="reference exact set: seed; evaluated sets: seed + 1")
     p.add_argument("--batch-size", type=int, default=50)
@@ -755,6 +772,13 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
                    "approximation; default none)")
     p.add_argument("--cache-refresh", type=int, default=None,
                    help="also refresh the cache every N full passes (default: only at each block start)")
+
+
+def _add_unroll_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--unroll", default="full", help="full | fast: how ADJUST's sampler unrolls are computed. fast: "
+                   "after the full pass each sequence keeps its 2(K-1) best positions by the full pass's order "
+                   "scores; the unrolls run the sampler only on those and the positions written in the step and "
+                   "score only those; cheaper, an approximation (docs/method.md section 3; default full)")
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -774,6 +798,7 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-length", type=int, default=64, help="tokens to generate per sequence")
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")
     _add_cache_args(p)
+    _add_unroll_arg(p)
     p.add_argument("--order", default="entropy", help=f"order rule: {' | '.join(ORDERS)} (default: entropy)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)

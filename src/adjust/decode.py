@@ -14,6 +14,13 @@ stored keys/values left of it. "dual": those passes run only on the block, with 
 keys/values on both sides. Hidden states of positions not recomputed keep their last values.
 With a cache, ADJUST's sampler computes its own keys/values of the whole canvas once per step
 (from the step's full pass) and each unroll runs only the block's rows against them.
+
+Unrolls (`unroll`, the sampler's passes inside a step): "full" runs the sampler on every row and the
+LM head at every masked position of the block after each unroll. "fast" (`FastUnroll`) fixes, at
+the step's first unroll, the few masked positions the rest of the step may pick (the best by the
+full pass's order scores); the sampler's queries run only there and at the positions written in
+the step, against its keys/values of the other positions computed once per step (as with a cache),
+and the LM head only there. An approximation: docs/method.md section 3.
 """
 
 from __future__ import annotations
@@ -30,6 +37,48 @@ from .sampling import RowRNG, SamplingConfig, log_probs, order_scores, row_seed,
 
 
 CACHE_MODES = ("none", "prefix", "dual")
+UNROLL_MODES = ("full", "fast")
+# "fast": per sequence, the positions a step's unrolls may still pick, per token the step has left to write
+FAST_PICKS_PER_TOKEN = 2
+
+
+@dataclass(frozen=True)
+class FastUnroll:
+    """How a cheap unroll is computed (`unroll="fast"` is `FastUnroll()`; docs/method.md section 3).
+
+    At a step's first unroll (after the tokens written from the full pass) each sequence keeps `picks` of its
+    masked positions, the best by the full pass's order scores (None: FAST_PICKS_PER_TOKEN x (K - 1)); the
+    step's unrolls score, and the strategy picks, only among those. The sampler's queries run at those
+    positions and at the ones written in the step (`all_rows`: at every position), attending to its
+    keys/values of the other positions computed once per step from the full pass. With `all_rows` and
+    `picks` at least every masked position, this is the full unroll up to floating-point rounding.
+    """
+
+    picks: int | None = None
+    all_rows: bool = False
+
+    def __post_init__(self):
+        if self.picks is not None and (not isinstance(self.picks, int) or self.picks < 1):
+            raise AdjustError(f"fast unroll picks must be a positive integer, got {self.picks!r}")
+
+    @property
+    def name(self) -> str:
+        return "fast" if self == FastUnroll() else f"fast(picks={self.picks},all_rows={self.all_rows})"
+
+    def count(self, k: int) -> int:
+        """Positions kept per sequence for a step of a strategy writing up to `k` tokens per full pass."""
+        return self.picks if self.picks is not None else FAST_PICKS_PER_TOKEN * max(1, k - 1)
+
+
+def unroll_plan(unroll) -> FastUnroll | None:
+    """None for "full", `FastUnroll()` for "fast", a given `FastUnroll` itself; AdjustError for anything else."""
+    if isinstance(unroll, FastUnroll):
+        return unroll
+    if unroll == "full":
+        return None
+    if unroll == "fast":
+        return FastUnroll()
+    raise AdjustError(f"unknown --unroll {unroll!r}; choose one of {', '.join(UNROLL_MODES)}")
 
 
 @dataclass
@@ -47,7 +96,8 @@ class Stats:
     sampler_positions: int = 0  # canvas positions the sampler computed, summed over unrolls (per sequence)
     refresh_seconds: float = 0.0  # time in whole-canvas base passes
     span_seconds: float = 0.0  # time in cached base passes (block, or block and right of it)
-    unroll_seconds: float = 0.0  # time in sampler unrolls (with a cache: the step's sampler keys/values included)
+    unroll_seconds: float = 0.0  # time in sampler unrolls (with a cache or fast: the step's sampler keys/values included)
+    unroll: str = "full"  # how unrolls were computed: "full", "fast" (or a FastUnroll's name)
 
     @property
     def decoded_tokens(self) -> float:
@@ -90,7 +140,8 @@ class Stats:
         add = lambda name: getattr(self, name) + getattr(other, name)  # noqa: E731
         return Stats(add("full_passes"), add("row_passes"), add("sampler_passes"), avg(self.new_tokens, other.new_tokens),
                      n, add("seconds"), add("eos_filled"), self.cache, add("refresh_passes"), add("positions"),
-                     add("sampler_positions"), add("refresh_seconds"), add("span_seconds"), add("unroll_seconds"))
+                     add("sampler_positions"), add("refresh_seconds"), add("span_seconds"), add("unroll_seconds"),
+                     self.unroll)
 
     def to_dict(self) -> dict:
         cost = self.unroll_cost
@@ -99,7 +150,8 @@ class Stats:
                 "sequences": self.sequences,
                 "tokens_per_full_pass": round(self.tokens_per_full_pass, 4),
                 "seconds": round(self.seconds, 4), "tokens_per_second": round(self.tokens_per_second, 2),
-                "eos_filled": self.eos_filled, "cache": self.cache, "refresh_passes": self.refresh_passes,
+                "eos_filled": self.eos_filled, "cache": self.cache, "unroll": self.unroll,
+                "refresh_passes": self.refresh_passes,
                 "positions_per_full_pass": round(self.positions_per_full_pass, 2),
                 "positions_per_unroll": round(self.positions_per_unroll, 2),
                 "unroll_cost": None if cost is None else round(cost, 4)}
@@ -120,8 +172,9 @@ class StepContext:
     hidden: torch.Tensor  # (B, L, H) aligned hidden states of this step's full pass
     step: int
     unroll: int = 0  # 0 = the full pass's distributions, j = after j sampler unrolls
-    _full_logits: tuple | None = field(default=None, repr=False)  # (candidates, logits) of the full pass
-    _sampler_kv: tuple | None = field(default=None, repr=False)  # with a cache: the sampler's (k, v) this step
+    _full: tuple | None = field(default=None, repr=False)  # (candidates, logp, scores or None) of the full pass
+    _sampler_kv: tuple | None = field(default=None, repr=False)  # with a cache or fast: the sampler's (k, v) this step
+    _fast: tuple | None = field(default=None, repr=False)  # fast: (rows, cols, positions (B, n)) of the unrolls
 
     @property
     def x(self) -> torch.Tensor:
@@ -136,31 +189,49 @@ class StepContext:
         return self.loop.candidates()
 
     def remaining(self) -> torch.Tensor:
-        """(B,) masked positions left in the current block, per sequence."""
-        rows, _ = self.candidates()
+        """(B,) positions the step can still pick, per sequence: the block's masked ones (after a fast unroll, those
+        of them kept for the step's unrolls)."""
+        rows, _ = self.unroll_candidates()
         return torch.bincount(rows, minlength=self.x.shape[0])
 
     def distributions(self, hidden: torch.Tensor | None = None):
-        """(rows, cols, logp): filtered log-probs at the candidates, from `hidden` (default: the full pass)."""
-        rows, cols = self.candidates()
+        """(rows, cols, logp): filtered log-probs at the candidates, from `hidden` (default: the full pass).
+
+        After a fast unroll (`FastUnroll`) the candidates are only the masked positions kept for the step's unrolls."""
         if hidden is None or hidden is self.hidden:
-            if self._full_logits is None or self._full_logits[0] is not self.loop._cand:
-                self._full_logits = (self.loop._cand, self.loop.base.logits(self.hidden[rows, cols]))
-            logits = self._full_logits[1]
-        else:
-            logits = self.loop.base.logits(hidden[rows, cols])
-        return rows, cols, log_probs(logits, self.sampling)
+            cand = self.candidates()
+            if self._full is None or self._full[0] is not cand:
+                rows, cols = cand
+                self._full = (cand, log_probs(self.loop.base.logits(self.hidden[rows, cols]), self.sampling), None)
+            return (*cand, self._full[1])
+        rows, cols = self.unroll_candidates()
+        return rows, cols, log_probs(self.loop.base.logits(hidden[rows, cols]), self.sampling)
+
+    def unroll_candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, cols) where an unroll's distributions are computed: every candidate, or after a fast unroll the
+        masked positions kept for the step's unrolls."""
+        if self._fast is None:
+            return self.candidates()
+        rows, cols, _ = self._fast
+        still = self.x[rows, cols] == self.loop.base.mask_id
+        return rows[still], cols[still]
 
     def scores(self, logp: torch.Tensor, rows: torch.Tensor, order: str | None = None) -> torch.Tensor:
         """(N,) order-rule scores (higher = sooner) for the entries of `logp`."""
         order = order or self.sampling.order
+        full = self._full is not None and logp is self._full[1] and order == self.sampling.order
+        if full and self._full[2] is not None:
+            return self._full[2]
         noise = None
         if order == "random":
             noise = torch.empty(len(rows), dtype=torch.float64, device=logp.device)
             for r in rows.unique().tolist():
                 sel = (rows == r).nonzero(as_tuple=True)[0]
                 noise[sel] = self.loop.rng.uniform(r, len(sel))
-        return order_scores(logp, order, noise)
+        out = order_scores(logp, order, noise)
+        if full:  # kept: a fast unroll ranks the step's remaining positions by them
+            self._full = (*self._full[:2], out)
+        return out
 
     def choose(self, scores: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Indices of the entries to unmask: the counts[b] best-scored entries of each row b."""
@@ -181,27 +252,63 @@ class StepContext:
         return tokens
 
     def unroll_sampler(self, prior: torch.Tensor) -> torch.Tensor:
-        """One pass of the joint sampler on the current canvas; returns its hidden states (B, L, H)."""
+        """One pass of the joint sampler on the current canvas; returns its hidden states (B, L, H).
+
+        Full: every row. With a cache: the block's rows; fast: the step's kept and written positions (all rows
+        with `all_rows`); both against the sampler's keys/values of the other positions, computed once per step
+        from the step's full pass (nothing outside those rows changes within a step). Rows not computed keep
+        `prior`."""
         loop, sampler = self.loop, self.loop.sampler
         if sampler is None:
             raise AdjustError("this strategy needs a joint sampler (--sampler)")
         loop.stats.sampler_passes += 1
         self.unroll += 1
         t0 = time.perf_counter()
-        if loop.cache == "none":
+        if loop.cache == "none" and loop.unroll is None:
             out = sampler(loop.base, self.x, prior, loop.attention_mask)
             loop.stats.sampler_positions += self.x.shape[1]
         else:
-            # outside the block nothing changes within a step: the sampler's keys/values there come once per
-            # step, from the step's full pass; each unroll computes only the block's rows
-            lo, hi = loop.block
             if self._sampler_kv is None:
                 self._sampler_kv = sampler.keys_values(loop.base, self.x, self.hidden, loop.attention_mask)
             out = prior.clone()
-            out[:, lo:hi] = sampler.forward_span(loop.base, self.x, prior, loop.attention_mask, self._sampler_kv, lo, hi)
-            loop.stats.sampler_positions += hi - lo
+            if loop.unroll is None:
+                lo, hi = loop.block
+                out[:, lo:hi] = sampler.forward_span(loop.base, self.x, prior, loop.attention_mask, self._sampler_kv,
+                                                     lo, hi)
+                loop.stats.sampler_positions += hi - lo
+            else:
+                if self._fast is None:
+                    self._fast = self._fast_rows()
+                at = self._fast[2]
+                new = sampler.forward_rows(loop.base, self.x, prior, loop.attention_mask, self._sampler_kv, at)
+                out.scatter_(1, at[..., None].expand(-1, -1, out.shape[-1]), new)
+                loop.stats.sampler_positions += at.shape[1]
         loop.stats.unroll_seconds += _elapsed(t0, self.x.device)
         return out
+
+    def _fast_rows(self) -> tuple:
+        """(rows, cols, positions) of a fast step's unrolls: each sequence's masked positions kept for them (the
+        best `picks` by the full pass's order scores) and those it wrote since the full pass, row-major; positions
+        (B, n) are the sampler's query rows (those, padded per sequence by repeating one; every position with
+        `all_rows`)."""
+        loop, x, mask_id = self.loop, self.x, self.loop.base.mask_id
+        if self._full is None:
+            self.distributions()
+        (rows, cols), logp, scores = self._full
+        scores = self.scores(logp, rows) if scores is None else scores
+        still = (x[rows, cols] == mask_id).nonzero(as_tuple=True)[0]
+        counts = torch.full((x.shape[0],), loop.unroll.count(loop.k), device=x.device)
+        keep = x[rows, cols] != mask_id  # written in this step (the full pass's candidates were all masked)
+        keep[still[self.choose(scores[still], rows[still], counts)]] = True
+        rows, cols = rows[keep], cols[keep]
+        B, L = x.shape
+        if loop.unroll.all_rows:
+            return rows, cols, torch.arange(L, device=x.device).expand(B, L)
+        table, _, per_row = per_row_table(cols, rows, B, -1.0)
+        table = table.long()
+        # pad each sequence with its first kept position (a sequence with none: the block start, its output unused)
+        first = torch.where(per_row > 0, table[:, 0], loop.block[0])
+        return rows, cols, torch.where(table >= 0, table, first[:, None])
 
 
 class _Loop:
@@ -216,10 +323,11 @@ class _Loop:
     """
 
     def __init__(self, base, x, attention_mask, gen_start, sampling, rng, sampler, record_history, stops=None,
-                 cache: str = "none", cache_refresh: int | None = None):
+                 cache: str = "none", cache_refresh: int | None = None, unroll: FastUnroll | None = None, k: int = 1):
         self.base, self.x, self.attention_mask = base, x, attention_mask
         self.gen_start, self.sampling, self.rng, self.sampler = gen_start, sampling, rng, sampler
-        self.stats = Stats(sequences=x.shape[0], cache=cache)
+        self.unroll, self.k = unroll, k  # how unrolls are computed (None: full), the strategy's tokens per pass
+        self.stats = Stats(sequences=x.shape[0], cache=cache, unroll="full" if unroll is None else unroll.name)
         self.block = (gen_start, x.shape[1])
         self.history = [[] for _ in range(x.shape[0])] if record_history else None
         self._cand = None
@@ -348,7 +456,7 @@ def generate(base, prompts: list[list[int]], strategy, sampling: SamplingConfig 
              gen_length: int = 64, block_length: int | None = None, seed: int = 0,
              sample_indices: list[int] | None = None, sampler=None, record_history: bool = False,
              early_exit: bool = False, on_step=None, cache: str = "none",
-             cache_refresh: int | None = None) -> Generation:
+             cache_refresh: int | None = None, unroll: str | FastUnroll = "full") -> Generation:
     """Generate `gen_length` tokens after each prompt (an empty prompt = unconditional).
 
     Each sequence b uses its own generator seeded by (seed, prompts[b], sample_indices[b]),
@@ -361,9 +469,11 @@ def generate(base, prompts: list[list[int]], strategy, sampling: SamplingConfig 
     without it.
     `cache` ("none", "prefix", "dual"; needs `block_length`) and `cache_refresh` (refresh it every N full
     passes too, not only at block starts): the key/value cache, see the module's docstring.
+    `unroll` ("full", "fast" or a `FastUnroll`): how the sampler's unrolls are computed, see the module's docstring.
     """
     check_request(base, prompts, gen_length, block_length)
     check_cache(base, cache, block_length, cache_refresh)
+    plan = unroll_plan(unroll)
     if not strategy.adaptive and strategy.k > gen_length:
         raise AdjustError(f"--tokens-per-pass {strategy.k} is larger than --gen-length {gen_length}")
     if strategy.uses_sampler and sampler is None:
@@ -378,7 +488,8 @@ def generate(base, prompts: list[list[int]], strategy, sampling: SamplingConfig 
     sample_indices = sample_indices or [0] * len(prompts)
     rng = RowRNG([row_seed(seed, p, i) for p, i in zip(prompts, sample_indices)], device)
     stops = tuple(base.stop_ids) if early_exit and base.eos_id is not None and base.stop_ids else None
-    loop = _Loop(base, x, attention_mask, P, sampling, rng, sampler, record_history, stops, cache, cache_refresh)
+    loop = _Loop(base, x, attention_mask, P, sampling, rng, sampler, record_history, stops, cache, cache_refresh, plan,
+                 strategy.k)
     block_length = block_length or gen_length
     t0 = time.perf_counter()
     step = 0
@@ -417,7 +528,7 @@ def generate_texts(base, prompts: list[str], strategy, sampling: SamplingConfig 
                    gen_length: int = 64, num_samples: int = 1, batch_size: int = 16,
                    block_length: int | None = None, seed: int = 0, sampler=None, record_history: bool = False,
                    progress: bool = False, early_exit: bool | None = None, cache: str = "none",
-                   cache_refresh: int | None = None) -> tuple[list[dict], Stats]:
+                   cache_refresh: int | None = None, unroll: str | FastUnroll = "full") -> tuple[list[dict], Stats]:
     """Text in, samples out: `num_samples` generations per prompt ("" = unconditional), batched.
 
     Returns ([{"prompt", "text", "token_ids", "sample_index", ("history")}], merged Stats).
@@ -434,6 +545,7 @@ def generate_texts(base, prompts: list[str], strategy, sampling: SamplingConfig 
     encoded = [base.encode(p) for p in prompts]
     check_request(base, encoded, gen_length, block_length)
     check_cache(base, cache, block_length, cache_refresh)
+    unroll_plan(unroll)
     jobs = [(n, text, ids, i) for n, (text, ids) in enumerate(zip(prompts, encoded)) for i in range(num_samples)]
     # Batch prompts of equal length only: no padding, so a sequence gets bit-identical
     # logits (hence tokens) in any batch, and no compute is spent on pad tokens.
@@ -444,7 +556,7 @@ def generate_texts(base, prompts: list[str], strategy, sampling: SamplingConfig 
     for chunk in batches:
         out = generate(base, [ids for _, _, ids, _ in chunk], strategy, sampling, gen_length, block_length, seed,
                        [i for *_, i in chunk], sampler, record_history, early_exit=early_exit, cache=cache,
-                       cache_refresh=cache_refresh)
+                       cache_refresh=cache_refresh, unroll=unroll)
         stats = out.stats if stats is None else stats.merge(out.stats)
         for b, (n, text, _, i) in enumerate(chunk):
             ids = out.tokens[b].tolist()

@@ -79,21 +79,28 @@ class Attention(nn.Module):
             q, k, v = (t.view(B, L, -1, hd).transpose(1, 2) for t in (q, k, v))  # (B, nh | nkv, L, hd)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x, cos, sin, key_mask=None, kv=None, start: int = 0, keep: list | None = None):
+    def forward(self, x, cos, sin, key_mask=None, kv=None, start=0, keep: list | None = None):
         """Attention of the rows `x` (B, n, H).
 
         Plain: `x` is the whole canvas. `keep`: a list that receives this layer's (k, v) of the rows (a full
         pass that fills a key/value cache). `kv` = (k, v) of the whole canvas (B, nkv, L, hd): `x` holds only
         the rows start .. start+n, whose fresh keys/values are written over the cached ones there (in place:
         a cache serves one span, recomputed on every use); the other positions are attended through their
-        cached keys/values (`key_mask` is the whole canvas's)."""
+        cached keys/values (`key_mask` is the whole canvas's). `start` may instead be a (B, n) tensor of
+        positions: `x` holds those rows of each sequence (any positions; a repeated position must hold the
+        same row), and their fresh keys/values are written at those positions."""
         B, L, H = x.shape
         q, k, v = self.project(x, cos, sin)
         if keep is not None:
             keep.append((k, v))
-        if kv is not None:  # the span's fresh keys/values go into the cache in place (no copy of the rest)
-            (ck, cv), end = kv, start + L
-            ck[:, :, start:end], cv[:, :, start:end] = k, v
+        if kv is not None:  # the rows' fresh keys/values go into the cache in place (no copy of the rest)
+            ck, cv = kv
+            if isinstance(start, torch.Tensor):
+                at = start[:, None, :, None].expand(-1, ck.shape[1], -1, ck.shape[3])
+                ck.scatter_(2, at, k)
+                cv.scatter_(2, at, v)
+            else:
+                ck[:, :, start:start + L], cv[:, :, start:start + L] = k, v
             k, v = ck, cv
         # each group of nh / nkv query heads shares one key/value head
         gqa = {"enable_gqa": True} if self.kv_heads != self.heads else {}
@@ -124,8 +131,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(hidden, eps)
         self.mlp = SwiGLU(hidden, intermediate)
 
-    def forward(self, x, cos, sin, key_mask=None, kv=None, start: int = 0, keep: list | None = None):
-        """`kv`, `start`, `keep`: see `Attention.forward` (a span of rows against cached keys/values)."""
+    def forward(self, x, cos, sin, key_mask=None, kv=None, start=0, keep: list | None = None):
+        """`kv`, `start`, `keep`: see `Attention.forward` (a span or a set of rows against cached keys/values)."""
         x = x + self.attn(self.attn_norm(x), cos, sin, key_mask, kv, start, keep)
         return x + self.mlp(self.mlp_norm(x))
 

@@ -107,10 +107,25 @@ class JointSampler(nn.Module):
         """One unroll on the rows start .. end-1 only (B, end - start, H): those rows attend to their own fresh
         keys/values and to `kv` (from `keys_values`) at every other position. With `kv` of the same canvas and
         prior, equal to forward(...)[:, start:end] up to floating-point rounding."""
-        own, z = self._inputs(base, input_ids[:, start:end], prior[:, start:end])
-        cos, sin = self._rope(input_ids, attention_mask, z.dtype)
-        z = self.block(z, cos[:, :, start:end], sin[:, :, start:end],
-                       None if attention_mask is None else attention_mask.bool(), kv=kv, start=start)
+        cos, sin = self._rope(input_ids, attention_mask, self.proj.weight.dtype)
+        return self._rows(base, input_ids[:, start:end], prior[:, start:end], cos[:, :, start:end],
+                          sin[:, :, start:end], attention_mask, kv, start)
+
+    def forward_rows(self, base, input_ids, prior, attention_mask, kv: tuple, positions: torch.Tensor) -> torch.Tensor:
+        """`forward_span` on any rows: positions (B, n) of each sequence (a repeated position is computed twice,
+        the same) -> (B, n, H). The unroll of `--unroll fast` (decode.StepContext.unroll_sampler)."""
+        cos, sin = self._rope(input_ids, attention_mask, self.proj.weight.dtype)
+        H, hd = prior.shape[-1], cos.shape[-1]
+        at = positions[:, None, :, None].expand(-1, 1, -1, hd)
+        cos, sin = (t.expand(positions.shape[0], -1, -1, -1).gather(2, at) for t in (cos, sin))
+        return self._rows(base, input_ids.gather(1, positions), prior.gather(1, positions[..., None].expand(-1, -1, H)),
+                          cos, sin, attention_mask, kv, positions)
+
+    def _rows(self, base, ids, prior, cos, sin, attention_mask, kv, where) -> torch.Tensor:
+        """The unroll of the given rows (their tokens, prior and rotary angles) against `kv` elsewhere; `where`:
+        their start (a span) or positions, as `layers.Attention.forward` takes it."""
+        own, z = self._inputs(base, ids, prior)
+        z = self.block(z, cos, sin, None if attention_mask is None else attention_mask.bool(), kv=kv, start=where)
         return (self.out_norm(z) + own).to(prior.dtype)
 
     # --- identity and persistence ------------------------------------------------------------

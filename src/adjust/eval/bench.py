@@ -10,8 +10,12 @@ What is measured (unconditional generation, `gen_length` tokens per sequence):
   repeat (exact's ratio is 1.0 by construction).
 * the cost of one sampler unroll relative to one full pass, on the same canvas (a finished
   generation with half its positions masked again): full = base.hidden_states + logits at
-  the masked positions; unroll = sampler forward + logits at the masked positions (what
-  ADJUST's inner loop pays). Medians of `unroll_repeats` interleaved timings.
+  the masked positions; unroll = what ADJUST's inner loop pays for one unroll in each unroll
+  mode of `unrolls` ("full": the sampler on the whole canvas + logits at the masked positions;
+  "fast": see adjust.decode), measured over the K - 1 = `unroll_k` - 1 unrolls of a step so that
+  work done once per step is shared out (`pass_vs_unroll`). Medians of `unroll_repeats`
+  interleaved timings. `unroll_cost[B]` holds every mode under "modes" and the first one at
+  its top level.
 * for ADJUST at each K: the ideal speedup K / (1 + (K - 1) * unroll_cost) over exact
   (K tokens for one full pass and K - 1 unrolls), the achieved speedup, and their ratio.
 * the same two calls' floating-point operations (torch's FlopCounterMode: matrix products and
@@ -20,6 +24,8 @@ What is measured (unconditional generation, `gen_length` tokens per sequence):
   full pass. It is not a hard limit: hardware or kernels that run the unroll's smaller matrix
   products more efficiently than the full pass's (or that hide its cost) would beat it.
 
+With `unrolls` (`--unroll full,fast`), every strategy that uses the sampler runs in each unroll
+mode (each row has its `unroll`; the ideal speedup of a row uses its mode's unroll cost).
 With `caches` (`--cache none,prefix,dual`, needs `block_length`): every strategy runs with each
 cache mode, all interleaved in the same repeats; each row has its `cache`, its paired ratio to
 the same strategy uncached in the same repeat (`ratio_to_uncached`), the positions the base and
@@ -126,32 +132,72 @@ def time_call(fn, device) -> float:
 
 
 @torch.inference_mode()
-def pass_vs_unroll(base, sampler, x: torch.Tensor, repeats: int = 30, warmup: int = 2) -> dict:
-    """Median time of one full pass vs one sampler unroll on canvas `x`, each + logits at its masked positions.
+def pass_vs_unroll(base, sampler, x: torch.Tensor, repeats: int = 30, warmup: int = 2, unrolls=("full",),
+                   k: int = 4) -> dict:
+    """Median time of one full pass vs one sampler unroll on canvas `x`, each + logits where it computes them.
 
-    full = base.hidden_states(x) then base.logits at the masked positions; unroll = sampler(x, prior)
-    then base.logits at the masked positions (prior = the full pass's hidden states). Timed
-    alternately, `repeats` times each, after `warmup` untimed calls of each.
+    full = base.hidden_states(x) then base.logits at the masked positions. unroll, per mode of `unrolls`
+    ("full", "fast", see adjust.decode) = one ADJUST step's K - 1 unrolls as the decoding loop runs them
+    (`decode.StepContext.unroll_sampler`, each on the previous one's output; for "fast" the sampler's
+    keys/values once per step and its kept rows), each followed by base.logits where its distributions are
+    computed (`StepContext.unroll_candidates`), divided by K - 1: the once-per-step work is shared out over
+    the step's unrolls. No token is written in between (the canvas stays `x`). For "full" this is the sampler
+    on the whole canvas + logits at every masked position. Timed alternately, `repeats` times each, after
+    `warmup` untimed calls of each. The first mode's figures are also at the top level.
     """
+    import dataclasses
+
+    from ..decode import StepContext, _Loop, unroll_plan
+    from ..sampling import RowRNG
+
     device = base.device
     x = x.to(device)
     rows, cols = (x == base.mask_id).nonzero(as_tuple=True)
     prior = base.hidden_states(x)
-    fns = {"full": lambda: base.logits(base.hidden_states(x)[rows, cols]),
-           "unroll": lambda: base.logits(sampler(base, x, prior)[rows, cols])}
+    unrolls = list(dict.fromkeys(unrolls))
+    counts = {}
+
+    def step_of(mode):
+        loop = _Loop(base, x.clone(), None, 0, SamplingConfig(), RowRNG([0] * x.shape[0], device), sampler, False,
+                     unroll=unroll_plan(mode), k=k)
+        ctx0 = StepContext(loop, prior, 0)
+        r, _, logp = ctx0.distributions()  # the step's full pass: not timed
+        ctx0.scores(logp, r)
+
+        def unrolls_of_one_step():
+            ctx, h, logit_rows = dataclasses.replace(ctx0), prior, 0
+            for _ in range(max(1, k - 1)):
+                h = ctx.unroll_sampler(h)
+                ur, uc = ctx.unroll_candidates()
+                base.logits(h[ur, uc])
+                logit_rows += len(ur)
+            counts[mode] = (loop.stats.positions_per_unroll, logit_rows / max(1, k - 1))
+        return unrolls_of_one_step
+
+    fns = {"full": lambda: base.logits(base.hidden_states(x)[rows, cols])}
+    fns.update({("unroll", m): step_of(m) for m in unrolls})
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times = {"full": [], "unroll": []}
+    times = {name: [] for name in fns}
+    names = list(fns)
     for r in range(repeats):
-        for name in (("full", "unroll") if r % 2 == 0 else ("unroll", "full")):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             times[name].append(time_call(fns[name], device))
-    f, u = _median(times["full"]), _median(times["unroll"])
+    per = max(1, k - 1)
+    f = _median(times["full"])
     flops = {name: count_flops(fn) for name, fn in fns.items()}
-    return {"full_pass_ms": round(1e3 * f, 4), "unroll_ms": round(1e3 * u, 4), "unroll_cost": round(u / f, 4),
-            "full_pass_flops": flops["full"], "unroll_flops": flops["unroll"],
-            "flop_ratio": round(flops["unroll"] / flops["full"], 4),
-            "masked_positions": int(len(rows)), "repeats": repeats}
+    out = {"full_pass_ms": round(1e3 * f, 4), "full_pass_flops": flops["full"], "masked_positions": int(len(rows)),
+           "repeats": repeats, "k": k, "modes": {}}
+    for m in unrolls:
+        u = _median(times[("unroll", m)]) / per
+        out["modes"][m] = {"unroll_ms": round(1e3 * u, 4), "unroll_cost": round(u / f, 4),
+                           "unroll_flops": flops[("unroll", m)] // per,
+                           "flop_ratio": round(flops[("unroll", m)] / per / flops["full"], 4),
+                           "sampler_positions_per_unroll": round(counts[m][0], 2),
+                           "logit_positions_per_unroll": round(counts[m][1], 2)}
+    first = unrolls[0]
+    return {**out, "unroll": first, **out["modes"][first]}
 
 
 def count_flops(fn) -> int:
@@ -165,7 +211,7 @@ def count_flops(fn) -> int:
 
 
 def unroll_cost(base, sampler, batch_size: int, gen_length: int, repeats: int = 30, seed: int = 0,
-                canvas: torch.Tensor | None = None) -> dict:
+                canvas: torch.Tensor | None = None, unrolls=("full",), k: int = 4) -> dict:
     """`pass_vs_unroll` on a mid-generation canvas: `canvas` (default random tokens) with half re-masked."""
     g = torch.Generator().manual_seed(seed)
     if canvas is None:
@@ -174,7 +220,7 @@ def unroll_cost(base, sampler, batch_size: int, gen_length: int, repeats: int = 
         canvas = usable[torch.randint(len(usable), (batch_size, gen_length), generator=g)]
     x = canvas[:batch_size].clone()
     x[torch.rand(x.shape, generator=g) < 0.5] = base.mask_id
-    return pass_vs_unroll(base, sampler, x, repeats)
+    return pass_vs_unroll(base, sampler, x, repeats, unrolls=unrolls, k=k)
 
 
 def ideal_speedup(k: int, cost: float) -> float:
@@ -195,10 +241,10 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
               warmup: int = 1, unroll_repeats: int = 30, seed: int = 0,
               sampling: SamplingConfig = SamplingConfig(), specs: list | None = None,
               sampler_source: str | None = None, progress: bool = False, prompt_length: int = 0,
-              block_length: int | None = None, caches=("none",)) -> dict:
+              block_length: int | None = None, caches=("none",), unrolls=("full",), unroll_k: int = 4) -> dict:
     from tqdm.auto import tqdm
 
-    from ..decode import check_cache
+    from ..decode import check_cache, unroll_plan
     from .specs import build_strategy, spec_label
 
     if gen_length < 1 or repeats < 1 or warmup < 0 or unroll_repeats < 1:
@@ -213,6 +259,9 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
     caches = list(dict.fromkeys(caches)) or ["none"]
     for c in caches:
         check_cache(base, c, block_length, None)
+    unrolls = list(dict.fromkeys(unrolls)) or ["full"]
+    for u in unrolls:
+        unroll_plan(u)
     skipped = []
     if specs is None:
         specs, skipped = default_specs(ks, sampler is not None, sampler_source not in (None, "fresh"))
@@ -229,28 +278,30 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
         sampler.check_base(base)
 
     results, cost, vs_ideal = [], {}, []
-    runs_list = [(label, s, c) for label, s in strategies for c in caches]  # every strategy with every cache
+    # every strategy with every cache; those with a sampler also with every unroll mode
+    runs_list = [(label, s, c, u) for label, s in strategies for c in caches
+                 for u in (unrolls if s.uses_sampler else unrolls[:1])]
     total = len(batch_sizes) * len(runs_list) * (warmup + repeats)
     prompt = bench_prompt(base, prompt_length, seed)
     bar = tqdm(total=total, desc="bench", disable=not progress, leave=False)
     for B in batch_sizes:
         prompts = [list(prompt) for _ in range(B)]
 
-        def run(s, c):
+        def run(s, c, u):
             return lambda seed_r: generate(base, prompts, s, sampling, gen_length, block_length, seed=seed_r,
-                                           sample_indices=list(range(B)), sampler=sampler, cache=c)
+                                           sample_indices=list(range(B)), sampler=sampler, cache=c, unroll=u)
 
-        gens = interleaved_runs([((label, c), run(s, c)) for label, s, c in runs_list], repeats, warmup, seed,
-                                bar=bar)
+        gens = interleaved_runs([((label, c, u), run(s, c, u)) for label, s, c, u in runs_list], repeats, warmup,
+                                seed, bar=bar)
         runs = {key: [g.stats for g in gs] for key, gs in gens.items()}
-        last = gens[(runs_list[0][0], runs_list[0][2])][-1]
+        last = gens[(runs_list[0][0], runs_list[0][2], runs_list[0][3])][-1]
         ref_cache = "none" if "none" in caches else caches[0]
-        exact_tps = [st.tokens_per_second for st in runs[("exact", ref_cache)]]
-        for label, s, c in runs_list:
-            stats = runs[(label, c)]
+        exact_tps = [st.tokens_per_second for st in runs[("exact", ref_cache, unrolls[0])]]
+        for label, s, c, u in runs_list:
+            stats = runs[(label, c, u)]
             tps = [st.tokens_per_second for st in stats]
             row = {
-                "strategy": label, "name": s.name, "k": s.k, "batch_size": B, "cache": c,
+                "strategy": label, "name": s.name, "k": s.k, "batch_size": B, "cache": c, "unroll": u,
                 "tokens_per_second": round(_median(tps), 3),
                 "ratio_to_exact": 1.0 if (label, c) == ("exact", ref_cache) else round(paired_ratio(tps, exact_tps), 4),
                 "tokens_per_full_pass": round(_median([st.tokens_per_full_pass for st in stats]), 4),
@@ -264,25 +315,26 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
                 in_run = [st.unroll_cost for st in stats if st.unroll_cost is not None]
                 row["unroll_cost_in_run"] = round(_median(in_run), 4) if in_run else None
             if "none" in caches:
-                plain = [st.tokens_per_second for st in runs[(label, "none")]]
+                plain = [st.tokens_per_second for st in runs[(label, "none", u)]]
                 row["ratio_to_uncached"] = round(paired_ratio(tps, plain), 4)
             results.append(row)
         if sampler is not None:
             canvas = last.tokens if last is not None else None
-            cost[str(B)] = unroll_cost(base, sampler, B, gen_length, unroll_repeats, seed, canvas)
-            c = cost[str(B)]["unroll_cost"]
+            cost[str(B)] = unroll_cost(base, sampler, B, gen_length, unroll_repeats, seed, canvas, unrolls, unroll_k)
             for row in results:
                 if row["batch_size"] == B and row["name"] == "adjust" and row["k"] > 1 and row["cache"] == ref_cache:
-                    ideal = ideal_speedup(row["k"], c)
-                    vs_ideal.append({"strategy": row["strategy"], "k": row["k"], "batch_size": B, "unroll_cost": c,
-                                     "ideal_speedup": round(ideal, 4), "achieved_speedup": row["ratio_to_exact"],
-                                     "flop_bound_speedup": round(ideal_speedup(row["k"], cost[str(B)]["flop_ratio"]), 4),
+                    m = cost[str(B)]["modes"][row["unroll"]]
+                    ideal = ideal_speedup(row["k"], m["unroll_cost"])
+                    vs_ideal.append({"strategy": row["strategy"], "k": row["k"], "batch_size": B, "unroll": row["unroll"],
+                                     "unroll_cost": m["unroll_cost"], "ideal_speedup": round(ideal, 4),
+                                     "achieved_speedup": row["ratio_to_exact"],
+                                     "flop_bound_speedup": round(ideal_speedup(row["k"], m["flop_ratio"]), 4),
                                      "fraction_of_ideal": round(row["ratio_to_exact"] / ideal, 4)})
     bar.close()
     return {
         "base": base.name, "device": str(base.device), "dtype": str(base.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "gen_length": gen_length, "batch_sizes": list(batch_sizes),
-        "prompt_length": prompt_length, "block_length": block_length, "caches": caches,
+        "prompt_length": prompt_length, "block_length": block_length, "caches": caches, "unrolls": unrolls,
         "repeats": repeats, "warmup": warmup, "seed": seed,
         "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
                      "order": sampling.order},
@@ -307,23 +359,24 @@ def format_table(report: dict) -> str:
     for B in report["batch_sizes"]:
         lines.append("")
         lines.append(f"batch {B}")
-        lines.append(f"  {'strategy':<26}{'cache':>7}{'tokens/s':>12}{'x exact':>10}{'x uncached':>11}{'tok/pass':>10}"
+        lines.append(f"  {'strategy':<26}{'cache':>7}{'unroll':>7}{'tokens/s':>12}{'x exact':>10}{'x uncached':>11}{'tok/pass':>10}"
                      f"{'passes':>8}{'unrolls':>9}{'pos/pass':>9}")
         for row in report["results"]:
             if row["batch_size"] == B:
                 unc = row.get("ratio_to_uncached")
-                lines.append(f"  {row['strategy']:<26}{row.get('cache', 'none'):>7}{row['tokens_per_second']:>12.1f}"
+                lines.append(f"  {row['strategy']:<26}{row.get('cache', 'none'):>7}{row.get('unroll', 'full'):>7}"
+                             f"{row['tokens_per_second']:>12.1f}"
                              f"{row['ratio_to_exact']:>10.3f}{'' if unc is None else f'{unc:.3f}':>11}"
                              f"{row['tokens_per_full_pass']:>10.2f}{row['full_passes']:>8g}{row['sampler_passes']:>9g}"
                              f"{row.get('positions_per_full_pass', 0):>9g}")
         c = report["unroll_cost"].get(str(B))
-        if c:
-            lines.append(f"  one full pass {c['full_pass_ms']:.3f} ms, one sampler unroll {c['unroll_ms']:.3f} ms "
-                         f"-> unroll cost {c['unroll_cost']:.3f} of a full pass (FLOPs: {c['unroll_flops'] / 1e9:.3f} vs "
-                         f"{c['full_pass_flops'] / 1e9:.3f} GFLOP, ratio {c['flop_ratio']:.3f})")
+        for mode, m in (c or {}).get("modes", {}).items():
+            lines.append(f"  one full pass {c['full_pass_ms']:.3f} ms, one sampler unroll ({mode}) {m['unroll_ms']:.3f} ms "
+                         f"-> unroll cost {m['unroll_cost']:.3f} of a full pass (FLOPs: {m['unroll_flops'] / 1e9:.3f} vs "
+                         f"{c['full_pass_flops'] / 1e9:.3f} GFLOP, ratio {m['flop_ratio']:.3f})")
         for v in report["adjust_vs_ideal"]:
             if v["batch_size"] == B:
-                lines.append(f"  {v['strategy']:<10} ideal {v['ideal_speedup']:.2f}x, achieved "
+                lines.append(f"  {v['strategy']:<10} {v.get('unroll', 'full'):>5} ideal {v['ideal_speedup']:.2f}x, achieved "
                              f"{v['achieved_speedup']:.2f}x = {100 * v['fraction_of_ideal']:.0f}% of ideal; "
                              f"{v['flop_bound_speedup']:.2f}x if time were proportional to FLOPs")
     for s in report["skipped"]:

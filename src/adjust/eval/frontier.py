@@ -208,8 +208,8 @@ def plan_points(families: list[str] | None = None, grids: list[str] | None = Non
     return plan, notes
 
 
-def point_label(name: str, params: dict, cache: str = "none") -> str:
-    return spec_label(name, params) + ("" if cache == "none" else f"+{cache}")
+def point_label(name: str, params: dict, cache: str = "none", unroll: str = "full") -> str:
+    return spec_label(name, params) + ("" if cache == "none" else f"+{cache}") + ("" if unroll == "full" else f"+{unroll}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,6 +377,7 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
                  gen_length: int | None = None, seed: int = 0, sampling: SamplingConfig | None = None,
                  batch_size: int = 64, batch_sizes=(1, 8), timing_prompts: int = 8, repeats: int = 3,
                  warmup: int = 1, threads: int | None = 1, caches=("none",), block_length: int | None = None,
+                 unrolls=("full",),
                  nll_draws: int = 4, two_sided: Callable | None = None, out_dir=None, progress: bool = True,
                  sampler_source: str | None = None, prompts_source: str | None = None) -> dict:
     """Sweep, measure and analyse (see the module docstring); with `out_dir`, write frontier.json/.md/.png.
@@ -388,7 +389,8 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
     """
     from tqdm.auto import tqdm
 
-    from ..decode import CACHE_MODES, check_cache, check_request, generate_texts
+    from ..decode import CACHE_MODES, check_cache, check_request, generate_texts, unroll_plan
+    from ..strategies import STRATEGIES
     from .report import check_out_dir
     from .tasks import DEFAULT_GEN_LENGTH, evaluate_tasks
 
@@ -431,8 +433,12 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
     timing = timing_subset(prompts, records, timing_prompts)
     if len(timing) < timing_prompts:
         notes.append(f"timing on all {len(timing)} prompts (fewer than --timing-prompts {timing_prompts})")
-    points = [{"label": point_label(name, params, c), "family": family, "strategy": name, "params": params,
-               "cache": c, "side": side(family)} for family, name, params in plan for c in caches]
+    unrolls = list(dict.fromkeys(unrolls)) or ["full"]
+    for u in unrolls:
+        unroll_plan(u)
+    points = [{"label": point_label(name, params, c, u), "family": family, "strategy": name, "params": params,
+               "cache": c, "unroll": u, "side": side(family)} for family, name, params in plan for c in caches
+              for u in (unrolls if STRATEGIES[name].uses_sampler else ["full"])]
     ref_label = point_label("exact", {}, "none" if "none" in caches else caches[0])
     for n in notes:
         print(f"adjust: warning: {n}", file=sys.stderr)
@@ -453,7 +459,7 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
             if mode == "validity":
                 res = evaluate_tasks(base, s_sampler, records, [strategy], gen_length=gen_length, seed=seed,
                                      sampling=sampling, num_samples=num_samples, batch_size=batch_size,
-                                     block_length=block_length, cache=pt["cache"])
+                                     block_length=block_length, cache=pt["cache"], unroll=pt["unroll"])
                 pt["quality"] = {}
                 for row in res["results"]:
                     v, n = row["valid"], row["n"]
@@ -464,7 +470,8 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
                                   sampler_passes=row["sampler_passes"])
             else:
                 samples, stats = generate_texts(base, prompts or [""], strategy, sampling, gen_length, num_samples,
-                                                batch_size, block_length, seed, s_sampler, cache=pt["cache"])
+                                                batch_size, block_length, seed, s_sampler, cache=pt["cache"],
+                                                unroll=pt["unroll"])
                 from .metrics import nll_under_base
 
                 nll = nll_under_base(base, [s["token_ids"] for s in samples], draws=nll_draws, seed=seed,
@@ -502,7 +509,7 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
                 per_prompt = B * len(timing) if unconditional else B
                 return lambda seed_r: generate_texts(
                     base, [""] if unconditional else timing, strategy, sampling, gen_length, per_prompt, B,
-                    block_length, seed_r, s_sampler, cache=pt["cache"])[1]
+                    block_length, seed_r, s_sampler, cache=pt["cache"], unroll=pt["unroll"])[1]
 
             stats = interleaved_runs([(pt["label"], run(pt)) for pt in points], repeats, warmup, seed, shuffle=True,
                                      bar=bar)
@@ -533,7 +540,7 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
                      "reference_seed": seed + 1 if reference is not None else None,
                      "sampling": dataclasses.asdict(sampling), "batch_size": batch_size,
                      "batch_sizes": batch_sizes, "timing_prompts": timing, "repeats": repeats, "warmup": warmup,
-                     "threads": torch.get_num_threads() if threads is None else threads, "caches": caches,
+                     "threads": torch.get_num_threads() if threads is None else threads, "caches": caches, "unrolls": unrolls,
                      "block_length": block_length, "nll_draws": nll_draws if mode == "text" else None,
                      "grids": {f: DEFAULT_GRIDS[f] for f in dict.fromkeys(p["family"] for p in points) if f != "exact"}
                      | {parse_grid(g)[0]: g for g in grids or []},

@@ -14,10 +14,11 @@ strategy cannot be told apart from exact joint sampling once it reaches them. Pe
 
 With `block_length` (semi-autoregressive blocks) and `kv_cache` ("prefix" / "dual", see
 adjust.decode): every evaluated set is decoded in those blocks with that key/value cache; the
-reference Q is exact in the same blocks without a cache.
+reference Q is exact in the same blocks without a cache. `unroll` ("fast", see adjust.decode):
+the evaluated sets that use the joint sampler compute its unrolls that way.
 
 Samples are cached in `cache_dir`, one JSON file per (base, sampler if used, strategy,
-parameters, sampling, num_samples, gen_length, blocks and key/value cache if set, seed, and the version of the generating code:
+parameters, sampling, num_samples, gen_length, blocks, key/value cache and unroll mode if set, seed, and the version of the generating code:
 `adjust.provenance.sampling_code_version()`): a rerun with one more strategy only generates
 that one, and a change to the code that writes tokens regenerates every set. Tokens/s come
 from the run that generated the samples (the machine is recorded with them).
@@ -113,10 +114,12 @@ class SampleCache:
         self.hits: list[str] = []
         self.generated: list[str] = []
 
-    def key(self, name, params, strategy, seed, kv_cache: str = "none") -> dict:
+    def key(self, name, params, strategy, seed, kv_cache: str = "none", unroll: str = "full") -> dict:
         extra = {"block_length": self.block_length} if self.block_length else {}  # keys of earlier sets unchanged
         if kv_cache != "none":
             extra["kv_cache"] = kv_cache
+        if unroll != "full" and strategy.uses_sampler:
+            extra["unroll"] = unroll
         return {"version": CACHE_VERSION, "code": self.code, "base": self.base_id, "dtype": str(self.base.dtype),
                 "sampler": self.sampler_id if strategy.uses_sampler else None,
                 "strategy": name, "params": params, "describe": strategy.describe(),
@@ -127,14 +130,15 @@ class SampleCache:
         if self.dir is None:
             return None
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        slug = re.sub(r"[^A-Za-z0-9._=-]+", "_", label + (f"-{key['kv_cache']}" if "kv_cache" in key else ""))
+        slug = re.sub(r"[^A-Za-z0-9._=-]+", "_", label + "".join(f"-{key[k]}" for k in ("kv_cache", "unroll")
+                                                                  if k in key))
         return self.dir / f"{slug}-seed{key['seed']}-n{self.num_samples}-g{self.gen_length}-{digest}.json"
 
-    def get(self, name: str, params: dict, seed: int, kv_cache: str = "none") -> dict:
+    def get(self, name: str, params: dict, seed: int, kv_cache: str = "none", unroll: str = "full") -> dict:
         """{"texts", "token_ids", "stats": Stats, "machine", "path", "cached"} of one configuration."""
         strategy = build_strategy(name, params)
         label = spec_label(name, params)
-        key = self.key(name, params, strategy, seed, kv_cache)
+        key = self.key(name, params, strategy, seed, kv_cache, unroll)
         path = self.path(key, label)
         if path is not None and path.is_file():
             try:
@@ -149,7 +153,8 @@ class SampleCache:
         samples, stats = generate_texts(self.base, [""], strategy, self.sampling, gen_length=self.gen_length,
                                         num_samples=self.num_samples, batch_size=self.batch_size, seed=seed,
                                         sampler=self.sampler if strategy.uses_sampler else None,
-                                        progress=self.progress, block_length=self.block_length, cache=kv_cache)
+                                        progress=self.progress, block_length=self.block_length, cache=kv_cache,
+                                        unroll=unroll)
         self.generated.append(f"{label}@seed{seed}")
         entry = {"key": key, "describe": strategy.describe(), "machine": machine_info(self.base.device),
                  "stats": dataclasses.asdict(stats), "texts": [s["text"] for s in samples],
@@ -191,7 +196,7 @@ def run_quality(base, sampler=None, strategies=None, num_samples: int = 500, gen
                 batch_size: int = 50, out_dir=None, nll_draws: int = 8, joint_kl_states: int = 64,
                 joint_kl_draws: int = 4, mauve_seed: int = 25, sampling: SamplingConfig | None = None,
                 progress: bool = True, block_length: int | None = None, kv_cache: str = "none",
-                c2st_folds: int = 5) -> dict:
+                c2st_folds: int = 5, unroll: str = "full") -> dict:
     """Evaluate `strategies` (default: DEFAULT_STRATEGIES) against exact sampling; see the module docstring.
 
     c2st_folds: cross-validation folds of the two-sample test (at most num_samples are used); 0 = no test.
@@ -209,9 +214,10 @@ def run_quality(base, sampler=None, strategies=None, num_samples: int = 500, gen
     if isinstance(c2st_folds, bool) or not isinstance(c2st_folds, int) or c2st_folds < 0 or c2st_folds == 1:
         raise AdjustError(f"--c2st-folds must be 0 (no two-sample test) or at least 2, got {c2st_folds!r}")
     c2st_folds = min(c2st_folds, num_samples)
-    from ..decode import check_cache
+    from ..decode import check_cache, unroll_plan
 
     check_cache(base, kv_cache, block_length, None)
+    unroll_plan(unroll)
     sampling = sampling or SamplingConfig(temperature=1.0)
     explicit = strategies is not None
     specs = normalize_specs(DEFAULT_STRATEGIES if strategies is None else strategies)
@@ -237,7 +243,7 @@ def run_quality(base, sampler=None, strategies=None, num_samples: int = 500, gen
 
     rows = []
     for name, params in tqdm(specs, desc="eval quality", disable=not progress):
-        got = cache.get(name, params, seed + 1, kv_cache)
+        got = cache.get(name, params, seed + 1, kv_cache, unroll)
         texts, stats = got["texts"], got["stats"]
         if evaluator == "base":
             nll = nll_under_base(base, got["token_ids"], draws=nll_draws, seed=seed, batch_size=batch_size,
@@ -284,7 +290,7 @@ def run_quality(base, sampler=None, strategies=None, num_samples: int = 500, gen
     result = {
         "rows": rows,
         "settings": {"num_samples": num_samples, "gen_length": gen_length, "seed": seed,
-                     "block_length": block_length, "kv_cache": kv_cache,
+                     "block_length": block_length, "kv_cache": kv_cache, "unroll": unroll,
                      "reference": f"exact, seed {seed}", "candidates_seed": seed + 1,
                      "sampling": dataclasses.asdict(sampling), "featurizer": featurizer if isinstance(featurizer, str)
                      else getattr(featurizer, "__name__", "callable"),
