@@ -19,7 +19,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from adjust.decode import generate_texts  # noqa: E402
 from adjust.errors import AdjustError  # noqa: E402
-from adjust.eval.tasks import is_valid, write_task_prompts  # noqa: E402
+from adjust.eval.tasks import DEFAULT_GEN_LENGTH, TASKS, is_valid, write_task_prompts  # noqa: E402
 from adjust.harness import TASKS_DIR, AdjustLM, task_manager  # noqa: E402
 from adjust.harness.model import cut_at_stops  # noqa: E402
 from adjust.sampling import SamplingConfig  # noqa: E402
@@ -81,11 +81,20 @@ def test_shipped_task_runs_and_matches_eval_tasks_answers(lm):
                                   limit=5, log_samples=True)
     logged = out["samples"]["adjust_list"]
     prompts = [s["doc"]["prompt"] for s in logged]
-    raw, _ = generate_texts(lm.base, prompts, make_strategy("exact"), SamplingConfig(), gen_length=16, seed=0,
-                            batch_size=64)
+    raw, _ = generate_texts(lm.base, prompts, make_strategy("exact"), SamplingConfig(), gen_length=DEFAULT_GEN_LENGTH,
+                            seed=0, batch_size=64)
     assert [s["filtered_resps"][0] for s in logged] == [r["text"].split("\n")[0] for r in raw]
     valid = [is_valid(p, r["text"]) for p, r in zip(prompts, raw)]
     assert out["results"]["adjust_list"]["validity,none"] == pytest.approx(sum(valid) / len(valid))
+
+
+def test_shipped_task_yamls_generate_the_tasks_region():
+    """Each shipped task's max_gen_toks is the region `adjust eval tasks` decodes (tasks.DEFAULT_GEN_LENGTH)."""
+    import re
+
+    for name in TASKS:
+        text = (TASKS_DIR / f"adjust_{name}.yaml").read_text()
+        assert re.search(r"^\s*max_gen_toks: (\d+)$", text, re.M).group(1) == str(DEFAULT_GEN_LENGTH), name
 
 
 def test_shipped_prompts_are_the_writer_output(tmp_path):
