@@ -51,15 +51,31 @@ def test_docstrings_cite_the_method_page_that_exists():
 
 
 def test_readme_tables_are_the_reports_as_written():
-    """The joint-KL and 1,200-answer tables are the Markdown files their commands wrote, verbatim,
-    under the command that writes them, and their JSON records a clean code version."""
+    """The joint-KL and task tables are the Markdown files their commands wrote, verbatim, under the
+    command that writes them, and their JSON records a clean code version."""
     import json
 
     readme = (ROOT / "README.md").read_text()
     for stem, command in (("results/joint_kl", "adjust eval joint-kl --rollouts runs/shakespeare/rollouts -K 2,4,8"),
-                          ("results/tasks_list_1200/tasks", "--out-dir results/tasks_list_1200")):
+                          ("results/tasks", "adjust eval tasks --base models/task-base --prompts runs/tasks/eval_prompts.jsonl --out-dir results")):
         table = (ROOT / f"{stem}.md").read_text()
         assert table in readme
         assert readme.index(command) < readme.index(table)
         version = json.loads((ROOT / f"{stem}.json").read_text())["code_version"]
         assert version["dirty"] is False and len(version["commit"]) == 40
+
+
+def test_readme_frontier_rows_are_the_reports_rows():
+    """The README's selected frontier rows are lines of the report the command above them wrote, and that
+    report's JSON records a clean code version."""
+    import json
+
+    readme = (ROOT / "README.md").read_text()
+    report = (ROOT / "results" / "frontier_tasks" / "frontier.md").read_text().splitlines()
+    command = "--out-dir results/frontier_tasks"
+    start = readme.index(command)
+    rows = [line for line in readme[start:].split("### ", 1)[0].splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) > 5
+    assert all(row in report for row in rows), [row for row in rows if row not in report]
+    version = json.loads((ROOT / "results" / "frontier_tasks" / "frontier.json").read_text())["code_version"]
+    assert version["dirty"] is False and len(version["commit"]) == 40
