@@ -321,10 +321,7 @@ def cmd_eval_quality(args) -> None:
                          out_dir=args.out_dir, nll_draws=args.nll_draws, progress=not args.json,
                          block_length=args.block_length, kv_cache=args.kv_cache, c2st_folds=args.c2st_folds,
                          unroll=args.unroll)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(markdown_table(result) + "\n" + "\n".join(f"wrote {p}" for p in result["files"].values()))
+    _print_report(result, args.json, markdown_table)
 
 
 def cmd_eval_tasks(args) -> None:
@@ -405,11 +402,16 @@ def cmd_eval_frontier(args) -> None:
                           nll_draws=args.nll_draws, out_dir=args.out_dir, progress=not args.json,
                           sampler_source=None if sampler is None else str(args.sampler or "beside the base"),
                           prompts_source=args.prompts)
-    if args.json:
+    from .eval.frontier import markdown_table
+
+    _print_report(result, args.json, markdown_table)
+
+
+def _print_report(result: dict, as_json: bool, markdown_table) -> None:
+    """One JSON object (--json), or the report's Markdown table and the files it wrote."""
+    if as_json:
         print(json.dumps(result))
     else:
-        from .eval.frontier import markdown_table
-
         print(markdown_table(result) + "\n" + "\n".join(f"wrote {p}" for p in result["files"].values()))
 
 
