@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Verifiable parallel-decoding tasks, end to end, on CPU:
 #   task data -> train a small base -> exact rollouts -> distill the joint sampler -> eval tasks.
-# Full run (32.5 min measured on 2 CPU cores): scripts/task_pipeline.sh
+# Full run: scripts/task_pipeline.sh (about 45 min on 2 unshared CPU cores, estimated from its parts below)
 # Smoke run (about 1 min, throwaway dirs):     SMOKE=1 scripts/task_pipeline.sh
 # The base trains on prompt/completion pairs with `--packing documents` (each sequence one
 # example from position 0, EOS padding after it, only the completion masked and scored) and a
-# separate LM head. At lr 2e-3 it never learned to copy from the prompt; at 1e-3 copying appears
-# after about 2,000 steps (list: 89% valid with exact decoding at 10,000). The sampler uses the
-# words just written only after ~3,000 distill steps. Distill windows drawn by the entropy of the
-# tokens they write (ENTROPY_WINDOWS), 3x the rollouts and lr decay together took list validity at
-# K = 4 from 0.745 to 0.840 (results/tasks.md at commits dc7c66a and 6e3e07a). If exact (K = 1) validity is low, the
-# base is undertrained: raise BASE_STEPS (train-base resumes).
-# Measured on 2 CPU threads: train-base 0.093 s/step (15.5 min), rollouts 4 min, distill 0.057 s/step
-# (12.5 min with the step entropies), eval 0.5 min; the defaults rebuild models/task-base bit for bit.
+# separate LM head. At lr 2e-3 it never learned to copy from the prompt; at 1e-3 it does (on the
+# first, easier task set: list 89% valid with exact decoding at 10,000 steps). On the current
+# four tasks, 16,000 steps learn `list` (0.955) and `reverse` (0.875) but not `shuffle` (0.425) or
+# `pick` (0.265; see models/task-base/README.md). If exact (K = 1) validity is low, the base is
+# undertrained: raise BASE_STEPS (train-base resumes; only --steps and --eval-every may change).
+# Measured for the shipped models (models/task-base/README.md): train-base about 0.09 s/step on 2
+# unshared threads (0.2-0.3 s/step when the cores were shared), rollouts 52 s, distill 17.4 min on
+# 1 shared thread, eval about 1 min. The shipped base was cut at 13,000 of 20,000 steps and resumed
+# with --steps 16000, so a fresh run of these defaults gives a slightly different model.
 # Every knob is an environment variable (see below). Each step resumes: train-base, rollouts and
 # distill continue from their checkpoints when rerun with the same directories.
 set -euo pipefail
