@@ -25,7 +25,7 @@ Analysis, per batch size and quality panel (each task and "all", or the one free
 * for every peer point (families parallel, threshold, factor, entropy-bound) on its family's
   front: the fastest ADJUST-family point (adjust, adjust-threshold, threshold-adjust) that
   dominates it (quality at least as good, tokens/s higher), with the tokens/s ratio, or none;
-* the issue's targets at batch 1 (or the smallest batch size timed): validity: every peer point
+* two targets at batch 1 (or the smallest batch size timed): validity: every peer point
   within 3 validity points of exact has an ADJUST-family point at least as valid with >= 1.25x
   its tokens/s; front: every point of the overall front faster than 1.5x exact is ADJUST-family
   (for s > 1.5x exact, the best quality reachable at >= s tokens/s is then ADJUST's).
