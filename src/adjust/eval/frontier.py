@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import statistics
 import sys
 from typing import Callable
 
@@ -389,7 +388,7 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
     """
     from tqdm.auto import tqdm
 
-    from ..decode import CACHE_MODES, check_cache, check_request, generate_texts, unroll_plan
+    from ..decode import check_cache, check_request, generate_texts, unroll_plan
     from ..strategies import STRATEGIES
     from .report import check_out_dir
     from .tasks import DEFAULT_GEN_LENGTH, evaluate_tasks
@@ -420,8 +419,6 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
                           f"strategy, got {n_samples}; raise --num-samples (or use --quality nll)")
     caches = list(dict.fromkeys(caches)) or ["none"]
     for c in caches:
-        if c not in CACHE_MODES:
-            raise AdjustError(f"--cache {c!r}: choose from {', '.join(CACHE_MODES)}")
         check_cache(base, c, block_length, None)
     if mode == "text" and prompts is None and num_samples < 2 and measure is not None:
         raise AdjustError("--num-samples must be at least 2 for a two-sided measure")
@@ -472,19 +469,17 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
                 samples, stats = generate_texts(base, prompts or [""], strategy, sampling, gen_length, num_samples,
                                                 batch_size, block_length, seed, s_sampler, cache=pt["cache"],
                                                 unroll=pt["unroll"])
-                from .metrics import nll_under_base
+                from .metrics import finite_mean, finite_stderr, nll_under_base
 
                 nll = nll_under_base(base, [s["token_ids"] for s in samples], draws=nll_draws, seed=seed,
                                      batch_size=batch_size,
                                      prompt_ids=[base.encode(s["prompt"]) for s in samples] if conditional else None)
-                nll = [v for v in nll if math.isfinite(v)]
-                mean = sum(nll) / len(nll) if nll else None
-                se = statistics.stdev(nll) / math.sqrt(len(nll)) if len(nll) > 1 else None
+                mean, se = finite_mean(nll), finite_stderr(nll)
                 pt["nll"], pt["nll_se"] = mean, se
                 pt["two_sided"] = None if measure is None else _check_two_sided(measure(base, reference, samples),
                                                                                 pt["label"])
                 if measure_name == "nll":
-                    q = {"measure": "nll", "value": mean, "se": se, "n": len(nll),
+                    q = {"measure": "nll", "value": mean, "se": se, "n": sum(math.isfinite(v) for v in nll),
                          "score": None if mean is None else -mean}
                 else:
                     t = pt["two_sided"]
