@@ -39,7 +39,7 @@ N_EVAL=${N_EVAL:-200}                        # held-out prompts per task
 # base model
 LAYERS=${LAYERS:-4}; HIDDEN=${HIDDEN:-128}; HEADS=${HEADS:-4}; INTER=${INTER:-344}
 SEQ_LEN=${SEQ_LEN:-28}; VOCAB=${VOCAB:-512}  # longest prompt (12 tokens) + GEN_LENGTH must fit SEQ_LEN
-BASE_STEPS=${BASE_STEPS:-16000}; BASE_BATCH=${BASE_BATCH:-64}; BASE_LR=${BASE_LR:-1e-3}
+BASE_STEPS=${BASE_STEPS:-20000}; BASE_BATCH=${BASE_BATCH:-64}; BASE_LR=${BASE_LR:-1e-3}
 EVAL_EVERY=${EVAL_EVERY:-500}
 # joint sampler
 ROLLOUTS=${ROLLOUTS:-7200}                   # exact trajectories (cycled over the rollout prompts)

@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 # validators: exact hand-made cases
 # --------------------------------------------------------------------------------------------
 LIST = "list: cat dog sun ="
-PICK = "pick: catsun dogmap hatbox ="
+PICK = "pick: cat dog sun map ="
 SHUFFLE = "shuffle: cat dog sun fish ="
 REVERSE = "reverse: cat dog sun ="
 
@@ -44,40 +44,38 @@ def test_list_rejects_duplicates_and_wrong_sets(answer):
     assert not T.is_valid(LIST, answer)
 
 
-@pytest.mark.parametrize("answer", [" catsun", " dogmap", "hatbox", " hatbox\n", f" dogmap{EOS}junk"])
-def test_pick_accepts_exactly_one_given_word(answer):
+@pytest.mark.parametrize("answer", [" cat cat cat cat", " map map map map", "sun sun sun sun\n", f" dog dog dog dog{EOS}junk"])
+def test_pick_accepts_one_given_word_once_per_given_word(answer):
     assert T.is_valid(PICK, answer)
 
 
 @pytest.mark.parametrize("answer", [
-    " catmap",  # halves of two words glued (the parallel-decoding failure)
-    " dogsun",
-    " catsunbox",
-    " cat",  # truncated
-    " cat sun",  # the halves as two words
-    " catsun dogmap",  # two words
-    " catsun catsun",
-    " pick",
+    " cat cat dog cat",  # positions disagree (the parallel-decoding failure)
+    " cat dog sun map",  # the list
+    " cat cat cat",  # too few
+    " cat cat cat cat cat",  # too many
+    " fox fox fox fox",  # not a given word
+    " catcat catcat catcat catcat",
+    " pick pick pick pick",
     "",
 ])
-def test_pick_rejects_mixtures(answer):
+def test_pick_rejects_disagreement_and_wrong_counts(answer):
     assert not T.is_valid(PICK, answer)
 
 
-@pytest.mark.parametrize("answer", [" dog cat fish sun", " sun fish dog cat", " fish sun cat dog"])
-def test_shuffle_accepts_every_derangement(answer):
+@pytest.mark.parametrize("answer", [" dog cat fish sun", " sun fish dog cat", " cat dog fish sun", " fish dog sun cat"])
+def test_shuffle_accepts_every_other_order(answer):
     assert T.is_valid(SHUFFLE, answer)
 
 
 @pytest.mark.parametrize("answer", [
     " cat dog sun fish",  # the given order
-    " dog cat sun fish",  # sun and fish keep their places
     " sun fish dog fish",  # duplicate
     " dog cat fish",  # missing word
     " dog cat fish sun hat",  # extra word
     "",
 ])
-def test_shuffle_rejects_fixed_points_and_wrong_sets(answer):
+def test_shuffle_rejects_the_given_order_and_wrong_sets(answer):
     assert not T.is_valid(SHUFFLE, answer)
 
 
@@ -104,19 +102,18 @@ def test_generated_examples_are_valid_and_parse_back():
             assert T.task_of(ex.prompt) == name
             assert T.parse_prompt(ex.prompt)[1] == ex.items
             assert T.is_valid(ex.prompt, " " + ex.answer), ex
-    picks = T.examples("pick", 50, seed=3)
-    assert all(3 <= len(e.items) <= 4 and len(set(e.items)) == len(e.items) for e in picks)
-    assert all(any(w.startswith(a) and w[len(a):] in T.WORDS for a in T.WORDS) for e in picks for w in e.items)
-    for name, (lo, hi) in {"list": (5, 7), "shuffle": (5, 7), "reverse": (4, 6)}.items():
+    picks = T.examples("pick", 200, seed=3)
+    assert all(len(set(e.answer.split())) == 1 and len(e.answer.split()) == len(e.items) for e in picks)
+    assert len({e.answer.split()[0] == e.items[0] for e in picks}) == 2  # not always the first word
+    for name, (lo, hi) in {"list": (5, 7), "shuffle": (5, 7), "pick": (4, 6), "reverse": (4, 6)}.items():
         exs = T.examples(name, 50, seed=3)
         assert all(lo <= len(e.items) <= hi and set(e.items) <= set(T.WORDS) for e in exs), name
         assert {len(e.items) for e in exs} == set(range(lo, hi + 1)), name
     lists = T.examples("list", 50, seed=3)
     assert len({e.answer for e in lists}) > 1  # answers come in varied orders
     shuffles = T.examples("shuffle", 200, seed=3)
-    assert all(a != i for e in shuffles for a, i in zip(e.answer.split(), e.items))  # derangements
-    firsts = {e.answer.split()[0] == e.items[1] for e in shuffles}
-    assert firsts == {True, False}  # not one fixed rotation
+    assert all(e.answer.split() != e.items for e in shuffles)  # never the given order
+    assert len({e.answer.split()[0] == e.items[0] for e in shuffles}) == 2  # a word may keep its place
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,7 +288,6 @@ def test_the_task_models_held_out_overlap_is_the_recorded_one():
     held = [e.prompt for task in T.TASKS for e in T.examples(task, 200, seed=1, split="eval")]
     out = T.heldout_overlap(held, train)
     assert out == {task: recorded[task] for task in T.TASKS}
-    assert out["pick"]["item_sets_in_training"] == 0  # compounds never occur as another task's items
 
 
 def test_module_main_reports_the_overlap(tmp_path, capsys):
