@@ -82,10 +82,9 @@ def _read_prompts(args) -> list[str]:
 
 
 def _strategy_from_args(args):
-    from .strategies import make_strategy
+    from .strategies import STRATEGY_PARAMS, make_strategy
 
-    return make_strategy(args.strategy, tokens_per_pass=args.tokens_per_pass, tau=args.tau, factor=args.factor,
-                         gamma=args.gamma, max_tokens_per_pass=args.max_tokens_per_pass)
+    return make_strategy(args.strategy, **{p: getattr(args, p) for p in STRATEGY_PARAMS})
 
 
 def _sampling_from_args(args):
@@ -425,7 +424,8 @@ def _add_frontier_parser(ev) -> None:
                       "timed side by side (interleaved repeats); each family's Pareto front, the ADJUST-family "
                       "point that dominates each peer point on its front, and the issue's targets. Writes "
                       "frontier.json, frontier.md and frontier.png to --out-dir.",
-                      epilog="default grids (--grid FAMILY:key=v,v;key=v,v replaces one; K is tokens_per_pass):\n"
+                      epilog="default grids (--grid FAMILY:key=v,v;key=v,v replaces one; K is tokens_per_pass; '|' joins "
+                      "sets; points with K above --gen-length are skipped):\n"
                       + "\n".join(f"  {g}" for g in DEFAULT_GRIDS.values())
                       + "\nexact is always run (the K = 1 point of parallel and adjust). Quote grids in the shell.")
     _add_base_args(p)
@@ -436,8 +436,9 @@ def _add_frontier_parser(ev) -> None:
     p.add_argument("--out-dir", required=True, help="where frontier.json / .md / .png go")
     p.add_argument("--families", default=None, help=f"comma-separated subset of {','.join(DEFAULT_GRIDS)} "
                    "(default: every one registered here)")
-    p.add_argument("--grid", action="append", default=None, metavar="FAMILY:KEY=V,V[;KEY=V,V]",
-                   help="replace a family's grid, e.g. threshold:tau=0.9,0.5 (repeatable)")
+    p.add_argument("--grid", action="append", default=None, metavar="FAMILY:KEY=V,V[;KEY=V,V][|KEY=V,...]",
+                   help="replace a family's grid, e.g. threshold:tau=0.9,0.5 or \"adjust:K=2,4|K=8;group=2,4\" "
+                   "(every combination of each set, the union of the sets; repeatable)")
     p.add_argument("--quality", default="auto", help=f"{' | '.join(list(QUALITY_MODES) + list(TWO_SIDED_MEASURES))}"
                    " (auto: validity on task prompts, else the two-sided measure if one is wired, else nll)")
     p.add_argument("--num-samples", type=int, default=None, help="samples per prompt (default 1; unconditional: 200)")
@@ -796,6 +797,9 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factor", type=float, default=None, help="f of the factor strategy")
     p.add_argument("--gamma", type=float, default=None, help="entropy budget of entropy-bound")
     p.add_argument("--max-tokens-per-pass", type=int, default=None, help="cap of adjust-threshold (default 8)")
+    p.add_argument("--group", type=int, default=None,
+                   help="adjust: tokens written at once per draw, the full pass's and each unroll's (default 1; "
+                   "K / group draws per full pass; group = K is parallel)")
     p.add_argument("--sampler", default=None, help="joint sampler directory (default: <base>/sampler)")
     p.add_argument("--gen-length", type=int, default=64, help="tokens to generate per sequence")
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")

@@ -121,7 +121,10 @@ def test_parse_grid_product_and_k_alias():
     fam, pts = F.parse_grid("adjust-threshold:tau=0.9,0.7;max_tokens_per_pass=4,8")
     assert len(pts) == 4 and {"tau": 0.7, "max_tokens_per_pass": 8} in pts
     assert F.parse_grid("adjust:K=2,4,2")[1] == [{"tokens_per_pass": 2}, {"tokens_per_pass": 4}]
-    for bad in ("nosuch:K=2", "adjust", "adjust:", "adjust:K", "adjust:K=two", "adjust:K=2;K=4", "threshold:tau=nan"):
+    assert F.parse_grid("adjust:K=2,4|K=8;group=2,4|K=4")[1] == [
+        {"tokens_per_pass": 2}, {"tokens_per_pass": 4}, {"tokens_per_pass": 8, "group": 2},
+        {"tokens_per_pass": 8, "group": 4}]  # the union of the sets, in order, without repeats
+    for bad in ("nosuch:K=2", "adjust", "adjust:", "adjust:K", "adjust:K=2|", "adjust:K=two", "adjust:K=2;K=4", "threshold:tau=nan"):
         with pytest.raises(AdjustError):
             F.parse_grid(bad)
 
@@ -147,7 +150,11 @@ def test_plan_points_skips_what_cannot_run_and_refuses_it_when_asked(monkeypatch
     with pytest.raises(AdjustError, match="not among --families"):
         F.plan_points(["parallel"], ["threshold:tau=0.5"])
     with pytest.raises(AdjustError, match="larger than --gen-length"):
-        F.plan_points(["parallel"], gen_length=4)  # the default grid goes to K = 8
+        F.plan_points(["parallel"], ["parallel:K=2,8"], gen_length=4)  # a grid the user gave
+    plan, notes = F.plan_points(["parallel"], gen_length=4)  # the default grid goes to K = 8: skipped, said
+    assert [p for _f, _n, p in plan] == [{}, {"tokens_per_pass": 2}, {"tokens_per_pass": 3}, {"tokens_per_pass": 4}]
+    assert notes == ["skipped parallel:6: K = 6 is larger than --gen-length 4",
+                     "skipped parallel:8: K = 8 is larger than --gen-length 4"]
     with pytest.raises(AdjustError, match="tau"):
         F.plan_points(["threshold"], ["threshold:tau=1.5"])
     with pytest.raises(AdjustError, match="takes no"):

@@ -180,6 +180,8 @@ def test_loglikelihood_rolling_windows(lm):
 
 @pytest.mark.parametrize("args, message", [
     ({"strategy": "exact", "tau": 0.9}, "takes no model arg tau"),
+    ({"strategy": "parallel", "group": 2}, "takes no model arg group"),
+    ({"strategy": "adjust", "tokens_per_pass": 2, "group": 3}, "group must be an integer from 1 to K (2)"),
     ({"cache": "prefix"}, "needs --block-length"),
     ({"cache": "disk", "block_length": 4}, "unknown --cache"),
     ({"bogus": 1}, "unknown model arg(s) bogus"),

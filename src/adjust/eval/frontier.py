@@ -57,7 +57,7 @@ from .specs import K_ALIASES, _value, build_strategy, spec_key, spec_label
 # Each family's grid, in the --grid syntax: FAMILY:key=v,v,...;key=v,... (the Cartesian product).
 DEFAULT_GRIDS: dict[str, str] = {
     "parallel": "parallel:K=2,3,4,6,8",
-    "adjust": "adjust:K=2,3,4,6,8",
+    "adjust": "adjust:K=2,3,4,6,8|K=8,16;group=2,4",
     "threshold": "threshold:tau=0.95,0.9,0.8,0.7,0.5,0.3",
     "factor": "factor:factor=0.5,1,2,4",
     "entropy-bound": "entropy-bound:gamma=0.01,0.1,0.5,1,2",
@@ -120,7 +120,8 @@ def parse_grid(text: str) -> tuple[str, list[dict]]:
     """"threshold-adjust:tau=0.9,0.7;K=2,4" -> ("threshold-adjust", [{"tau": 0.9, "tokens_per_pass": 2}, ...]).
 
     The family is a strategy name; each key takes a comma-separated list of numbers; the points are
-    every combination. `K` (or `k`) is tokens_per_pass, as in --strategies specs.
+    every combination. `K` (or `k`) is tokens_per_pass, as in --strategies specs. Several such sets
+    joined by "|" give the union of their points, in order ("adjust:K=2,4|K=8;group=2,4").
     """
     family, colon, rest = text.partition(":")
     family = family.strip()
@@ -128,6 +129,16 @@ def parse_grid(text: str) -> tuple[str, list[dict]]:
         raise AdjustError(f"--grid {text!r}: unknown family {family!r}; choose from {', '.join(DEFAULT_GRIDS)}")
     if not colon or not rest.strip():
         raise AdjustError(f"--grid {text!r} has no values; e.g. --grid {DEFAULT_GRIDS[family]}")
+    points: list[dict] = []
+    for alternative in rest.split("|"):
+        for point in _grid_points(text, family, alternative):
+            if point not in points:
+                points.append(point)
+    return family, points
+
+
+def _grid_points(text: str, family: str, rest: str) -> list[dict]:
+    """The points of one "key=v,v;key=v" set of a --grid (every combination)."""
     axes: dict[str, list] = {}
     for part in rest.split(";"):
         if not part.strip():
@@ -151,7 +162,7 @@ def parse_grid(text: str) -> tuple[str, list[dict]]:
     if not axes:
         raise AdjustError(f"--grid {text!r} has no values; e.g. --grid {DEFAULT_GRIDS[family]}")
     keys = list(axes)
-    return family, [dict(zip(keys, combo)) for combo in itertools.product(*(axes[k] for k in keys))]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(axes[k] for k in keys))]
 
 
 def plan_points(families: list[str] | None = None, grids: list[str] | None = None, with_sampler: bool = True,
@@ -201,7 +212,10 @@ def plan_points(families: list[str] | None = None, grids: list[str] | None = Non
             except AdjustError as e:
                 raise AdjustError(f"grid point {label}: {e}") from None
             if gen_length is not None and not strategy.adaptive and strategy.k > gen_length:
-                raise AdjustError(f"grid point {label}: K = {strategy.k} is larger than --gen-length {gen_length}")
+                if family in overrides:
+                    raise AdjustError(f"grid point {label}: K = {strategy.k} is larger than --gen-length {gen_length}")
+                notes.append(f"skipped {label}: K = {strategy.k} is larger than --gen-length {gen_length}")
+                continue
             if (family, family, params) not in plan:
                 plan.append((family, family, params))
     return plan, notes

@@ -23,6 +23,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from ..errors import AdjustError
+from ..strategies import STRATEGY_PARAMS
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,7 @@ DEFAULT_BATCH_SIZE = 16
 # model_args and their defaults (None: the library's default / "not given").
 MODEL_ARGS = {
     "base": None, "base_type": "auto", "sampler": None, "remote_code": False,
-    "strategy": "exact", "tokens_per_pass": None, "tau": None, "gamma": None, "factor": None,
-    "max_tokens_per_pass": None,
+    "strategy": "exact", **dict.fromkeys(STRATEGY_PARAMS),
     "block_length": None, "gen_length": None,
     "temperature": None, "top_p": None, "top_k": None, "order": None,
     "cache": None, "chat": False, "dtype": "float32", "device": "cpu", "batch_size": DEFAULT_BATCH_SIZE,
@@ -92,7 +92,7 @@ class AdjustLM(LM):
     """lm-eval model `adjust`. model_args (comma-separated key=value):
 
     base, base_type, sampler, remote_code: what to load (`adjust.loader.ModelSpec`);
-    strategy, tokens_per_pass, tau, gamma, factor, max_tokens_per_pass: the decoding strategy
+    strategy, tokens_per_pass, tau, gamma, factor, max_tokens_per_pass, group: the decoding strategy
     (a parameter the strategy does not take is refused); block_length, gen_length: the
     generation region; temperature, top_p, top_k, order: override the request's sampling
     (requests with do_sample false, like GSM8K's, are greedy); chat: wrap each context as one
@@ -127,7 +127,7 @@ class AdjustLM(LM):
         self.chat = _bool("chat", a["chat"])
         self.sampling_overrides = {k: a[k] for k in ("temperature", "top_p", "top_k", "order") if a[k] is not None}
         self._sampling({})  # a bad temperature/top_p/top_k/order fails before loading
-        strategy_params = {k: a[k] for k in ("tokens_per_pass", "tau", "gamma", "factor", "max_tokens_per_pass")}
+        strategy_params = {k: a[k] for k in STRATEGY_PARAMS}
         if strategy_params["tokens_per_pass"] is not None:
             strategy_params["tokens_per_pass"] = _int("tokens_per_pass", strategy_params["tokens_per_pass"], 1)
         self.strategy = build_strategy(str(a["strategy"]), strategy_params,

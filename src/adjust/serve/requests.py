@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 from ..errors import AdjustError
 from ..sampling import SamplingConfig
-from ..strategies import make_strategy, strategy_names
+from ..strategies import INT_PARAMS, STRATEGY_PARAMS, make_strategy, strategy_names
 from .batching import DecodeSettings
 
 MAX_N = 128  # choices per request
 MAX_STOPS = 4  # as OpenAI
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions; a diffusion canvas needs a length
-STRATEGY_FIELDS = ("tokens_per_pass", "tau", "gamma", "factor", "max_tokens_per_pass")
+STRATEGY_FIELDS = STRATEGY_PARAMS
 
 
 class ApiError(Exception):
@@ -216,7 +216,7 @@ def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults:
                        "invalid_value")
     params = {}
     for f in STRATEGY_FIELDS:
-        v = get_int(body, f) if f in ("tokens_per_pass", "max_tokens_per_pass") else get_number(body, f)
+        v = get_int(body, f) if f in INT_PARAMS else get_number(body, f)
         if v is not None:
             params[f] = v
     if "tokens_per_pass" not in params and defaults.get("tokens_per_pass") and name != "exact":
@@ -255,10 +255,10 @@ SAMPLING_FLAGS = {"temperature": "--temperature", "top_p": "--top-p", "top_k": "
 
 
 def _param_of(message: str) -> str:
-    for f in STRATEGY_FIELDS:
-        if f.replace("_", "-") in message or f in message:
-            return f
-    return "strategy"
+    """The strategy field a message names first ("strategy" if none)."""
+    found = [(min(i for i in (message.find(f.replace("_", "-")), message.find(f)) if i >= 0), f)
+             for f in STRATEGY_FIELDS if f.replace("_", "-") in message or f in message]
+    return min(found)[1] if found else "strategy"
 
 
 class ChoiceText:

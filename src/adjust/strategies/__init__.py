@@ -9,6 +9,10 @@ from __future__ import annotations
 from ..errors import AdjustError
 
 STRATEGIES: dict[str, type] = {}
+# Every keyword parameter of any strategy, and those that are integers: the one list the command line, the
+# server and the lm-eval model read (each strategy refuses the ones it does not take).
+STRATEGY_PARAMS = ("tokens_per_pass", "tau", "gamma", "factor", "max_tokens_per_pass", "group")
+INT_PARAMS = ("tokens_per_pass", "max_tokens_per_pass", "group")
 
 
 def register(name: str):
