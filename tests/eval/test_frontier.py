@@ -310,6 +310,35 @@ def test_free_text_defaults_to_the_c2st_two_sided_measure(tiny_base):
         F.run_frontier(tiny_base, None, ["The dog", "A cat sat on"], num_samples=4, **kw)
 
 
+def test_c2st_reuses_the_reference_features_without_changing_the_result(tiny_base, tokenizer, monkeypatch):
+    """The exact set's base features are computed once per sweep; every value equals a fresh computation,
+    and another reference set or another base is not served stale features."""
+    from conftest import make_tiny_base
+
+    from adjust.decode import generate_texts
+    from adjust.eval import two_sample
+    from adjust.strategies import make_strategy
+
+    def samples(strategy, seed):
+        return generate_texts(tiny_base, ["The dog"], strategy, gen_length=6, num_samples=12, seed=seed)[0]
+
+    ref, a = samples(make_strategy("exact"), 1), samples(make_strategy("parallel", tokens_per_pass=2), 0)
+    b = samples(make_strategy("exact"), 2)
+    calls = []
+    real = two_sample.base_features
+    monkeypatch.setattr(two_sample, "base_features", lambda *args, **kw: calls.append(args[0]) or real(*args, **kw))
+    first, second = F.c2st_auc(tiny_base, ref, a), F.c2st_auc(tiny_base, ref, b)
+    assert len(calls) == 3  # the reference once, then each strategy's set
+    for got, other in ((first, a), (second, b)):
+        fresh = two_sample.c2st_samples(tiny_base, ref, other, [tiny_base.encode("The dog")] * 12)
+        assert got["value"] == fresh["auc"] and got["se"] == fresh["auc_se"]
+    calls.clear()
+    F.c2st_auc(tiny_base, b, a)  # another reference set: recomputed
+    other_base = make_tiny_base(tokenizer, seed=1)
+    F.c2st_auc(other_base, b, a)  # the same set under another base: recomputed with that base
+    assert calls == [tiny_base, tiny_base, other_base, other_base]
+
+
 def test_same_seed_same_validity_on_rerun(tiny_base, tiny_sampler):
     kw = dict(families=["threshold", "adjust"], grids=["threshold:tau=0.5", "adjust:K=4"], gen_length=8,
               batch_size=2, batch_sizes=(1,), timing_prompts=1, repeats=1, warmup=0, progress=False)

@@ -44,6 +44,7 @@ import dataclasses
 import itertools
 import math
 import sys
+import weakref
 from typing import Callable
 
 import torch
@@ -76,16 +77,22 @@ FRONT_SPEED = 1.5  # the ADJUST family on the overall front above 1.5x exact's t
 def c2st_auc(base, exact_samples, strategy_samples) -> dict:
     """The classifier two-sample test (adjust.eval.two_sample) of a strategy's samples against exact ones:
     held-out AUC (0.5 = indistinguishable), its standard error, and score -|AUC - 0.5| (higher = closer)."""
-    from .two_sample import c2st_samples
+    from .two_sample import base_features, c2st
 
-    def prompts(samples):
-        return [base.encode(s["prompt"]) if s.get("prompt") else [] for s in samples]
+    def features(samples):
+        return base_features(base, samples, [base.encode(s["prompt"]) if s.get("prompt") else [] for s in samples])
 
-    r = c2st_samples(base, exact_samples, strategy_samples, prompts(exact_samples), prompts(strategy_samples))
+    # the exact reference set is the same for every point of a sweep: its features are computed once
+    key = tuple((s.get("prompt") or "", tuple(s["token_ids"])) for s in exact_samples)
+    if _REFERENCE.get("key") != key or _REFERENCE["base"]() is not base:
+        _REFERENCE.clear()
+        _REFERENCE.update(key=key, base=weakref.ref(base), features=features(exact_samples))
+    r = c2st(_REFERENCE["features"], features(strategy_samples))
     return {"name": "c2st_auc", "value": r["auc"], "se": r["auc_se"], "score": -abs(r["auc"] - 0.5)}
 
 
 c2st_auc.min_samples = 10  # 5 cross-validation folds of at least 2 samples each
+_REFERENCE: dict = {}  # c2st_auc's last exact reference set: {"key", "base" (a weak reference), "features"}
 
 
 TWO_SIDED_MEASURES: dict[str, Callable] = {"c2st": c2st_auc}
