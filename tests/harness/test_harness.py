@@ -181,6 +181,7 @@ def test_loglikelihood_rolling_windows(lm):
 @pytest.mark.parametrize("args, message", [
     ({"strategy": "exact", "tau": 0.9}, "takes no model arg tau"),
     ({"strategy": "parallel", "group": 2}, "takes no model arg group"),
+    ({"unroll": "faster"}, "unknown --unroll 'faster'"),
     ({"strategy": "adjust", "tokens_per_pass": 2, "group": 3}, "group must be an integer from 1 to K (2)"),
     ({"cache": "prefix"}, "needs --block-length"),
     ({"cache": "disk", "block_length": 4}, "unknown --cache"),
@@ -244,6 +245,20 @@ def test_model_args_win_over_lm_eval_defaults():
     assert made.batch_size == 4
     if not torch.cuda.is_available():
         assert made.device.type == "cpu"
+
+
+def test_unroll_reaches_the_decoding_loop():
+    """model arg unroll: generate_until decodes ADJUST's unrolls in that mode, as generate_texts does (on the
+    shipped model at K = 8 the two modes give different text here, so the arg is not ignored)."""
+    shipped = TASK_BASE.parent / "shakespeare-base"
+    p, texts = "KING HENRY.", {}
+    for mode in ("full", "fast"):
+        lm = AdjustLM(base=str(shipped), strategy="adjust", tokens_per_pass=8, unroll=mode, seed=3)
+        (texts[mode],) = lm.generate_until([_gen(lm, p, max_gen_toks=32, until=[])])
+        want, stats = generate_texts(lm.base, [p], make_strategy("adjust", tokens_per_pass=8), SamplingConfig(),
+                                     gen_length=32, seed=3, sampler=lm.sampler, unroll=mode)
+        assert texts[mode] == want[0]["text"] and stats.to_dict()["unroll"] == mode
+    assert texts["full"] != texts["fast"]
 
 
 def test_cache_reaches_the_decoding_loop():

@@ -114,6 +114,22 @@ def test_cache_reaches_the_decoding_loop(client, capsys):
     assert r.choices[0].text == cli
 
 
+def test_unroll_reaches_the_decoding_loop(client, capsys):
+    """The request field unroll decodes as `adjust generate --unroll` does (fast differs from full here)."""
+    from adjust.cli import main
+
+    texts = {}
+    for mode in ("full", "fast"):
+        capsys.readouterr()
+        assert main(["generate", "--base", str(SHIPPED), "--prompt", PROMPT, "--seed", "4", "--gen-length", "32",
+                     "--unroll", mode, "--strategy", "adjust", "-K", "8", "--json"]) == 0
+        texts[mode] = json.loads(capsys.readouterr().out)["samples"][0]["text"]
+        r = client.completions.create(model="shakespeare-base", prompt=PROMPT, max_tokens=32, seed=4,
+                                      extra_body={"strategy": "adjust", "tokens_per_pass": 8, "unroll": mode})
+        assert r.choices[0].text == texts[mode]
+    assert texts["full"] != texts["fast"]
+
+
 def test_list_of_prompts_and_token_ids(server, client):
     kw = dict(model="shakespeare-base", max_tokens=8, seed=2, n=2)
     both = client.completions.create(prompt=[PROMPT, "KING:"], **kw)
@@ -224,6 +240,8 @@ BAD = [
     ("mask token in prompt", {"prompt": [5, 1, 7]}, "prompt"),
     ("cache without blocks", {"prompt": PROMPT, "cache": "dual"}, "cache"),
     ("unknown cache", {"prompt": PROMPT, "cache": "disk", "block_length": 8}, "cache"),
+    ("unknown unroll", {"prompt": PROMPT, "unroll": "faster"}, "unroll"),
+    ("unroll not a string", {"prompt": PROMPT, "unroll": 1}, "unroll"),
 ]
 
 

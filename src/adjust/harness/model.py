@@ -35,7 +35,7 @@ MODEL_ARGS = {
     "strategy": "exact", **dict.fromkeys(STRATEGY_PARAMS),
     "block_length": None, "gen_length": None,
     "temperature": None, "top_p": None, "top_k": None, "order": None,
-    "cache": None, "chat": False, "dtype": "float32", "device": "cpu", "batch_size": DEFAULT_BATCH_SIZE,
+    "cache": None, "unroll": "full", "chat": False, "dtype": "float32", "device": "cpu", "batch_size": DEFAULT_BATCH_SIZE,
     "seed": 0, "mc_num": 128, "check_greedy": True,
 }
 # Request generation kwargs read (besides until and max_gen_toks); others are ignored with a warning.
@@ -100,7 +100,8 @@ class AdjustLM(LM):
     Monte Carlo draws of the likelihood bound; check_greedy: compute loglikelihood's
     is_greedy by a greedy decode (false: always False, as LLaDA's evaluation without it).
     cache: none | prefix | dual, the decoding loop's key/value cache (needs block_length; only bases
-    that can take one: our tiny model, native Dream and LLaDA).
+    that can take one: our tiny model, native Dream and LLaDA). unroll: full | fast, how ADJUST's sampler
+    unrolls are computed (`--unroll`; docs/method.md section 3).
     """
 
     def __init__(self, **kwargs):
@@ -115,9 +116,11 @@ class AdjustLM(LM):
             raise AdjustError(f"unknown model arg(s) {', '.join(unknown)} for --model adjust; it accepts: "
                               f"{', '.join(MODEL_ARGS)}")
         a = {**MODEL_ARGS, **{k: v for k, v in kwargs.items() if v is not None}}
-        from ..decode import check_cache
+        from ..decode import check_cache, unroll_plan
 
         self.cache = "none" if a["cache"] in (None, False, "", "None") else str(a["cache"])
+        self.unroll = str(a["unroll"])
+        unroll_plan(self.unroll)  # a bad unroll mode fails before loading
         self.gen_length = _int("gen_length", a["gen_length"], 1)
         self.block_length = _int("block_length", a["block_length"], 1)
         self.batch_size = _batch_size(a["batch_size"])
@@ -247,7 +250,7 @@ class AdjustLM(LM):
                 samples, _ = generate_texts(self.base, contexts, self.strategy, sampling, gen_length=gen_length,
                                             num_samples=c, batch_size=self.batch_size,
                                             block_length=self.block_length, seed=self.seed, sampler=self.sampler,
-                                            progress=not disable_tqdm, cache=self.cache)
+                                            progress=not disable_tqdm, cache=self.cache, unroll=self.unroll)
                 for s in samples:
                     texts.setdefault(s["prompt"], []).append(s)
             taken: dict[str, int] = {}

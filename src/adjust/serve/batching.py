@@ -42,6 +42,7 @@ class DecodeSettings:
     block_length: int | None
     seed: int
     cache: str = "none"  # the decoding loop's key/value cache (needs block_length)
+    unroll: str = "full"  # how ADJUST's sampler unrolls are computed (decode.UNROLL_MODES)
 
     def make_strategy(self):
         return make_strategy(self.strategy, **dict(self.strategy_params))
@@ -229,7 +230,7 @@ class Batcher:
         try:
             out = generate(self.base, [r.prompt_ids for r in batch], s.make_strategy(), s.sampling, s.gen_length,
                            s.block_length, s.seed, [r.sample_index for r in batch], self.sampler, on_step=on_step,
-                           cache=s.cache)
+                           cache=s.cache, unroll=s.unroll)
         except _Abort:
             self.stats.aborted_batches += 1
             return

@@ -207,6 +207,13 @@ def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults:
     except AdjustError as e:
         raise ApiError(str(e).replace("--block-length", "'block_length'").replace("--cache", "'cache'"), "cache",
                        "invalid_value")
+    unroll = get_str(body, "unroll", "full")
+    try:
+        from ..decode import unroll_plan
+
+        unroll_plan(unroll)
+    except AdjustError as e:
+        raise ApiError(str(e).replace("--unroll", "'unroll'"), "unroll", "invalid_value")
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
         raise ApiError(f"'seed' must be an integer, got {seed!r}", "seed", "invalid_type")
@@ -239,7 +246,7 @@ def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults:
         raise ApiError("'stream_options' must be an object", "stream_options", "invalid_type")
     opts = opts or {}
     settings = DecodeSettings(name, tuple(sorted(params.items())), sampling, max_tokens, block_length,
-                              server_seed if seed is None else seed, cache)
+                              server_seed if seed is None else seed, cache, unroll)
     return Parsed(prompts, n, settings, seed is not None, parse_stops(body), get_bool(body, "stream"),
                   get_bool(opts, "include_usage"), get_bool(opts, "include_steps"))
 
