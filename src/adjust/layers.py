@@ -186,6 +186,55 @@ class Transformer(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return (self.embed if self.head is None else self.head).weight
 
+    def output(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head: hidden (..., H) -> logits (..., V), hidden @ W.T (`head_matmul`)."""
+        w = self.output_weight()
+        return head_matmul(hidden.to(w.dtype), w, self)
+
+
+PACK_ROWS_HINT = 6  # oneDNN's row-count hint for the packed layout (batch-invariant for any row count, measured)
+
+
+def head_matmul(x: torch.Tensor, w: torch.Tensor, owner: nn.Module) -> torch.Tensor:
+    """x (..., in) @ w.T for an output head w (out, in).
+
+    At inference (autograd off) on the CPU in float32, through a copy of w packed once for oneDNN's matrix
+    product and kept on `owner` (re-packed if w is replaced or changed in place): on a head of 4096 x 256 it
+    is 2-3x faster than the plain product for 6-250 rows, where reading w dominates (the rows of one
+    decoding step), and a row's result does not depend on how many rows are computed with it (the plain
+    product's does, for 1-3 rows). It differs from the plain product by float rounding (~1e-5 relative);
+    packing is checked against the plain product once, and anything else (autograd, other devices and
+    dtypes, a torch without oneDNN) takes the plain product.
+    """
+    if (torch.is_grad_enabled() or x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu"
+            or w.device.type != "cpu" or not torch.backends.mkldnn.is_available() or x.numel() == 0):
+        return x @ w.T
+    try:
+        key = (w.data_ptr(), w._version, tuple(w.shape))
+    except RuntimeError:  # an inference-mode tensor has no version counter
+        return x @ w.T
+    entry = owner.__dict__.get("_packed_head")
+    if entry is None or entry[0] != key:
+        entry = (key, _pack(w))
+        owner.__dict__["_packed_head"] = entry
+    packed = entry[1]
+    if packed is None:
+        return x @ w.T
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    return torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "").reshape(*x.shape[:-1], w.shape[0])
+
+
+def _pack(w: torch.Tensor) -> torch.Tensor | None:
+    """w packed for `head_matmul`, or None where this torch cannot or the packed product disagrees with the plain one."""
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS_HINT)
+        probe = torch.randn(PACK_ROWS_HINT, w.shape[1], generator=torch.Generator().manual_seed(0))
+        got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return None
+    want = probe @ w.detach().T
+    return packed if torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()) + 1e-6) else None
+
 
 def positions_from_mask(attention_mask: torch.Tensor | None, shape, device) -> torch.Tensor:
     """Position ids that start at 0 on each row's first real token (left padding is skipped)."""

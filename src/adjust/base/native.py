@@ -153,8 +153,7 @@ class NativeBase(BaseModel):
         return self.model.embed(input_ids)
 
     def lm_head(self, hidden):
-        w = self.model.output_weight()
-        return hidden.to(w.dtype) @ w.T
+        return self.model.output(hidden)
 
     @classmethod
     def load(cls, path, dtype: str = "float32", device: str = "cpu") -> "NativeBase":

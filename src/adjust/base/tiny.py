@@ -95,7 +95,7 @@ class TinyBase(BaseModel):
         return self.model.embed(input_ids)
 
     def lm_head(self, hidden):
-        return hidden @ self.model.output_weight().T
+        return self.model.output(hidden)
 
     # --- persistence ---------------------------------------------------------------------
     def save(self, out_dir: str | Path, extra: dict | None = None, dtype: torch.dtype = torch.float32) -> None:
