@@ -183,6 +183,8 @@ def test_loglikelihood_rolling_windows(lm):
     ({"strategy": "parallel", "group": 2}, "takes no model arg group"),
     ({"unroll": "faster"}, "unknown --unroll 'faster'"),
     ({"strategy": "adjust", "tokens_per_pass": 2, "group": 3}, "group must be an integer from 1 to K (2)"),
+    ({"strategy": "adjust", "group": "two"}, "model arg group='two' is not an integer"),
+    ({"strategy": "adjust-threshold", "max_tokens_per_pass": 0}, "model arg max_tokens_per_pass must be at least 1"),
     ({"cache": "prefix"}, "needs --block-length"),
     ({"cache": "disk", "block_length": 4}, "unknown --cache"),
     ({"bogus": 1}, "unknown model arg(s) bogus"),

@@ -212,7 +212,7 @@ def test_tau_1_is_adjust_on_the_task_model(task_model):
 def test_alone_equals_in_a_batch(task_model, early_exit):
     """Rows run out of masks at different passes (early exit fills after EOS); each row's tokens are its own."""
     base, sampler = task_model
-    prompts = task_prompts(base, n=4)
+    prompts = task_prompts(base, n=8)
     by_len: dict = {}
     for p in prompts:
         by_len.setdefault(len(p), []).append(p)

@@ -23,7 +23,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from ..errors import AdjustError
-from ..strategies import STRATEGY_PARAMS
+from ..strategies import INT_PARAMS, STRATEGY_PARAMS
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +130,7 @@ class AdjustLM(LM):
         self.chat = _bool("chat", a["chat"])
         self.sampling_overrides = {k: a[k] for k in ("temperature", "top_p", "top_k", "order") if a[k] is not None}
         self._sampling({})  # a bad temperature/top_p/top_k/order fails before loading
-        strategy_params = {k: a[k] for k in STRATEGY_PARAMS}
-        if strategy_params["tokens_per_pass"] is not None:
-            strategy_params["tokens_per_pass"] = _int("tokens_per_pass", strategy_params["tokens_per_pass"], 1)
+        strategy_params = {k: _int(k, a[k], 1) if k in INT_PARAMS else a[k] for k in STRATEGY_PARAMS}
         self.strategy = build_strategy(str(a["strategy"]), strategy_params,
                                        spell=lambda p: f"model arg {p}")  # refused before loading a model
         spec = ModelSpec(base=None if a["base"] is None else str(a["base"]), base_type=str(a["base_type"]),
