@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The LM head's product, plain (x @ W.T) against packed for oneDNN (`adjust.layers.head_matmul`), on the CPU.
+"""The LM head's product, plain (x @ W.T) against packed for oneDNN (`adjust.layers.head_matmul` with packing
+forced on, whatever the head's size), on the CPU.
 
 For each head (default: the shipped models' own, models/shakespeare-base 4096 x 256 and models/task-base
 384 x 128) and each row count (the rows one decoding step scores: 6 = a fast unroll's kept positions at
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
             owner = nn.Module()
             for n in (int(r) for r in args.rows.split(",")):
                 x = torch.randn(n, w.shape[1], generator=torch.Generator().manual_seed(n))
-                fns = {"plain": lambda: x @ w.T, "packed": lambda: head_matmul(x, w, owner)}
+                fns = {"plain": lambda: x @ w.T, "packed": lambda: head_matmul(x, w, owner, min_weights=0)}
                 fns["packed"]()  # packs once
                 packed_used = owner.__dict__.get("_packed_head", (None, None))[1] is not None
                 row = {"base": base.name, "head": list(w.shape), "rows": n, "packed_available": packed_used}

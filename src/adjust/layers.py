@@ -193,21 +193,26 @@ class Transformer(nn.Module):
 
 
 PACK_ROWS_HINT = 6  # oneDNN's row-count hint for the packed layout (batch-invariant for any row count, measured)
+# Heads smaller than this keep the plain product: benchmarks/head_matmul.py measured the packed one 1.3-1.75x
+# faster on the shipped model's 4096 x 256 head (6-253 rows) but 0.34-0.98x on the task model's 512 x 128.
+PACK_MIN_WEIGHTS = 1 << 20
 
 
-def head_matmul(x: torch.Tensor, w: torch.Tensor, owner: nn.Module) -> torch.Tensor:
+def head_matmul(x: torch.Tensor, w: torch.Tensor, owner: nn.Module, min_weights: int = PACK_MIN_WEIGHTS) -> torch.Tensor:
     """x (..., in) @ w.T for an output head w (out, in).
 
-    At inference (autograd off) on the CPU in float32, through a copy of w packed once for oneDNN's matrix
-    product and kept on `owner` (re-packed if w is replaced or changed in place): on a head of 4096 x 256 it
-    is 2-3x faster than the plain product for 6-250 rows, where reading w dominates (the rows of one
-    decoding step), and a row's result does not depend on how many rows are computed with it (the plain
-    product's does, for 1-3 rows). It differs from the plain product by float rounding (~1e-5 relative);
-    packing is checked against the plain product once, and anything else (autograd, other devices and
-    dtypes, a torch without oneDNN) takes the plain product.
+    At inference (autograd off) on the CPU in float32, for a head of at least `min_weights` weights, through a
+    copy of w packed once for oneDNN's matrix product and kept on `owner` (re-packed if w is replaced or
+    changed in place): on the shipped model's 4096 x 256 head it is 1.3-1.75x faster than the plain product
+    for 6-253 rows, the rows one decoding step scores, where reading w dominates, and a row's result does not
+    depend on how many rows are computed with it (the plain product's does, for 1-3 rows). It differs from
+    the plain product by float rounding (~1e-5 relative); packing is checked against the plain product once,
+    and anything else (autograd, other devices and dtypes, a smaller head, a torch without oneDNN) takes the
+    plain product.
     """
     if (torch.is_grad_enabled() or x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu"
-            or w.device.type != "cpu" or not torch.backends.mkldnn.is_available() or x.numel() == 0):
+            or w.device.type != "cpu" or w.numel() < min_weights or not torch.backends.mkldnn.is_available()
+            or x.numel() == 0):
         return x @ w.T
     try:
         key = (w.data_ptr(), w._version, tuple(w.shape))
