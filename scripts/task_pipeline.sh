@@ -1,19 +1,18 @@
 #!/usr/bin/env bash
 # Verifiable parallel-decoding tasks, end to end, on CPU:
 #   task data -> train a small base -> exact rollouts -> distill the joint sampler -> eval tasks.
-# Full run: scripts/task_pipeline.sh (about 45 min on 2 unshared CPU cores, estimated from its parts below)
+# Full run: scripts/task_pipeline.sh (about an hour on 2 CPU cores: the shipped models' parts below)
 # Smoke run (about 1 min, throwaway dirs):     SMOKE=1 scripts/task_pipeline.sh
 # The base trains on prompt/completion pairs with `--packing documents` (each sequence one
 # example from position 0, EOS padding after it, only the completion masked and scored) and a
-# separate LM head. At lr 2e-3 it never learned to copy from the prompt; at 1e-3 it does (on the
-# first, easier task set: list 89% valid with exact decoding at 10,000 steps). On the current
-# four tasks, 16,000 steps learn `list` (0.955) and `reverse` (0.875) but not `shuffle` (0.425) or
-# `pick` (0.265; see models/task-base/README.md). If exact (K = 1) validity is low, the base is
+# separate LM head. At lr 2e-3 it never learned to copy from the prompt; at 1e-3 it does. On the
+# current four tasks, 20,000 steps give exact (K = 1) validity list 0.960, shuffle 0.975, pick
+# 0.995, reverse 1.000 (models/task-base/README.md). If exact validity is low, the base is
 # undertrained: raise BASE_STEPS (train-base resumes; only --steps and --eval-every may change).
-# Measured for the shipped models (models/task-base/README.md): train-base about 0.09 s/step on 2
-# unshared threads (0.2-0.3 s/step when the cores were shared), rollouts 52 s, distill 17.4 min on
-# 1 shared thread, eval about 1 min. The shipped base was cut at 13,000 of 20,000 steps and resumed
-# with --steps 16000, so a fresh run of these defaults gives a slightly different model.
+# The sampler these settings distill keeps list, shuffle and reverse but does not learn pick's copy
+# (models/task-base/sampler/README.md).
+# Measured for the shipped models: train-base 2,095 s on 2 threads (about 0.09 s/step), rollouts
+# 43 s, distill 926 s on 1 thread (OMP_NUM_THREADS=1), eval about 1 min.
 # Every knob is an environment variable (see below). Each step resumes: train-base, rollouts and
 # distill continue from their checkpoints when rerun with the same directories.
 set -euo pipefail

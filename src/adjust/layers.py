@@ -194,7 +194,7 @@ class Transformer(nn.Module):
 
 PACK_ROWS_HINT = 6  # oneDNN's row-count hint for the packed layout (batch-invariant for any row count, measured)
 # Heads smaller than this keep the plain product: benchmarks/head_matmul.py measured the packed one 1.3-1.75x
-# faster on the shipped model's 4096 x 256 head (6-253 rows) but 0.34-0.98x on the task model's 512 x 128.
+# faster on the shipped model's 4096 x 256 head (6-253 rows) but 0.34-0.98x on a 512 x 128 one (an earlier task model).
 PACK_MIN_WEIGHTS = 1 << 20
 
 
@@ -208,7 +208,7 @@ def head_matmul(x: torch.Tensor, w: torch.Tensor, owner: nn.Module, min_weights:
     depend on how many rows are computed with it (the plain product's does, for 1-3 rows). It differs from
     the plain product by float rounding (~1e-5 relative); packing is checked against the plain product once,
     and anything else (autograd, other devices and dtypes, a smaller head, a torch without oneDNN) takes the
-    plain product.
+    plain product. The packed copy costs the head's size in memory once more.
     """
     if (torch.is_grad_enabled() or x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu"
             or w.device.type != "cpu" or w.numel() < min_weights or not torch.backends.mkldnn.is_available()
