@@ -25,11 +25,11 @@ model's true joint (exact, K = 1) keeps it valid:
 The answers fill most of the generation region (DEFAULT_GEN_LENGTH = 10 tokens: up to 7 answer
 words and the EOS), so a confident rule cannot gain its speed from EOS padding alone.
 
-What the 0.92M-parameter task model could not learn (models/task-base/README.md): a `pick` of
-made-up three-syllable words (exact decoding 0.000: their BPE pieces differ from word to word),
-a `pick` of two-word compounds ("catsun", exact 0.265: it drew each half on its own, as if the
-second half did not depend on the first, so copying the half that follows the first needs an
-induction step it did not form in 16,000 steps), and `shuffle` as a derangement (no word at its
+What earlier task models (4 layers, 0.92M parameters) could not learn (models/task-base/README.md):
+a `pick` of made-up three-syllable words (exact decoding 0.000: their BPE pieces differ from word
+to word), a `pick` of two-word compounds ("catsun", exact 0.265: it drew each half on its own, as
+if the second half did not depend on the first, so copying the half that follows the first needs
+an induction step it did not form in 16,000 steps), and `shuffle` as a derangement (no word at its
 own place; exact 0.425, about the 0.37 a random permutation gives: it never learned to avoid its
 own place). The current `shuffle` asks what the frontier issue asked (differ from the input
 order) and `pick` asks for agreement between the answer's positions (a copy within the answer).
