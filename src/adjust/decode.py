@@ -306,13 +306,18 @@ class StepContext:
             return rows, cols, torch.arange(L, device=x.device).expand(B, L)
         table, _, per_row = per_row_table(cols, rows, B, -1.0)
         table = table.long()
-        # pad each sequence with its first kept position (a sequence with none: the block start, its output unused)
-        first = torch.where(per_row > 0, table[:, 0], loop.block[0])
+        # pad each sequence with its first kept position (a sequence with none: the generation start, output unused)
+        first = torch.where(per_row > 0, table[:, 0], loop.gen_start)
         return rows, cols, torch.where(table >= 0, table, first[:, None])
 
 
 class _Loop:
-    """State of one batched generation: canvas, current block, randomness, stats, history.
+    """State of one batched generation: canvas, each sequence's current block, randomness, stats, history.
+
+    Blocks: each sequence moves to its next block as soon as its current one has no masks left
+    (its tokens depend only on its own canvas and generator, so this changes no token); with a
+    key/value cache (`lockstep`) all sequences share the block, as the cache does, and move on
+    together. Sequences may join (`add_rows`, without a cache) and leave (`keep_rows`) between passes.
 
     Early exit (`stops`: the base's stop token ids, or None for off): when a stop token (EOS or
     the chat template's end-of-turn) is committed at position p of a sequence, every position after
@@ -323,22 +328,79 @@ class _Loop:
     """
 
     def __init__(self, base, x, attention_mask, gen_start, sampling, rng, sampler, record_history, stops=None,
-                 cache: str = "none", cache_refresh: int | None = None, unroll: FastUnroll | None = None, k: int = 1):
+                 cache: str = "none", cache_refresh: int | None = None, unroll: FastUnroll | None = None, k: int = 1,
+                 block_length: int | None = None):
         self.base, self.x, self.attention_mask = base, x, attention_mask
         self.gen_start, self.sampling, self.rng, self.sampler = gen_start, sampling, rng, sampler
         self.unroll, self.k = unroll, k  # how unrolls are computed (None: full), the strategy's tokens per pass
         self.stats = Stats(sequences=x.shape[0], cache=cache, unroll="full" if unroll is None else unroll.name)
-        self.block = (gen_start, x.shape[1])
+        self.block_length = max(1, block_length or (x.shape[1] - gen_start))
+        self.n_blocks = math.ceil((x.shape[1] - gen_start) / self.block_length)
+        self.block_index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # per sequence
+        self.lockstep = cache != "none"
         self.history = [[] for _ in range(x.shape[0])] if record_history else None
         self._cand = None
         self.stops = None if stops is None else torch.tensor(stops, dtype=torch.long, device=x.device)
         self.cache, self.cache_refresh = cache, cache_refresh
         self._kv, self._hidden, self._since = None, None, 0  # the base's cache, its hidden states, passes since
 
-    def start_block(self, lo: int, hi: int) -> None:
-        self.block = (lo, hi)
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lo, hi) of each sequence's current block, (B,) each; a finished sequence has lo = hi = L."""
+        L = self.x.shape[1]
+        lo = (self.gen_start + self.block_index * self.block_length).clamp(max=L)
+        return lo, (lo + self.block_length).clamp(max=L)
+
+    @property
+    def block(self) -> tuple[int, int]:
+        """The shared block (lockstep: with a cache) as (lo, hi)."""
+        lo, hi = self.bounds()
+        return int(lo[0]), int(hi[0])
+
+    def advance(self) -> bool:
+        """Move sequences whose block has no masks left to their next block (lockstep: all of them, once none has
+        any; the cache is refreshed there); returns whether any sequence has masks left."""
+        while True:
+            rows, _ = self.candidates()
+            busy = torch.bincount(rows, minlength=self.x.shape[0]) > 0
+            move = (self.block_index < self.n_blocks) & ~busy
+            if self.lockstep:
+                move = move if not busy.any() else torch.zeros_like(move)
+            if not move.any():
+                return bool(busy.any())
+            self.block_index = self.block_index + move.long()
+            self._cand = None
+            if self.lockstep:
+                self._kv = None  # a cache is refreshed at every block start
+
+    def finished(self) -> torch.Tensor:
+        """(B,) bool: sequences with no block left (after `advance`)."""
+        return self.block_index >= self.n_blocks
+
+    def add_rows(self, x: torch.Tensor, seeds: list[int]) -> None:
+        """Sequences join at their first block: canvases `x` (n, L) of the same prompt length, no padding."""
+        if self.lockstep:
+            raise AdjustError("sequences can join a running generation only without a key/value cache")
+        if self.attention_mask is not None or x.shape[1] != self.x.shape[1]:
+            raise AdjustError("sequences joining a running generation need its canvas length and no padding")
+        self.x = torch.cat([self.x, x.to(self.x.device)])
+        self.block_index = torch.cat([self.block_index, self.block_index.new_zeros(x.shape[0])])
+        self.rng.add(seeds)
+        if self.history is not None:
+            self.history += [[] for _ in range(x.shape[0])]
+        self.stats.sequences += x.shape[0]
         self._cand = None
-        self._kv = None  # a cache is refreshed at every block start
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Keep only the sequences where `keep` (B,) is true (the others leave between passes)."""
+        idx = keep.nonzero(as_tuple=True)[0]
+        self.x, self.block_index = self.x[idx], self.block_index[idx]
+        if self.attention_mask is not None:
+            self.attention_mask = self.attention_mask[idx]
+        self.rng.keep(idx.tolist())
+        if self.history is not None:
+            self.history = [self.history[i] for i in idx.tolist()]
+        self._kv, self._hidden = _rows_of(self._kv, idx), _rows_of(self._hidden, idx)
+        self._cand = None
 
     def full_pass(self) -> torch.Tensor:
         """The base's aligned hidden states (B, L, H) of the canvas: all computed now without a cache; with one,
@@ -368,9 +430,9 @@ class _Loop:
 
     def candidates(self):
         if self._cand is None:
-            lo, hi = self.block
-            region = torch.zeros_like(self.x, dtype=torch.bool)
-            region[:, lo:hi] = True
+            lo, hi = self.bounds()
+            at = torch.arange(self.x.shape[1], device=self.x.device)[None]
+            region = (at >= lo[:, None]) & (at < hi[:, None])
             self._cand = ((self.x == self.base.mask_id) & region).nonzero(as_tuple=True)
         return self._cand
 
@@ -399,6 +461,15 @@ class _Loop:
         fill = later & (self.x == self.base.mask_id)
         self.x[fill] = self.base.eos_id
         self.stats.eos_filled += int(fill.sum())
+
+
+def _rows_of(obj, idx: torch.Tensor):
+    """`obj` (a tensor, or lists/tuples of them, batch first; None) restricted to the batch rows `idx`."""
+    if obj is None:
+        return None
+    if isinstance(obj, torch.Tensor):
+        return obj[idx.to(obj.device)]
+    return type(obj)(_rows_of(o, idx) for o in obj)
 
 
 def _elapsed(t0: float, device) -> float:
@@ -451,6 +522,112 @@ def check_cache(base, cache: str, block_length: int | None, cache_refresh: int |
                           "cache (only our tiny model and the native Dream and LLaDA can); use --cache none")
 
 
+class Decoding:
+    """The one decoding loop, one full pass at a time (`step`), over sequences that can join between passes
+    (`add`, without a key/value cache) and leave (`remove`, `finished`).
+
+    `generate` runs it to the end on a fixed batch; the server's batcher steps it, adding rows as they
+    arrive and taking them out when done or cancelled (continuous batching). A sequence gets the same
+    tokens either way: its draws come from its own generator, and without padding its hidden states do
+    not depend on the other rows. Arguments as `generate`'s; rows are addressed by their position in the
+    batch (`size` rows, in the order added, less those removed).
+    """
+
+    def __init__(self, base, strategy, sampling: SamplingConfig = SamplingConfig(), gen_length: int = 64,
+                 block_length: int | None = None, seed: int = 0, sampler=None, record_history: bool = False,
+                 early_exit: bool = False, cache: str = "none", cache_refresh: int | None = None,
+                 unroll: str | FastUnroll = "full"):
+        check_request(base, [], gen_length, block_length)
+        check_cache(base, cache, block_length, cache_refresh)
+        self.plan = unroll_plan(unroll)
+        if not strategy.adaptive and strategy.k > gen_length:
+            raise AdjustError(f"--tokens-per-pass {strategy.k} is larger than --gen-length {gen_length}")
+        if strategy.uses_sampler and sampler is None:
+            raise AdjustError(f"strategy {strategy.name!r} needs a joint sampler; pass --sampler DIR")
+        if strategy.uses_sampler:
+            sampler.check_base(base)
+            sampler.check_decoding(sampling, block_length if block_length and block_length < gen_length else None)
+        self.base, self.strategy, self.sampling, self.sampler = base, strategy, sampling, sampler
+        self.gen_length, self.block_length, self.seed = gen_length, block_length, seed
+        self.record_history, self.cache, self.cache_refresh = record_history, cache, cache_refresh
+        self.stops = tuple(base.stop_ids) if early_exit and base.eos_id is not None and base.stop_ids else None
+        self.loop: _Loop | None = None
+        self.steps = 0
+        self.active = torch.zeros(0, dtype=torch.bool)  # (B,) rows that took part in the last step
+        self.last_unrolls = 0  # sampler passes of the last step
+
+    @property
+    def size(self) -> int:
+        return 0 if self.loop is None else self.loop.x.shape[0]
+
+    @property
+    def joinable(self) -> bool:
+        """Whether rows can join now: without a cache and padding; an empty decoding takes any rows."""
+        return self.size == 0 or (self.cache == "none" and self.loop.attention_mask is None)
+
+    @property
+    def prompt_length(self) -> int | None:
+        return None if self.loop is None else self.loop.gen_start
+
+    def add(self, prompts: list[list[int]], sample_indices: list[int] | None = None) -> None:
+        """Rows join at the next pass (their first block); a non-empty decoding needs prompts of its prompt length."""
+        check_request(self.base, prompts, self.gen_length, self.block_length)
+        sample_indices = sample_indices or [0] * len(prompts)
+        seeds = [row_seed(self.seed, p, i) for p, i in zip(prompts, sample_indices)]
+        x, attention_mask, P = build_canvas(prompts, self.gen_length, self.base)
+        device = self.base.device
+        if self.size == 0:
+            self.loop = _Loop(self.base, x.to(device), None if attention_mask is None else attention_mask.to(device),
+                              P, self.sampling, RowRNG(seeds, device), self.sampler, self.record_history, self.stops,
+                              self.cache, self.cache_refresh, self.plan, self.strategy.k, self.block_length)
+            return
+        if not self.joinable or attention_mask is not None or P != self.loop.gen_start:
+            raise AdjustError("rows can join a running generation only without a cache, with prompts of its length")
+        self.loop.add_rows(x, seeds)
+
+    def remove(self, rows: list[int]) -> None:
+        """Rows leave now (between passes)."""
+        keep = torch.ones(self.size, dtype=torch.bool, device=self.loop.x.device)
+        keep[rows] = False
+        self.loop.keep_rows(keep)
+        self.active = self.active[keep.cpu()] if len(self.active) == len(keep) else self.active
+
+    def finished(self) -> list[int]:
+        """Rows with every position decoded."""
+        if self.size == 0:
+            return []
+        self.loop.advance()
+        return self.loop.finished().nonzero(as_tuple=True)[0].tolist()
+
+    def tokens(self, rows: list[int]) -> torch.Tensor:
+        """(len(rows), gen_length) the rows' generated ids so far (masks where not yet decoded)."""
+        return self.loop.x[rows, self.loop.gen_start:].cpu()
+
+    def step(self, on_step=None) -> bool:
+        """One full pass and the strategy's writes; False (and nothing done) when no row has masks left."""
+        loop = self.loop
+        if loop is None or not loop.advance():
+            return False
+        B = loop.x.shape[0]
+        rows_before = torch.bincount(loop.candidates()[0], minlength=B)
+        before = loop.x.clone() if on_step is not None else None
+        unrolls = loop.stats.sampler_passes
+        hidden = loop.full_pass()
+        loop.stats.full_passes += 1
+        loop.stats.row_passes += int((rows_before > 0).sum())
+        self.strategy.step(StepContext(loop, hidden, self.steps))
+        rows_after = torch.bincount(loop.candidates()[0], minlength=B)
+        stalled = (rows_before > 0) & (rows_after == rows_before)
+        if stalled.any():
+            raise RuntimeError(f"strategy {self.strategy.name!r} committed no token in a step")
+        self.active, self.last_unrolls = (rows_before > 0).cpu(), loop.stats.sampler_passes - unrolls
+        if on_step is not None:
+            r, c = (loop.x != before).nonzero(as_tuple=True)
+            on_step(self.steps, r.cpu(), (c - loop.gen_start).cpu(), loop.x[r, c].cpu())
+        self.steps += 1
+        return True
+
+
 @torch.inference_mode()
 def generate(base, prompts: list[list[int]], strategy, sampling: SamplingConfig = SamplingConfig(),
              gen_length: int = 64, block_length: int | None = None, seed: int = 0,
@@ -464,57 +641,26 @@ def generate(base, prompts: list[list[int]], strategy, sampling: SamplingConfig 
     the positions after it are set to EOS, not decoded (see `_Loop`). Off (the default, and always for
     rollouts, which must unmask every position), every position is decoded as in the plain loop.
     `on_step(step, rows, cols, tokens)`, if given, is called after each full pass with the (CPU) rows,
-    generation-relative columns and tokens it unmasked; an exception it raises stops the generation
-    (the server streams and cancels this way). It only observes: the tokens are the same with or
-    without it.
+    generation-relative columns and tokens it unmasked; an exception it raises stops the generation.
+    It only observes: the tokens are the same with or without it.
     `cache` ("none", "prefix", "dual"; needs `block_length`) and `cache_refresh` (refresh it every N full
     passes too, not only at block starts): the key/value cache, see the module's docstring.
     `unroll` ("full", "fast" or a `FastUnroll`): how the sampler's unrolls are computed, see the module's docstring.
     """
     check_request(base, prompts, gen_length, block_length)
-    check_cache(base, cache, block_length, cache_refresh)
-    plan = unroll_plan(unroll)
-    if not strategy.adaptive and strategy.k > gen_length:
-        raise AdjustError(f"--tokens-per-pass {strategy.k} is larger than --gen-length {gen_length}")
-    if strategy.uses_sampler and sampler is None:
-        raise AdjustError(f"strategy {strategy.name!r} needs a joint sampler; pass --sampler DIR")
-    if strategy.uses_sampler:
-        sampler.check_base(base)
-        sampler.check_decoding(sampling, block_length if block_length and block_length < gen_length else None)
+    run = Decoding(base, strategy, sampling, gen_length, block_length, seed, sampler, record_history, early_exit,
+                   cache, cache_refresh, unroll)
+    run.add(prompts, sample_indices)
     device = base.device
-    x, attention_mask, P = build_canvas(prompts, gen_length, base)
-    x = x.to(device)
-    attention_mask = None if attention_mask is None else attention_mask.to(device)
-    sample_indices = sample_indices or [0] * len(prompts)
-    rng = RowRNG([row_seed(seed, p, i) for p, i in zip(prompts, sample_indices)], device)
-    stops = tuple(base.stop_ids) if early_exit and base.eos_id is not None and base.stop_ids else None
-    loop = _Loop(base, x, attention_mask, P, sampling, rng, sampler, record_history, stops, cache, cache_refresh, plan,
-                 strategy.k)
-    block_length = block_length or gen_length
     t0 = time.perf_counter()
-    step = 0
-    for lo in range(P, P + gen_length, block_length):
-        loop.start_block(lo, min(lo + block_length, P + gen_length))
-        while len(loop.candidates()[0]):
-            rows_before = torch.bincount(loop.candidates()[0], minlength=x.shape[0])
-            before = loop.x.clone() if on_step is not None else None
-            hidden = loop.full_pass()
-            loop.stats.full_passes += 1
-            loop.stats.row_passes += int((rows_before > 0).sum())
-            strategy.step(StepContext(loop, hidden, step))
-            rows_after = torch.bincount(loop.candidates()[0], minlength=x.shape[0])
-            stalled = (rows_before > 0) & (rows_after == rows_before)
-            if stalled.any():
-                raise RuntimeError(f"strategy {strategy.name!r} committed no token in a step")
-            if on_step is not None:
-                r, c = (loop.x != before).nonzero(as_tuple=True)
-                on_step(step, r.cpu(), (c - P).cpu(), loop.x[r, c].cpu())
-            step += 1
+    while run.step(on_step):
+        pass
     if device.type == "cuda":
         torch.cuda.synchronize()
+    loop = run.loop
     loop.stats.seconds = time.perf_counter() - t0
     loop.stats.new_tokens = gen_length
-    return Generation(loop.x[:, P:].cpu(), loop.stats, loop.history)
+    return Generation(loop.x[:, loop.gen_start:].cpu(), loop.stats, loop.history)
 
 
 def full_passes_needed(gen_length: int, k: int, block_length: int | None = None) -> int:

@@ -104,6 +104,14 @@ class RowRNG:
         self.gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
         self.device = device
 
+    def add(self, seeds: list[int]) -> None:
+        """Generators for sequences that join the batch (after the current ones)."""
+        self.gens += [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only the generators of `rows`, in that order (the others' sequences left the batch)."""
+        self.gens = [self.gens[r] for r in rows]
+
     def uniform(self, row: int, n: int) -> torch.Tensor:
         return torch.rand(n, generator=self.gens[row], device=self.device, dtype=torch.float64)
 
