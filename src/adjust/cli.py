@@ -489,6 +489,7 @@ def cmd_serve(args) -> None:
         raise_bad("adjust serve needs FastAPI and uvicorn: pip install 'adjust-dlm[serve]'")
     from .serve import bind, run
     from .serve.app import create_app
+    from .serve.limits import Limits
     from .strategies import make_strategy
 
     if args.max_batch_size < 1:
@@ -496,6 +497,12 @@ def cmd_serve(args) -> None:
     if not args.batch_wait_ms >= 0:
         raise_bad(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
     make_strategy(args.strategy, tokens_per_pass=args.tokens_per_pass)  # a bad default fails now
+    limits = Limits(args.max_body_bytes, args.max_prompts, args.max_rows, args.max_queued_rows, args.max_tokens_cap,
+                    args.request_timeout, args.read_timeout, args.drain_timeout)
+    for origin in args.cors_origin:
+        if not origin.startswith(("http://", "https://")) or origin.rstrip("/").count("/") != 2:
+            raise_bad(f"--cors-origin must be an origin such as https://example.org (scheme and host, no path), "
+                      f"got {origin!r}")
     template = None
     if args.chat_template:
         from pathlib import Path
@@ -522,12 +529,17 @@ def cmd_serve(args) -> None:
     app = create_app(base, sampler, model_name=args.model_name, api_key=args.api_key,
                      max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                      mixed_lengths=args.mixed_lengths, chat_template=template, default_strategy=args.strategy,
-                     default_tokens_per_pass=args.tokens_per_pass)
+                     default_tokens_per_pass=args.tokens_per_pass, limits=limits, lenient=args.lenient,
+                     allowed_hosts=args.allowed_host, cors_origins=args.cors_origin)
     run(app, sock, log_level="info" if args.verbose else "warning")
 
 
 def _add_serve_parser(sub) -> None:
     import os
+
+    from .serve.limits import Limits
+
+    d = Limits()
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming) with a "
                        "playground page at /")
@@ -550,6 +562,26 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--strategy", default="exact", help="strategy of requests that name none (default: exact)")
     p.add_argument("--tokens-per-pass", "-K", type=int, default=None, help="K of requests that give none")
     p.add_argument("--verbose", action="store_true", help="log every request")
+    g = p.add_argument_group("limits (docs/serve.md)")
+    g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="largest request body (413 beyond)")
+    g.add_argument("--max-prompts", type=int, default=d.max_prompts, help="prompts per request (400 beyond)")
+    g.add_argument("--max-rows", type=int, default=d.max_rows, help="prompts x n per request (400 beyond)")
+    g.add_argument("--max-queued-rows", type=int, default=d.max_queued_rows,
+                   help="rows waiting to start (429 with Retry-After beyond)")
+    g.add_argument("--max-tokens-cap", type=int, default=d.max_tokens, help="largest max_tokens (400 beyond)")
+    g.add_argument("--request-timeout", type=float, default=d.request_timeout,
+                   help="seconds a request may take from arrival to its last token (504 after)")
+    g.add_argument("--read-timeout", type=float, default=d.read_timeout,
+                   help="seconds for a request's headers, and for its body (408 after)")
+    g.add_argument("--drain-timeout", type=float, default=d.drain_timeout,
+                   help="on SIGTERM / Ctrl-C: seconds in-flight requests get to finish before they get a 503")
+    g.add_argument("--lenient", action="store_true", help="ignore unknown request fields (default: 400)")
+    g.add_argument("--allowed-host", action="append", default=[], metavar="HOST[:PORT]",
+                   help="a Host header to accept besides the loopback names (repeatable; on a non-loopback bind, "
+                   "only these are accepted once one is given)")
+    g.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin whose pages may call the API (repeatable; default: none, cross-origin "
+                   "requests are refused)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -18,6 +18,9 @@ ORDERS = ("entropy", "confidence", "margin", "random")
 # Smallest positive temperature: logits / T stays finite in float32 for any finite logits of a model
 # (|logit| < 1e32); below it T would round to 0 in float32 and turn logits into inf/NaN. 0 = greedy.
 MIN_TEMPERATURE = 1e-6
+# Largest temperature: above it every distribution is uniform to float32 precision for any logits a model gives,
+# and logits / T would reach 0 / inf (NaN where a banned token's logit is -inf).
+MAX_TEMPERATURE = 1e6
 
 
 @dataclass(frozen=True)
@@ -33,9 +36,9 @@ class SamplingConfig:
         if self.order not in ORDERS:
             raise AdjustError(f"unknown order rule {self.order!r}; choose one of {', '.join(ORDERS)}")
         t = self.temperature
-        if not (t == 0 or MIN_TEMPERATURE <= t < float("inf")):  # also refuses NaN
-            raise AdjustError(f"--temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, "
-                              f"got {t}")
+        if not (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):  # also refuses NaN
+            raise AdjustError(f"--temperature must be 0 (greedy) or a number in [{MIN_TEMPERATURE:g}, "
+                              f"{MAX_TEMPERATURE:g}], got {t}")
         if not (0 < self.top_p <= 1):
             raise AdjustError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -58,7 +61,8 @@ def log_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     if cfg.top_p < 1.0:
         sorted_lp, idx = logp.sort(dim=-1, descending=True)
         mass_before = sorted_lp.exp().cumsum(-1) - sorted_lp.exp()  # mass of strictly better tokens
-        drop_sorted = mass_before >= cfg.top_p  # keeps the smallest prefix reaching top_p, never the top token
+        drop_sorted = mass_before >= cfg.top_p  # keeps the smallest prefix reaching top_p
+        drop_sorted[..., 0] = False  # never the top token (top_p below float32's range compares as 0)
         drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
         logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
     if torch.isnan(logp).any():

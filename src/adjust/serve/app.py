@@ -2,67 +2,102 @@
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions, and
 the playground page at / (static files in adjust/serve/static, no build step). Requests are
-checked in `requests.py`, decoded in batches by `batching.Batcher` (one worker thread), and
+read within the limits (`requests.Limits`), parsed and tokenized off the event loop, checked in
+`requests.py`, decoded by `batching.Batcher` (one worker thread, continuous batching), and
 answered in OpenAI's shapes plus `adjust_stats`; `stream: true` sends server-sent events.
+
+Every byte is treated as hostile: bodies only as application/json and within the size and time
+limits, the Host header checked on a loopback bind (DNS rebinding), no cross-origin requests
+unless `cors_origins` names the origin, every client error a 4xx with OpenAI's error body.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import AdjustError
 from .batching import Batcher, Job
-from .requests import ApiError, ChoiceText, parse_messages, parse_prompts, parse_request
+from .errors import ApiError
+from .limits import Limits
+from .requests import ChoiceText, check_fields, parse_messages, parse_prompts, parse_request
 
 log = logging.getLogger("adjust.serve")
 STATIC = Path(__file__).parent / "static"
-POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
 def create_app(base, sampler=None, *, model_name: str | None = None, api_key: str | None = None,
                max_batch_size: int = 16, batch_wait_ms: float = 20.0, mixed_lengths: bool = False,
                chat_template: str | None = None, default_strategy: str = "exact",
-               default_tokens_per_pass: int | None = None, server_seed: int | None = None):
-    """The ASGI app. The batcher's worker thread starts and stops with the app (lifespan)."""
+               default_tokens_per_pass: int | None = None, server_seed: int | None = None,
+               limits: Limits = Limits(), lenient: bool = False, allowed_hosts: list[str] = (),
+               cors_origins: list[str] = ()):
+    """The ASGI app. The batcher's worker thread starts and stops with the app (lifespan).
+
+    `allowed_hosts`: Host header values accepted besides the loopback names of a loopback bind (there
+    the Host is always checked; on another bind only when this is given). `cors_origins`: origins whose
+    browsers may call the API (CORS); any other cross-origin request is refused with a 403."""
     name = model_name or base.name
-    batcher = Batcher(base, sampler, max_batch_size, batch_wait_ms, mixed_lengths)
+    batcher = Batcher(base, sampler, max_batch_size, batch_wait_ms, mixed_lengths, limits.max_queued_rows)
     defaults = {"strategy": default_strategy, "tokens_per_pass": default_tokens_per_pass}
     # Unseeded requests share this seed and get fresh random sample indices, so they can batch together.
     server_seed = secrets.randbits(62) if server_seed is None else server_seed
     created = int(time.time())
     piece_cache: dict[int, str] = {}
+    # JSON parsing and tokenizing run here, off the event loop; two workers, so a flood of big bodies queues
+    parser = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adjust-serve-parse")
 
     @asynccontextmanager
     async def lifespan(app):
         batcher.start()
         yield
         batcher.stop()
+        parser.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="adjust serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.batcher = batcher
+    app.state.batcher, app.state.limits = batcher, limits
+    app.add_middleware(Guard, allowed_hosts=[h.lower() for h in allowed_hosts],
+                       cors_origins=[o.lower().rstrip("/") for o in cors_origins])
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     def error(e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        what = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        return error(ApiError(what.get(e.status_code, str(e.detail)), None, code, e.status_code))
+
+    def key_ok(request: Request) -> bool:
+        got = request.headers.get("authorization", "")
+        return not api_key or hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode())
 
     def check_key(request: Request) -> None:
-        if api_key:
-            got = request.headers.get("authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
-                raise ApiError("missing or invalid API key: send 'Authorization: Bearer <key>'", None,
-                               "invalid_api_key", 401)
+        if not key_ok(request):
+            raise ApiError("missing or invalid API key: send 'Authorization: Bearer <key>'", None,
+                           "invalid_api_key", 401)
 
     def api(route):
-        """An /v1 route: the key checked first; a bad request is its 400, a bug in it its 500 (logged)."""
+        """An /v1 route: the key checked first; a bad request is its 4xx, a bug in it its 500 (logged)."""
         import functools
 
         @functools.wraps(route)
@@ -74,14 +109,18 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
                 return error(e)
             except Exception as e:  # noqa: BLE001 - this request fails, the server keeps serving
                 log.exception("request failed")
-                return error(ApiError(f"internal error: {type(e).__name__}: {e}", None, "internal_error", 500,
+                return error(ApiError(f"internal error: {type(e).__name__}", None, "internal_error", 500,
                                       "server_error"))
 
         return wrapped
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": name, "sampler": sampler is not None, **batcher.stats.to_dict()}
+    async def health(request: Request):
+        """Liveness for anyone; the model and queue statistics only with the key (when there is one)."""
+        status = "draining" if batcher.draining else "ok"
+        if not key_ok(request):
+            return {"status": status}
+        return {"status": status, "model": name, "sampler": sampler is not None, **batcher.stats.to_dict()}
 
     @app.get("/v1/models")
     @api
@@ -90,7 +129,7 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
 
         return {"object": "list", "data": [{
             "id": name, "object": "model", "created": created, "owned_by": "adjust",
-            "context_length": base.max_length, "sampler": sampler is not None,
+            "context_length": base.max_length, "max_tokens_cap": limits.max_tokens, "sampler": sampler is not None,
             "strategies": strategy_names(), "chat_template": bool(chat_template or
                                                                    getattr(base.tokenizer, "chat_template", None)),
         }]}
@@ -103,36 +142,85 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
     async def static(file: str):
         allowed = {p.name: p for p in STATIC.iterdir() if p.is_file()}
         if file not in allowed:
-            return JSONResponse({"error": {"message": "not found", "type": "invalid_request_error",
-                                           "param": None, "code": "not_found"}}, status_code=404)
+            return error(ApiError(f"no static file {file!r}", None, "not_found", 404))
         media = {"js": "text/javascript", "css": "text/css", "html": "text/html"}.get(file.rsplit(".", 1)[-1])
         return FileResponse(allowed[file], media_type=media)
 
-    async def read_body(request: Request) -> dict:
-        raw = await request.body()
+    async def read_body(request: Request) -> bytes:
+        """The raw body: application/json only, refused beyond max_body_bytes before it is read (413), and
+        within read_timeout (408)."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise ApiError(f"the body must be sent as 'Content-Type: application/json' (got {ctype or 'none'!r})",
+                           None, "unsupported_media_type", 415)
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limits.max_body_bytes):
+            raise ApiError(f"the request body ({declared} bytes) is over this server's limit of "
+                           f"{limits.max_body_bytes} bytes (--max-body-bytes)", None, "body_too_large", 413)
+
+        async def gather() -> bytes:
+            buf = bytearray()
+            async for chunk in request.stream():
+                buf += chunk
+                if len(buf) > limits.max_body_bytes:
+                    raise ApiError(f"the request body is over this server's limit of {limits.max_body_bytes} bytes "
+                                   "(--max-body-bytes)", None, "body_too_large", 413)
+            return bytes(buf)
+
+        try:
+            return await asyncio.wait_for(gather(), limits.read_timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(f"the request body did not arrive within {limits.read_timeout:g} s (--read-timeout)",
+                           None, "request_timeout", 408) from None
+
+    def prepare(raw: bytes, chat: bool):
+        """JSON -> checked request with its prompts tokenized (in the parser thread; raises ApiError)."""
         try:
             body = json.loads(raw)
+        except RecursionError:
+            raise ApiError("the request body is nested too deeply", None, "invalid_json") from None
         except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(f"the request body is not valid JSON: {e}", None, "invalid_json")
+            raise ApiError(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
         if not isinstance(body, dict):
             raise ApiError("the request body must be a JSON object", None, "invalid_body")
+        try:  # a lone surrogate ("\ud800") is valid JSON but not text
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ApiError(f"the request body has a string that is not valid Unicode text (a lone surrogate "
+                           f"{e.object[e.start:e.end]!r})", None, "invalid_text") from None
+        except RecursionError:
+            raise ApiError("the request body is nested too deeply", None, "invalid_json") from None
         model = body.get("model")
         if model is not None and model != name:
             raise ApiError(f"model {model!r} is not served here; this server serves {name!r}", "model",
                            "model_not_found", 404)
-        return body
+        check_fields(body, chat, lenient)
+        prompts = [parse_messages(body, base, chat_template)] if chat else parse_prompts(body, base, limits)
+        return parse_request(body, base, sampler, prompts, defaults, server_seed, limits, chat)
+
+    async def watch_disconnect(request: Request, job: Job) -> None:
+        """Cancel the job as soon as the client goes away (the body has been read: the next message is that)."""
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                batcher.cancel(job)
+                return
 
     async def handle(request: Request, chat: bool):
-        body = await read_body(request)
-        prompts = [parse_messages(body, base, chat_template)] if chat else parse_prompts(body, base)
-        req = parse_request(body, base, sampler, prompts, defaults, server_seed)
+        if batcher.draining:
+            from .errors import shutting_down
+
+            raise shutting_down()
+        raw = await read_body(request)
         loop = asyncio.get_running_loop()
+        req = await loop.run_in_executor(parser, prepare, raw, chat)
         events: asyncio.Queue = asyncio.Queue()
         rows = []
         for ids in req.prompts:
             for i in range(req.n):
                 rows.append((ids, i if req.seeded else secrets.randbits(62)))
-        job = Job(rows, req.settings, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        job = Job(rows, req.settings, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+                  timeout=limits.request_timeout)
         choices = [ChoiceText(base, req.settings.gen_length, req.stops) for _ in rows]
         stats = [None] * len(rows)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -159,21 +247,18 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
             stats[index] = st
 
         if not req.stream:
+            watcher = asyncio.ensure_future(watch_disconnect(request, job))
+            remaining = len(rows)
             try:
-                remaining = len(rows)
                 while remaining:
-                    try:
-                        ev = await asyncio.wait_for(events.get(), POLL_S)
-                    except asyncio.TimeoutError:
-                        if await request.is_disconnected():
-                            return JSONResponse({}, status_code=499)
-                        continue
+                    ev = await events.get()
                     if ev[0] == "error":
                         return error(_as_api_error(ev[1]))
                     if ev[0] == "done":
                         on_done(ev)
                         remaining -= 1
-            finally:  # the client went away (or the server stops): its rows leave the queue
+            finally:  # the client went away (or the server stops): its rows leave the batch at the next pass
+                watcher.cancel()
                 if remaining:
                     batcher.cancel(job)
             out = []
@@ -221,7 +306,7 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
                         new = c.unmask(ev[3], ev[4])
                         if req.include_steps and new:
                             yield _sse({"id": rid, "object": "adjust.step", "created": t0, "model": name,
-                                        "index": index, "step": ev[2],
+                                        "choices": [], "index": index, "step": ev[2],
                                         "unmasked": [[p, t, piece(t)] for p, t in new]})
                         delta = c.advance()
                     else:
@@ -236,7 +321,7 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
                     yield _sse({"id": rid, "object": obj, "created": t0, "model": name, "system_fingerprint": None,
                                 "choices": [], "usage": usage(), "adjust_stats": adjust_stats()})
                 yield "data: [DONE]\n\n"
-            finally:  # also when the client went away: its rows leave the queue, its batch may stop
+            finally:  # also when the client went away: its rows leave the batch at the next pass
                 if remaining:
                     batcher.cancel(job)
 
@@ -256,16 +341,69 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
     return app
 
 
+class Guard:
+    """ASGI middleware before every route: the Host header (DNS rebinding) and the Origin (cross-site requests).
+
+    Host: on a loopback bind (the connection's local address), only the loopback names with the bound port and
+    `allowed_hosts` are served; on another bind, `allowed_hosts` when given. Origin: a request that carries
+    one (browsers do on cross-origin requests) is served only for its own origin or one of `cors_origins`."""
+
+    def __init__(self, app, allowed_hosts: list[str], cors_origins: list[str]):
+        self.app, self.allowed_hosts, self.cors_origins = app, set(allowed_hosts), set(cors_origins)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k: v for k, v in scope["headers"] if k in (b"host", b"origin")}
+        host = headers.get(b"host", b"").decode("latin-1").lower()
+        if not self.host_ok(host, scope.get("server")):
+            return await _reject(send, ApiError(f"Host {host!r} is not this server's (DNS rebinding protection); "
+                                                "start the server with --allowed-host NAME to accept it", None,
+                                                "host_not_allowed", 403))
+        origin = headers.get(b"origin")
+        if origin is not None:
+            o = origin.decode("latin-1").lower().rstrip("/")
+            if o != f"{scope.get('scheme', 'http')}://{host}" and o not in self.cors_origins:
+                return await _reject(send, ApiError(f"cross-origin request from {o!r} refused; start the server "
+                                                    "with --cors-origin ORIGIN to allow it", None,
+                                                    "origin_not_allowed", 403))
+        return await self.app(scope, receive, send)
+
+    def host_ok(self, host: str, server) -> bool:
+        if host in self.allowed_hosts:
+            return True
+        loopback = False
+        if server:
+            try:
+                loopback = ipaddress.ip_address(server[0]).is_loopback
+            except ValueError:
+                loopback = False
+        if not loopback:
+            return not self.allowed_hosts
+        port = server[1]
+        return host in {f"{n}:{port}" for n in LOOPBACK_NAMES} or (port == 80 and host in LOOPBACK_NAMES)
+
+
+async def _reject(send, e: ApiError) -> None:
+    body = json.dumps(e.body()).encode()
+    await send({"type": "http.response.start", "status": e.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
 def _as_api_error(e: Exception) -> ApiError:
-    from ..errors import AdjustError
-
     if isinstance(e, ApiError):
         return e
     if isinstance(e, AdjustError):
         return ApiError(str(e), None, "invalid_value")
+    import torch
+
+    if isinstance(e, torch.OutOfMemoryError):
+        return ApiError("the device ran out of memory for this request; ask for fewer rows or tokens", None,
+                        "out_of_memory", 503, "server_error", {"Retry-After": "5"})
     return ApiError(f"internal error while generating: {type(e).__name__}: {e}", None, "internal_error", 500,
                     "server_error")

@@ -12,21 +12,55 @@ from ..errors import AdjustError
 from ..sampling import SamplingConfig
 from ..strategies import INT_PARAMS, STRATEGY_PARAMS, make_strategy, strategy_names
 from .batching import DecodeSettings
+from .errors import ApiError
+from .limits import Limits
 
-MAX_N = 128  # choices per request
 MAX_STOPS = 4  # as OpenAI
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions; a diffusion canvas needs a length
 STRATEGY_FIELDS = STRATEGY_PARAMS
 
 
-class ApiError(Exception):
-    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400,
-                 type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.message, self.param, self.code, self.status, self.type = message, param, code, status, type
+# The request fields, by what the server does with them (docs/serve.md has the table).
+OPENAI_FIELDS = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
+                 "stream", "stream_options", "stop", "seed", "user"}
+EXTENSION_FIELDS = {"strategy", "block_length", "order", "top_k", "cache", "unroll", *STRATEGY_FIELDS}
+# OpenAI fields accepted only at a value that asks for nothing; anything else is a 400 naming the field
+NEUTRAL = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
+           "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+           "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
+           "function_call": (None, "none"), "parallel_tool_calls": (None, False),
+           "response_format": (None, {"type": "text"}), "store": (None, False), "metadata": (None, {}),
+           "best_of": (None,)}  # best_of: also when equal to n (see check_fields)
+STREAM_OPTIONS = {"include_usage", "include_steps"}
 
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+def check_fields(body: dict, chat: bool, lenient: bool) -> None:
+    """Unsupported OpenAI fields (at a value that asks for something) are a 400 naming the field; so are
+    unknown fields, unless `lenient`."""
+    for name, value in body.items():
+        if name in NEUTRAL:
+            if name == "best_of" and _is_int(value) and value == body.get("n", 1):
+                continue
+            if not any(value is v or (type(value) is type(v) and value == v) for v in NEUTRAL[name]):
+                raise ApiError(f"'{name}' is not supported by adjust serve (got {_short(value)}); leave it out",
+                               name, "unsupported_parameter")
+        elif name in ("prompt", "messages") and name != ("messages" if chat else "prompt"):
+            raise ApiError(f"'{name}' belongs to /v1/{'completions' if chat else 'chat/completions'}, not here",
+                           name, "unsupported_parameter")
+        elif name not in OPENAI_FIELDS and name not in EXTENSION_FIELDS and not lenient:
+            raise ApiError(f"unknown field '{name}'; docs/serve.md lists the supported ones (start the server "
+                           "with --lenient to ignore unknown fields)", name, "unknown_parameter")
+    opts = body.get("stream_options")
+    if isinstance(opts, dict) and not lenient:
+        for name in opts:
+            if name not in STREAM_OPTIONS:
+                raise ApiError(f"unknown field 'stream_options.{name}'; supported: "
+                               f"{', '.join(sorted(STREAM_OPTIONS))}", "stream_options", "unknown_parameter")
+
+
+def _short(value) -> str:
+    r = repr(value)
+    return r if len(r) <= 40 else r[:40] + "..."
 
 
 def _is_int(v) -> bool:
@@ -94,7 +128,33 @@ def parse_stops(body: dict) -> list[str]:
     return stops
 
 
-def parse_prompts(body: dict, base) -> list[list[int]]:
+def max_prompt_chars(base) -> int | None:
+    """The most characters a prompt that fits the context can have: context x the longest token's text (None:
+    unknown). Longer text is refused before it is tokenized."""
+    cached = base.__dict__.get("_max_prompt_chars", False)
+    if cached is False:
+        vocab = getattr(base.tokenizer, "get_vocab", lambda: None)()
+        cached = base.max_length * max(len(t) for t in vocab) if vocab else None
+        base.__dict__["_max_prompt_chars"] = cached
+    return cached
+
+
+def _check_chars(text: str, base, param: str) -> None:
+    bound = max_prompt_chars(base)
+    if bound is not None and len(text) > bound:
+        raise ApiError(f"the prompt has {len(text)} characters; no text over {bound} characters fits the model's "
+                       f"context of {base.max_length} tokens", param, "context_length_exceeded")
+
+
+def _encode(base, text: str, param: str) -> list[int]:
+    _check_chars(text, base, param)
+    try:
+        return base.encode(text)
+    except AdjustError as e:
+        raise ApiError(str(e), param, "invalid_value") from None
+
+
+def parse_prompts(body: dict, base, limits: Limits = Limits()) -> list[list[int]]:
     """OpenAI's prompt forms: a string, a list of strings, a list of token ids, a list of such lists."""
     if "prompt" not in body or body["prompt"] is None:
         raise ApiError("'prompt' is required (use \"\" for an unconditional sample)", "prompt", "missing")
@@ -113,10 +173,16 @@ def parse_prompts(body: dict, base) -> list[list[int]]:
     else:
         raise ApiError("'prompt' must be a string, a list of strings, a list of token ids or a list of such lists",
                        "prompt", "invalid_type")
+    if len(items) > limits.max_prompts:
+        raise ApiError(f"'prompt' has {len(items)} prompts; this server takes at most {limits.max_prompts} per "
+                       "request (--max-prompts)", "prompt", "too_many_prompts")
     out = []
     for item in items:
+        if isinstance(item, list) and len(item) > base.max_length:
+            raise ApiError(f"a prompt of {len(item)} token ids is beyond the model's context of {base.max_length} "
+                           "tokens", "prompt", "context_length_exceeded")
         if isinstance(item, str):
-            out.append(base.encode(item) if item else [])
+            out.append(_encode(base, item, "prompt") if item else [])
         elif ids_ok(item):
             out.append(list(item))
         else:
@@ -145,6 +211,7 @@ def parse_messages(body: dict, base, chat_template: str | None) -> list[int]:
         if not isinstance(content, str):
             raise ApiError(f"messages[{i}].content must be a string", "messages", "invalid_type")
         clean.append({"role": m["role"], "content": content})
+    _check_chars("".join(m["content"] for m in clean), base, "messages")
     if template is None:
         raise ApiError(f"model {base.name!r} has no chat template, so /v1/chat/completions cannot format "
                        "messages; use /v1/completions with a plain prompt, or start the server with "
@@ -154,30 +221,31 @@ def parse_messages(body: dict, base, chat_template: str | None) -> list[int]:
                                                   chat_template=template)
     except Exception as e:  # a template error is about this request's messages or the template itself
         raise ApiError(f"the chat template failed on these messages: {e}", "messages", "chat_template_error")
-    return base.encode(text)
+    return _encode(base, text, "messages")
 
 
-def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults: dict, server_seed: int) -> Parsed:
-    """Check the fields shared by completions and chat; `prompts` are already encoded."""
+def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults: dict, server_seed: int,
+                  limits: Limits = Limits(), chat: bool = False) -> Parsed:
+    """Check the fields shared by completions and chat; `prompts` are already encoded. Chat stops at its first
+    stop token (EOS, end of turn) and, without max_tokens, may use the rest of the context up to the cap."""
     if not isinstance(body, dict):
         raise ApiError("the request body must be a JSON object", None, "invalid_body")
-    for name in ("logprobs", "top_logprobs", "suffix", "tools", "functions", "logit_bias"):
-        if body.get(name) not in (None, False, {}, []):
-            raise ApiError(f"'{name}' is not supported by adjust serve", name, "unsupported_parameter")
-    if body.get("echo"):
-        raise ApiError("'echo' is not supported by adjust serve", "echo", "unsupported_parameter")
     get_str(body, "model")
     get_str(body, "user")
     context = base.max_length
+    longest = max(len(p) for p in prompts)
     max_tokens = get_int(body, "max_completion_tokens", None)
     max_tokens = get_int(body, "max_tokens", max_tokens)
-    max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+    if max_tokens is None:
+        max_tokens = max(1, min(limits.max_tokens, context - longest)) if chat else DEFAULT_MAX_TOKENS
     if max_tokens < 1:
         raise ApiError(f"'max_tokens' must be at least 1, got {max_tokens}", "max_tokens", "invalid_value")
+    if max_tokens > limits.max_tokens:
+        raise ApiError(f"'max_tokens' ({max_tokens}) is above this server's cap of {limits.max_tokens} "
+                       "(--max-tokens-cap)", "max_tokens", "invalid_value")
     if max_tokens >= context:
         raise ApiError(f"'max_tokens' ({max_tokens}) is beyond the model's context of {context} tokens "
                        "(the prompt needs room too)", "max_tokens", "context_length_exceeded")
-    longest = max(len(p) for p in prompts)
     if longest + 1 > context:
         raise ApiError(f"the prompt is too long: {longest} tokens leave no room in the model's context of "
                        f"{context} tokens", "prompt", "context_length_exceeded")
@@ -187,8 +255,11 @@ def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults:
     if any(base.mask_id in p for p in prompts):
         raise ApiError("the prompt contains the mask token; prompts must be plain text", "prompt", "invalid_value")
     n = get_int(body, "n", 1)
-    if n < 1 or n > MAX_N:
-        raise ApiError(f"'n' must be between 1 and {MAX_N}, got {n}", "n", "invalid_value")
+    if n < 1 or n > limits.max_rows:
+        raise ApiError(f"'n' must be between 1 and {limits.max_rows}, got {n}", "n", "invalid_value")
+    if n * len(prompts) > limits.max_rows:
+        raise ApiError(f"{len(prompts)} prompts x n={n} is {n * len(prompts)} sequences; this server decodes at most "
+                       f"{limits.max_rows} per request (--max-rows)", "n", "too_many_rows")
     temperature, top_p = get_number(body, "temperature", 1.0), get_number(body, "top_p", 1.0)
     top_k, order = get_int(body, "top_k", 0, lo=0), get_str(body, "order", "entropy")
     try:  # SamplingConfig holds the one rule for these, as for the CLI's flags
@@ -246,7 +317,7 @@ def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults:
         raise ApiError("'stream_options' must be an object", "stream_options", "invalid_type")
     opts = opts or {}
     settings = DecodeSettings(name, tuple(sorted(params.items())), sampling, max_tokens, block_length,
-                              server_seed if seed is None else seed, cache, unroll)
+                              server_seed if seed is None else seed, cache, unroll, early_exit=chat)
     return Parsed(prompts, n, settings, seed is not None, parse_stops(body), get_bool(body, "stream"),
                   get_bool(opts, "include_usage"), get_bool(opts, "include_steps"))
 
@@ -279,6 +350,7 @@ class ChoiceText:
 
     def __init__(self, base, gen_length: int, stops: list[str]):
         self.base, self.stops = base, stops
+        self.stop_ids = set(getattr(base, "stop_ids", ()) or ())  # EOS, end of turn: the answer ended
         self.tokens: list[int | None] = [None] * gen_length
         self.emitted = ""
         self.finish_reason: str | None = None
@@ -305,10 +377,10 @@ class ChoiceText:
             if t is None:
                 break
             prefix.append(t)
-        eos = self.base.eos_id
-        complete = final or len(prefix) == len(self.tokens) or (eos is not None and eos in prefix)
-        text = self.base.decode(prefix)
-        reason = ("stop" if eos is not None and eos in prefix else "length") if complete else None
+        stopped = any(t in self.stop_ids for t in prefix)
+        complete = final or len(prefix) == len(self.tokens) or stopped
+        text = self.base.decode(prefix)  # cut at the first stop token
+        reason = ("stop" if stopped else "length") if complete else None
         cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
             text, complete, reason = text[:cut], True, "stop"
@@ -327,6 +399,6 @@ class ChoiceText:
         if self.stops and self.finish_reason == "stop" and self.text != self.base.decode(self.tokens):
             return len(self.base.encode(self.text)) if self.text else 0
         ids = [t for t in self.tokens if t is not None]
-        if self.base.eos_id is not None and self.base.eos_id in ids:
-            ids = ids[: ids.index(self.base.eos_id)]
+        cut = next((n for n, t in enumerate(ids) if t in self.stop_ids), len(ids))
+        ids = ids[:cut]
         return sum(1 for t in ids if t not in getattr(self.base, "banned_ids", ()))
