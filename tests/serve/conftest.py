@@ -1,4 +1,4 @@
-"""Live `adjust serve` servers on 127.0.0.1 (a real uvicorn in a thread, a free port) over the shipped
+"""Live `adjust serve` servers on 127.0.0.1 (the command's uvicorn server in a thread, a free port) over the shipped
 models/shakespeare-base and its sampler, for the openai-client, load and browser tests."""
 
 from __future__ import annotations
@@ -24,15 +24,13 @@ class LiveServer:
     """create_app(...) served by uvicorn on a socket bound to 127.0.0.1:0, in a daemon thread."""
 
     def __init__(self, app):
-        import uvicorn
-
-        from adjust.serve import bind
+        from adjust.serve import bind, server
 
         self.app = app
         self.sock = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="error", timeout_graceful_shutdown=2))
+        self.server = server(app, log_level="error")  # the command's: its protocol (header timeout) and drain
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         for _ in range(400):
@@ -45,8 +43,9 @@ class LiveServer:
     def batcher(self):
         return self.app.state.batcher
 
-    def health(self) -> dict:
-        with urllib.request.urlopen(self.url + "/health", timeout=10) as r:
+    def health(self, headers: dict | None = None) -> dict:
+        with urllib.request.urlopen(urllib.request.Request(self.url + "/health", headers=headers or {}),
+                                    timeout=10) as r:
             return json.loads(r.read())
 
     def wait_for(self, pred, what: str, timeout: float = 60.0) -> dict:
