@@ -116,6 +116,17 @@ def summarize(clients: int, rounds: list[dict]) -> dict:
             "failures": failures[:5]}
 
 
+def write(args, report: dict, text: str) -> None:
+    print(text)
+    for path, content in ((args.json, json.dumps(report, indent=2) + "\n"), (args.md, text)):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(str(path) + ".tmp")
+            tmp.write_text(content)
+            os.replace(tmp, path)
+            log(f"wrote {path}")
+
+
 def code_version() -> str:
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -192,6 +203,71 @@ class DecodeCeiling:
                 "batch_n_tokens_per_second": round(n, 1), "speedup": round(n / one, 2)}
 
 
+def small_beside_large(args) -> dict:
+    """p50 / p95 latency of small requests (1 row) alone, and while one large request (--large-rows rows of
+    the same settings) runs: small ones that can join its batch (same prompt length), and ones that cannot
+    (another prompt length: they wait for the batch to drain, then go first by the round-robin)."""
+    proc, url = start_server(args, False)
+    body = {"max_tokens": args.max_tokens, "strategy": args.strategy, "tokens_per_pass": args.tokens_per_pass,
+            "seed": 1}
+    from adjust.base import load_base
+
+    tok = load_base(args.base)
+    same, other = PROMPTS[0], next(p for p in PROMPTS if len(tok.encode(p)) != len(tok.encode(PROMPTS[0])))
+    prompts = max(1, args.large_rows // 2)
+    large = {**body, "prompt": [same] * prompts, "n": max(1, args.large_rows // prompts)}
+
+    def smalls(prompt: str, until) -> list[float]:
+        out = []
+        while not until() or len(out) < 3:
+            t = time.perf_counter()
+            call(url, {**body, "prompt": prompt})
+            out.append(time.perf_counter() - t)
+            if len(out) >= 200:
+                break
+        return out
+
+    def pct(xs: list[float]) -> dict:
+        q = statistics.quantiles(xs, n=20, method="inclusive") if len(xs) > 1 else xs * 19
+        return {"requests": len(xs), "p50_s": round(statistics.median(xs), 3), "p95_s": round(q[18], 3)}
+
+    try:
+        call(url, {**body, "prompt": same})  # warm-up
+        rows = {"alone": pct(smalls(same, lambda: True) + smalls(same, lambda: True))}
+        for name, prompt in (("beside large, can join", same), ("beside large, other prompt length", other)):
+            done, t_large = threading.Event(), {}
+
+            def run_large():
+                t = time.perf_counter()
+                call(url, large)
+                t_large["s"] = time.perf_counter() - t
+                done.set()
+
+            th = threading.Thread(target=run_large)
+            th.start()
+            time.sleep(0.5)  # the large request is running
+            rows[name] = pct(smalls(prompt, done.is_set)) | {"large_request_s": None}
+            th.join()
+            rows[name]["large_request_s"] = round(t_large["s"], 2)
+            log(f"{name}: {rows[name]}")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return {"large_rows": prompts * large["n"], "rows": rows}
+
+
+def small_markdown(report: dict) -> str:
+    c, r = report["config"], report["small_beside_large"]
+    lines = [f"Small requests (1 row) beside one large request ({r['large_rows']} rows), {c['strategy']} "
+             f"K={c['tokens_per_pass']}, {c['max_tokens']} tokens each, max batch {c['max_batch_size']}, "
+             f"{report['threads']} torch thread(s), code {report['code_version']}", "",
+             "| small requests | requests | p50 latency (s) | p95 latency (s) | large request (s) |",
+             "|---|---:|---:|---:|---:|"]
+    for name, x in r["rows"].items():
+        lines.append(f"| {name} | {x['requests']} | {x['p50_s']} | {x['p95_s']} | {x.get('large_request_s') or ''} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default=None, help="model directory (default: the shipped models/shakespeare-base)")
@@ -210,6 +286,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="server's torch threads (OMP_NUM_THREADS; 0 = default)")
     ap.add_argument("--json", default=None, help="write the report here (and --md the table)")
     ap.add_argument("--md", default=None)
+    ap.add_argument("--small-beside-large", action="store_true", help="instead: latency of small requests alone "
+                    "and beside one large request (continuous batching, round-robin)")
+    ap.add_argument("--large-rows", type=int, default=128, help="rows of the large request (--small-beside-large)")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
     body = {"max_tokens": args.max_tokens, "strategy": args.strategy, "tokens_per_pass": args.tokens_per_pass}
@@ -221,6 +300,15 @@ def main(argv=None) -> int:
     from adjust.base import load_base
 
     tok = load_base(args.base)
+    if args.small_beside_large:
+        report = {"benchmark": "serve_small_beside_large", "code_version": code_version(), "torch": torch.__version__,
+                  "threads": args.threads or torch.get_num_threads(), "cpus": os.cpu_count(),
+                  "command": "python benchmarks/serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  "config": {k: getattr(args, k) for k in ("strategy", "tokens_per_pass", "max_tokens",
+                                                           "max_batch_size")},
+                  "small_beside_large": small_beside_large(args)}
+        write(args, report, small_markdown(report))
+        return 0
     ceiling = DecodeCeiling(args, PROMPTS[0])
     servers = {}
     try:
@@ -254,14 +342,7 @@ def main(argv=None) -> int:
                                                        "batch_wait_ms")}
               | {"prompts": PROMPTS, "prompt_tokens": [len(tok.encode(p)) for p in PROMPTS]},
               "rounds": args.rounds, "decode_ceiling": ceiling, "runs": runs}
-    print(markdown(report))
-    for path, text in ((args.json, json.dumps(report, indent=2) + "\n"), (args.md, markdown(report))):
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(str(path) + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
-            log(f"wrote {path}")
+    write(args, report, markdown(report))
     return 1 if any(r["failed"] for run in runs for r in run["levels"]) else 0
 
 

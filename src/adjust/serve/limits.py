@@ -19,7 +19,7 @@ class Limits:
     max_queued_rows: int = 1024  # rows waiting in the queue (429 with Retry-After beyond it)
     max_tokens: int = 1024  # cap on max_tokens (the model's context caps it too)
     request_timeout: float = 300.0  # seconds from arrival to the last token (504 after it)
-    read_timeout: float = 2.5  # seconds for a request's headers, and again for its body (408 after it)
+    read_timeout: float = 2.0  # seconds for a request's headers, and again for its body (408 after it)
     drain_timeout: float = 30.0  # on SIGTERM: seconds in-flight requests get to finish
 
     def __post_init__(self):
