@@ -29,7 +29,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def server(app, sock: socket.socket | None = None, log_level: str = "warning"):
+def server(app, log_level: str = "warning"):
     """A uvicorn server for `app` (from `create_app`) with the app's limits: a request's headers must arrive
     within `read_timeout` of the connection's start or its last response (else the connection is closed),
     and SIGTERM / Ctrl-C drain the batcher (`Batcher.drain`) before the connections close."""
@@ -50,15 +50,19 @@ def server(app, sock: socket.socket | None = None, log_level: str = "warning"):
             cycle = self.cycle
             self._head_timer = self.loop.call_later(limits.read_timeout, self._head_timeout, cycle)
 
+        def _idle(self, cycle) -> bool:
+            """No request began since the timer was armed (and none is being answered)."""
+            return self.cycle is cycle and (cycle is None or cycle.response_complete)
+
         def _head_timeout(self, cycle):
-            if self.cycle is cycle and not self.transport.is_closing():  # no new request began in time
+            if self._idle(cycle) and not self.transport.is_closing():
                 self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n"
                                      b"connection: close\r\n\r\n")
                 self.transport.close()
 
         def on_response_complete(self):
             super().on_response_complete()
-            if not self.transport.is_closing():
+            if not self.transport.is_closing() and self._idle(self.cycle):  # (a pipelined request may be running)
                 self._head_timer.cancel()
                 self._arm_head_timer()
 
@@ -71,8 +75,9 @@ def server(app, sock: socket.socket | None = None, log_level: str = "warning"):
             batcher.drain(limits.drain_timeout)  # new requests: 503; in-flight ones finish or get a 503 / error
             await super().shutdown(sockets)
 
-    config = uvicorn.Config(app, log_level=log_level, http=Protocol, timeout_keep_alive=max(1, int(limits.read_timeout)),
-                            timeout_graceful_shutdown=int(limits.drain_timeout) + 5, h11_max_incomplete_event_size=65536)
+    config = uvicorn.Config(app, log_level=log_level, http=Protocol, h11_max_incomplete_event_size=65536,
+                            timeout_keep_alive=max(1, int(limits.read_timeout)),
+                            timeout_graceful_shutdown=int(limits.drain_timeout) + 5)
     return Server(config)
 
 
@@ -81,4 +86,4 @@ def run(app, sock: socket.socket, log_level: str = "warning") -> None:
     host, port = sock.getsockname()[:2]
     print(f"adjust serve: listening on http://{host}:{port} (playground at /, API at /v1)", file=sys.stderr,
           flush=True)
-    server(app, sock, log_level).run(sockets=[sock])
+    server(app, log_level).run(sockets=[sock])
