@@ -59,7 +59,7 @@ class LiveServer:
         raise AssertionError(f"server never reached: {what}; last /health: {h}")
 
     def stop(self):
-        self.server.should_exit = True
+        self.server.should_exit = self.server.force_exit = True  # tests' idle keep-alive clients need no drain
         self.thread.join(timeout=10)
         self.sock.close()
 
