@@ -198,7 +198,7 @@ def attacks(port: int) -> list[tuple[str, callable]]:
         ("JSON nested 100,000 deep", one(b"[" * 100_000 + b"]" * 100_000)),
         ("best_of: 4", one({"prompt": "a", "best_of": 4})),
         ("presence_penalty: 1", one({"prompt": "a", "presence_penalty": 1})),
-        ("logprobs: 0", one({"prompt": "a", "logprobs": 0})),
+        ("logprobs: 99", one({"prompt": "a", "logprobs": 99})),
         ("unknown field", one({"prompt": "a", "frobnicate": True})),
         ("temperature: 1e39", one({"prompt": "a", "temperature": 1e39})),
         ("top_p: 1e-300 (valid: served)", one({"prompt": "a", "top_p": 1e-300, "max_tokens": 4})),

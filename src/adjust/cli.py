@@ -497,8 +497,10 @@ def cmd_serve(args) -> None:
     if not args.batch_wait_ms >= 0:
         raise_bad(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
     make_strategy(args.strategy, tokens_per_pass=args.tokens_per_pass)  # a bad default fails now
-    limits = Limits(args.max_body_bytes, args.max_prompts, args.max_rows, args.max_queued_rows, args.max_tokens_cap,
-                    args.request_timeout, args.read_timeout, args.drain_timeout)
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_prompts=args.max_prompts, max_rows=args.max_rows,
+                    max_queued_rows=args.max_queued_rows, max_tokens=args.max_tokens_cap,
+                    max_scored_tokens=args.max_scored_tokens, request_timeout=args.request_timeout,
+                    read_timeout=args.read_timeout, drain_timeout=args.drain_timeout)
     for origin in args.cors_origin:
         if not origin.startswith(("http://", "https://")) or origin.rstrip("/").count("/") != 2:
             raise_bad(f"--cors-origin must be an origin such as https://example.org (scheme and host, no path), "
@@ -569,6 +571,8 @@ def _add_serve_parser(sub) -> None:
     g.add_argument("--max-queued-rows", type=int, default=d.max_queued_rows,
                    help="rows waiting to start (429 with Retry-After beyond)")
     g.add_argument("--max-tokens-cap", type=int, default=d.max_tokens, help="largest max_tokens (400 beyond)")
+    g.add_argument("--max-scored-tokens", type=int, default=d.max_scored_tokens,
+                   help="prompt tokens scored per request with echo + logprobs (400 beyond)")
     g.add_argument("--request-timeout", type=float, default=d.request_timeout,
                    help="seconds a request may take from arrival to its last token (504 after)")
     g.add_argument("--read-timeout", type=float, default=d.read_timeout,

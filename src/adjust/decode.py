@@ -248,6 +248,8 @@ class StepContext:
         """Sample tokens for the chosen entries and write them into the canvas; returns the tokens."""
         entries = entries.sort().values  # row-major: each row draws in position order
         tokens = sample_tokens(logp[entries], rows[entries], self.loop.rng, self.sampling.temperature == 0)
+        if self.loop.logprobs is not None:
+            self.loop.record(rows[entries], cols[entries], tokens, logp[entries])
         self.loop.write(rows[entries], cols[entries], tokens, self.step, self.unroll)
         return tokens
 
@@ -329,7 +331,7 @@ class _Loop:
 
     def __init__(self, base, x, attention_mask, gen_start, sampling, rng, sampler, record_history, stops=None,
                  cache: str = "none", cache_refresh: int | None = None, unroll: FastUnroll | None = None, k: int = 1,
-                 block_length: int | None = None):
+                 block_length: int | None = None, logprobs: int | None = None):
         self.base, self.x, self.attention_mask = base, x, attention_mask
         self.gen_start, self.sampling, self.rng, self.sampler = gen_start, sampling, rng, sampler
         self.unroll, self.k = unroll, k  # how unrolls are computed (None: full), the strategy's tokens per pass
@@ -343,6 +345,26 @@ class _Loop:
         self.stops = None if stops is None else torch.tensor(stops, dtype=torch.long, device=x.device)
         self.cache, self.cache_refresh = cache, cache_refresh
         self._kv, self._hidden, self._since = None, None, 0  # the base's cache, its hidden states, passes since
+        # logprobs (None: off; N >= 0): each written token's log-probability in the distribution it was drawn from
+        # (the full pass's or, for ADJUST, the sampler's), and the N most likely tokens there with theirs
+        self.logprobs = logprobs
+        if logprobs is not None:
+            B, L = x.shape
+            self.token_logp = torch.full((B, L), float("nan"), device=x.device)
+            self.top_ids = torch.zeros((B, L, logprobs), dtype=torch.long, device=x.device)
+            self.top_logp = torch.full((B, L, logprobs), float("nan"), device=x.device)
+
+    def record(self, rows, cols, tokens, logp) -> None:
+        """Keep the log-probabilities of tokens drawn at (rows, cols) from `logp` (N, V) (`logprobs` on)."""
+        self.token_logp[rows, cols] = logp.gather(1, tokens[:, None])[:, 0].float()
+        if self.logprobs:
+            top = logp.topk(min(self.logprobs, logp.shape[-1]), dim=-1)
+            self.top_ids[rows, cols, : top.indices.shape[1]] = top.indices
+            self.top_logp[rows, cols, : top.values.shape[1]] = top.values.float()
+
+    def _per_row(self) -> list[str]:
+        """Names of the per-sequence tensors (batch first) that rows carry when they join or leave."""
+        return ["x", "block_index"] + (["token_logp", "top_ids", "top_logp"] if self.logprobs is not None else [])
 
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(lo, hi) of each sequence's current block, (B,) each; a finished sequence has lo = hi = L."""
@@ -382,8 +404,14 @@ class _Loop:
             raise AdjustError("sequences can join a running generation only without a key/value cache")
         if self.attention_mask is not None or x.shape[1] != self.x.shape[1]:
             raise AdjustError("sequences joining a running generation need its canvas length and no padding")
-        self.x = torch.cat([self.x, x.to(self.x.device)])
-        self.block_index = torch.cat([self.block_index, self.block_index.new_zeros(x.shape[0])])
+        n = x.shape[0]
+        fresh = {"x": x.to(self.x.device), "block_index": self.block_index.new_zeros(n)}
+        if self.logprobs is not None:
+            fresh |= {"token_logp": self.token_logp.new_full((n, x.shape[1]), float("nan")),
+                      "top_ids": self.top_ids.new_zeros((n, *self.top_ids.shape[1:])),
+                      "top_logp": self.top_logp.new_full((n, *self.top_logp.shape[1:]), float("nan"))}
+        for name in self._per_row():
+            setattr(self, name, torch.cat([getattr(self, name), fresh[name]]))
         self.rng.add(seeds)
         if self.history is not None:
             self.history += [[] for _ in range(x.shape[0])]
@@ -393,7 +421,8 @@ class _Loop:
     def keep_rows(self, keep: torch.Tensor) -> None:
         """Keep only the sequences where `keep` (B,) is true (the others leave between passes)."""
         idx = keep.nonzero(as_tuple=True)[0]
-        self.x, self.block_index = self.x[idx], self.block_index[idx]
+        for name in self._per_row():
+            setattr(self, name, getattr(self, name)[idx])
         if self.attention_mask is not None:
             self.attention_mask = self.attention_mask[idx]
         self.rng.keep(idx.tolist())
@@ -536,7 +565,7 @@ class Decoding:
     def __init__(self, base, strategy, sampling: SamplingConfig = SamplingConfig(), gen_length: int = 64,
                  block_length: int | None = None, seed: int = 0, sampler=None, record_history: bool = False,
                  early_exit: bool = False, cache: str = "none", cache_refresh: int | None = None,
-                 unroll: str | FastUnroll = "full"):
+                 unroll: str | FastUnroll = "full", logprobs: int | None = None):
         check_request(base, [], gen_length, block_length)
         check_cache(base, cache, block_length, cache_refresh)
         self.plan = unroll_plan(unroll)
@@ -550,6 +579,7 @@ class Decoding:
         self.base, self.strategy, self.sampling, self.sampler = base, strategy, sampling, sampler
         self.gen_length, self.block_length, self.seed = gen_length, block_length, seed
         self.record_history, self.cache, self.cache_refresh = record_history, cache, cache_refresh
+        self.logprobs = logprobs  # see _Loop: None (off) or the number of most likely tokens kept per position
         self.stops = tuple(base.stop_ids) if early_exit and base.eos_id is not None and base.stop_ids else None
         self.loop: _Loop | None = None
         self.steps = 0
@@ -579,7 +609,8 @@ class Decoding:
         if self.size == 0:
             self.loop = _Loop(self.base, x.to(device), None if attention_mask is None else attention_mask.to(device),
                               P, self.sampling, RowRNG(seeds, device), self.sampler, self.record_history, self.stops,
-                              self.cache, self.cache_refresh, self.plan, self.strategy.k, self.block_length)
+                              self.cache, self.cache_refresh, self.plan, self.strategy.k, self.block_length,
+                              self.logprobs)
             return
         if not self.joinable or attention_mask is not None or P != self.loop.gen_start:
             raise AdjustError("rows can join a running generation only without a cache, with prompts of its length")
@@ -602,6 +633,12 @@ class Decoding:
     def tokens(self, rows: list[int]) -> torch.Tensor:
         """(len(rows), gen_length) the rows' generated ids so far (masks where not yet decoded)."""
         return self.loop.x[rows, self.loop.gen_start:].cpu()
+
+    def token_logprobs(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """With `logprobs` on: (token log-probs (n, gen_length), top ids and top log-probs (n, gen_length, N)) of
+        the rows' generated positions; NaN where a position was not drawn (not yet, or filled by early exit)."""
+        loop, P = self.loop, self.loop.gen_start
+        return loop.token_logp[rows, P:].cpu(), loop.top_ids[rows, P:].cpu(), loop.top_logp[rows, P:].cpu()
 
     def step(self, on_step=None) -> bool:
         """One full pass and the strategy's writes; False (and nothing done) when no row has masks left."""

@@ -114,6 +114,7 @@ class TinyBase(BaseModel):
         if self.tokenizer is not None:
             with atomic_path(out / "tokenizer.json") as tmp:
                 self.tokenizer.backend_tokenizer.save(str(tmp))
+            write_tokenizer_config(out, self.max_length)
         write_json(out / "config.json", {"model_type": MODEL_TYPE, "architectures": ["TinyMDLM"], "name": self.name,
                                          "torch_dtype": str(dtype).removeprefix("torch."), **asdict(self.cfg),
                                          **(extra or {})})
@@ -131,6 +132,14 @@ class TinyBase(BaseModel):
         weights = path / "model.safetensors"
         load_state(base.model, load_weights(weights, "model weights"), path, "model weights")
         return base
+
+
+def write_tokenizer_config(out: str | Path, max_length: int) -> None:
+    """tokenizer_config.json beside tokenizer.json, so that transformers' AutoTokenizer (lm-eval, vLLM-style
+    clients) gives the special tokens the project uses."""
+    write_json(Path(out) / "tokenizer_config.json",
+               {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "pad_token": PAD, "mask_token": MASK,
+                "model_max_length": max_length, "clean_up_tokenization_spaces": False})
 
 
 def load_tokenizer(path: str | Path):

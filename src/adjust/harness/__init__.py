@@ -24,6 +24,7 @@ LM_EVAL_VERSION = "0.4.13"  # the version tested; pinned by the `harness` extra
 
 try:
     import lm_eval  # noqa: F401
+    import lm_eval.models  # noqa: F401  (lm-eval's own models first: its registry loads them only while empty)
 except ImportError:  # pragma: no cover - depends on the environment
     raise AdjustError("the lm-eval integration needs lm-eval: pip install 'adjust-dlm[harness]'") from None
 

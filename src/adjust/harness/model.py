@@ -6,9 +6,11 @@
   kept to `max_gen_toks` tokens. Every sequence draws from its own generator seeded by
   (seed, prompt ids, sample index), so a prompt gets the same tokens here as in
   `adjust generate` / `adjust eval tasks` with the same seed, in any batch.
-- loglikelihood: the masked-diffusion bound (`adjust.likelihood`, the routine training and
-  validation use) over the continuation's tokens, averaged over `mc_num` Monte Carlo draws
-  of the mask ratio, as LLaDA's evaluation does; is_greedy from a greedy exact decode of the
+- loglikelihood: with `likelihood=bound` (the default) the masked-diffusion bound
+  (`adjust.likelihood`, the routine training and validation use) over the continuation's tokens,
+  averaged over `mc_num` Monte Carlo draws of the mask ratio, as LLaDA's evaluation does; with
+  `likelihood=chain` the exact left-to-right chain rule (`likelihood.chain_logprobs`, what
+  `adjust serve` returns for echo + logprobs). is_greedy from a greedy exact decode of the
   continuation's length (`check_greedy`).
 - loglikelihood_rolling: lm-eval's rolling windows of the model's context, each scored by
   the same bound (the first window unconditionally: a diffusion model needs no BOS).
@@ -36,8 +38,9 @@ MODEL_ARGS = {
     "block_length": None, "gen_length": None,
     "temperature": None, "top_p": None, "top_k": None, "order": None,
     "cache": None, "unroll": "full", "chat": False, "dtype": "float32", "device": "cpu", "batch_size": DEFAULT_BATCH_SIZE,
-    "seed": 0, "mc_num": 128, "check_greedy": True,
+    "seed": 0, "mc_num": 128, "check_greedy": True, "likelihood": "bound",
 }
+LIKELIHOODS = ("bound", "chain")
 # Request generation kwargs read (besides until and max_gen_toks); others are ignored with a warning.
 GEN_KWARGS = ("do_sample", "temperature", "top_p", "top_k")
 # Arguments lm-eval passes to every model whether or not they apply (`--max_batch_size`).
@@ -96,8 +99,9 @@ class AdjustLM(LM):
     (a parameter the strategy does not take is refused); block_length, gen_length: the
     generation region; temperature, top_p, top_k, order: override the request's sampling
     (requests with do_sample false, like GSM8K's, are greedy); chat: wrap each context as one
-    user turn of the tokenizer's chat template; dtype, device, batch_size, seed; mc_num:
-    Monte Carlo draws of the likelihood bound; check_greedy: compute loglikelihood's
+    user turn of the tokenizer's chat template; dtype, device, batch_size, seed; likelihood: bound
+    (default) or chain, how loglikelihood scores (module docstring); mc_num: Monte Carlo draws of the
+    likelihood bound; check_greedy: compute loglikelihood's
     is_greedy by a greedy decode (false: always False, as LLaDA's evaluation without it).
     cache: none | prefix | dual, the decoding loop's key/value cache (needs block_length; only bases
     that can take one: our tiny model, native Dream and LLaDA). unroll: full | fast, how ADJUST's sampler
@@ -126,6 +130,9 @@ class AdjustLM(LM):
         self.batch_size = _batch_size(a["batch_size"])
         self.seed = _int("seed", a["seed"])
         self.mc_num = _int("mc_num", a["mc_num"], 1)
+        self.likelihood = str(a["likelihood"])
+        if self.likelihood not in LIKELIHOODS:
+            raise AdjustError(f"model arg likelihood must be one of {', '.join(LIKELIHOODS)}, got {self.likelihood!r}")
         self.check_greedy = _bool("check_greedy", a["check_greedy"])
         self.chat = _bool("chat", a["chat"])
         self.sampling_overrides = {k: a[k] for k in ("temperature", "top_p", "top_k", "order") if a[k] is not None}
@@ -279,9 +286,10 @@ class AdjustLM(LM):
         return list(self.base.tokenizer.encode(text, add_special_tokens=False))
 
     def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
-        """Bound of log p(continuation | context) per (context ids, continuation ids): each pair alone,
-        its `mc_num` draws batched `batch_size` at a time (so a score never depends on the other requests)."""
-        from ..likelihood import estimate_logprob
+        """log p(continuation | context) per (context ids, continuation ids), each pair alone (so a score never
+        depends on the other requests): the bound's `mc_num` draws batched `batch_size` at a time, or the chain
+        rule's one row per continuation token, `batch_size` rows at a time."""
+        from ..likelihood import chain_logprobs, estimate_logprob
 
         limit = self.base.max_length
         out = []
@@ -291,6 +299,10 @@ class AdjustLM(LM):
             if len(cont) > limit:
                 raise AdjustError(f"a continuation of {len(cont)} tokens exceeds the model's context of {limit}")
             ctx = ctx[max(0, len(ctx) + len(cont) - limit):]  # keep the context's end
+            if self.likelihood == "chain":
+                out.append(float(chain_logprobs(self.base, ctx + cont, len(ctx), batch_size=self.batch_size)[0]
+                                 .double().sum()))
+                continue
             ids = torch.tensor(ctx + cont, dtype=torch.long, device=self.base.device)
             eligible = torch.arange(len(ids), device=ids.device) >= len(ctx)
             out.append(estimate_logprob(self.base, ids, eligible, draws=self.mc_num, seed=self.seed,

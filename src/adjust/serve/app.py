@@ -30,10 +30,10 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import AdjustError
-from .batching import Batcher, Job
+from .batching import Batcher, Job, ScoreJob
 from .errors import ApiError
 from .limits import Limits
-from .requests import ChoiceText, check_fields, parse_messages, parse_prompts, parse_request
+from .requests import ChoiceText, check_chars, check_fields, get_bool, parse_messages, parse_prompts, parse_request
 
 log = logging.getLogger("adjust.serve")
 STATIC = Path(__file__).parent / "static"
@@ -51,7 +51,7 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
     `allowed_hosts`: Host header values accepted besides the loopback names of a loopback bind (there
     the Host is always checked; on another bind only when this is given). `cors_origins`: origins whose
     browsers may call the API (CORS); any other cross-origin request is refused with a 403."""
-    name = model_name or base.name
+    name = model_name or Path(str(base.name).rstrip("/")).name or str(base.name)  # a directory's own name
     batcher = Batcher(base, sampler, max_batch_size, batch_wait_ms, mixed_lengths, limits.max_queued_rows)
     defaults = {"strategy": default_strategy, "tokens_per_pass": default_tokens_per_pass}
     # Unseeded requests share this seed and get fresh random sample indices, so they can batch together.
@@ -122,17 +122,75 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
             return {"status": status}
         return {"status": status, "model": name, "sampler": sampler is not None, **batcher.stats.to_dict()}
 
+    def model_card() -> dict:
+        from ..strategies import strategy_names
+
+        return {"id": name, "object": "model", "created": created, "owned_by": "adjust",
+                "context_length": base.max_length, "max_model_len": base.max_length,
+                "max_tokens_cap": limits.max_tokens, "sampler": sampler is not None, "strategies": strategy_names(),
+                "chat_template": bool(chat_template or getattr(base.tokenizer, "chat_template", None))}
+
     @app.get("/v1/models")
     @api
     async def models(request: Request):
-        from ..strategies import strategy_names
+        return {"object": "list", "data": [model_card()]}
 
-        return {"object": "list", "data": [{
-            "id": name, "object": "model", "created": created, "owned_by": "adjust",
-            "context_length": base.max_length, "max_tokens_cap": limits.max_tokens, "sampler": sampler is not None,
-            "strategies": strategy_names(), "chat_template": bool(chat_template or
-                                                                   getattr(base.tokenizer, "chat_template", None)),
-        }]}
+    @app.get("/v1/models/{model_id:path}")
+    @api
+    async def model(request: Request):
+        got = request.path_params["model_id"]
+        if got != name:
+            raise ApiError(f"model {got!r} is not served here; this server serves {name!r}", "model",
+                           "model_not_found", 404)
+        return model_card()
+
+    # --- tokenizer endpoints, in vLLM's shapes (lm-eval's remote tokenizer uses them) ------------------------
+    def special(attr: str) -> str | None:
+        tok = getattr(base.tokenizer, attr, None)
+        return tok if isinstance(tok, str) else None
+
+    @app.get("/tokenizer_info")
+    @api
+    async def tokenizer_info(request: Request):
+        return {"tokenizer_class": type(base.tokenizer).__name__, "eos_token": special("eos_token"),
+                "bos_token": special("bos_token"), "pad_token": special("pad_token"),
+                "mask_token": special("mask_token"), "model_max_length": base.max_length,
+                "chat_template": chat_template or getattr(base.tokenizer, "chat_template", None)}
+
+    def tokenize(body: dict) -> dict:
+        if not isinstance(body, dict):
+            raise ApiError("the request body must be a JSON object", None, "invalid_body")
+        special_tokens = get_bool(body, "add_special_tokens", True)
+        if "messages" in body:
+            ids = parse_messages(body, base, chat_template)
+        else:
+            text = body.get("prompt")
+            if not isinstance(text, str):
+                raise ApiError("'prompt' must be a string", "prompt", "invalid_type")
+            check_chars(text, base, "prompt")
+            ids = base.encode(text) if special_tokens else list(base.tokenizer.encode(text, add_special_tokens=False))
+        return {"count": len(ids), "max_model_len": base.max_length, "tokens": ids, "token_strs": None}
+
+    def detokenize(body: dict) -> dict:
+        ids = body.get("tokens") if isinstance(body, dict) else None
+        vocab = base.vocab_size
+        if not isinstance(ids, list) or len(ids) > 4 * base.max_length or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+            raise ApiError(f"'tokens' must be a list of at most {4 * base.max_length} token ids in [0, {vocab})",
+                           "tokens", "invalid_value")
+        return {"prompt": base.tokenizer.decode(ids)}
+
+    @app.post("/tokenize")
+    @api
+    async def tokenize_route(request: Request):
+        raw = await read_body(request)
+        return await asyncio.get_running_loop().run_in_executor(parser, lambda: tokenize(load_json(raw)))
+
+    @app.post("/detokenize")
+    @api
+    async def detokenize_route(request: Request):
+        raw = await read_body(request)
+        return await asyncio.get_running_loop().run_in_executor(parser, lambda: detokenize(load_json(raw)))
 
     @app.get("/")
     async def page():
@@ -175,6 +233,22 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
 
     def prepare(raw: bytes, chat: bool):
         """JSON -> checked request with its prompts tokenized (in the parser thread; raises ApiError)."""
+        body = load_json(raw)
+        model = body.get("model")
+        if model is not None and model != name:
+            raise ApiError(f"model {model!r} is not served here; this server serves {name!r}", "model",
+                           "model_not_found", 404)
+        check_fields(body, chat, lenient)
+        prompts = [parse_messages(body, base, chat_template)] if chat else parse_prompts(body, base, limits)
+        req = parse_request(body, base, sampler, prompts, defaults, server_seed, limits, chat)
+        if not chat:
+            p = body["prompt"]
+            req.texts = [p] if isinstance(p, str) else [t if isinstance(t, str) else None for t in p] \
+                if p and isinstance(p[0], (str, list)) else [None]
+        return req
+
+    def load_json(raw: bytes) -> dict:
+        """A JSON object of text (no lone surrogates), or an ApiError."""
         try:
             body = json.loads(raw)
         except RecursionError:
@@ -190,21 +264,61 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
                            f"{e.object[e.start:e.end]!r})", None, "invalid_text") from None
         except RecursionError:
             raise ApiError("the request body is nested too deeply", None, "invalid_json") from None
-        model = body.get("model")
-        if model is not None and model != name:
-            raise ApiError(f"model {model!r} is not served here; this server serves {name!r}", "model",
-                           "model_not_found", 404)
-        check_fields(body, chat, lenient)
-        prompts = [parse_messages(body, base, chat_template)] if chat else parse_prompts(body, base, limits)
-        return parse_request(body, base, sampler, prompts, defaults, server_seed, limits, chat)
+        return body
 
-    async def watch_disconnect(request: Request, job: Job) -> None:
-        """Cancel the job as soon as the client goes away (the body has been read: the next message is that)."""
+    async def watch_disconnect(request: Request, jobs: list[Job]) -> None:
+        """Cancel the jobs as soon as the client goes away (the body has been read: the next message is that)."""
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
-                batcher.cancel(job)
+                for job in jobs:
+                    batcher.cancel(job)
                 return
+
+    def piece(tok: int) -> str:
+        if tok not in piece_cache:
+            piece_cache[tok] = base.tokenizer.decode([tok])
+        return piece_cache[tok]
+
+    def prompt_text(req, index: int) -> str:
+        text = req.texts[index] if req.texts else None
+        return text if text is not None else base.tokenizer.decode(req.prompts[index])
+
+    def logprobs_object(req, prompt: int, scored, choice: ChoiceText, drawn) -> dict:
+        """OpenAI's completions `logprobs`: the echoed prompt's tokens by the chain rule (`scored`), then the
+        generated ones, each with the log-probability it was drawn with (`drawn`), up to the end of the text
+        (and its stop token, if one ended it)."""
+        ids, lps, tops = [], [], []
+        if req.echo:
+            ids += req.prompts[prompt]
+            if scored is not None:
+                lps += scored[0].tolist()
+                tops += [list(zip(t.tolist(), v.tolist())) for t, v in zip(scored[1], scored[2])]
+            else:
+                lps += [None] * len(req.prompts[prompt])
+                tops += [[]] * len(req.prompts[prompt])
+        if drawn is not None:
+            gen = [t for t in choice.tokens if t is not None]
+            n = choice.completion_tokens()
+            if n < len(gen) and gen[n] in choice.stop_ids:
+                n += 1
+            for k in range(n):
+                ids.append(gen[k])
+                lp = float(drawn[0][k])
+                lps.append(None if lp != lp else lp)
+                tops.append([(t, v) for t, v in zip(drawn[1][k].tolist(), drawn[2][k].tolist()) if v == v])
+        tokens = [piece(t) for t in ids]
+        top_dicts = []
+        for alts in tops:
+            d: dict[str, float] = {}
+            for t, v in alts[: req.logprobs]:
+                d[piece(t)] = max(v, d.get(piece(t), float("-inf")))
+            top_dicts.append(d if req.logprobs else None)
+        offsets, at = [], 0
+        for t in tokens:
+            offsets.append(at)
+            at += len(t)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top_dicts, "text_offset": offsets}
 
     async def handle(request: Request, chat: bool):
         if batcher.draining:
@@ -219,13 +333,24 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
         for ids in req.prompts:
             for i in range(req.n):
                 rows.append((ids, i if req.seeded else secrets.randbits(62)))
-        job = Job(rows, req.settings, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-                  timeout=limits.request_timeout)
+        post = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)  # noqa: E731
+        generating = req.settings.gen_length > 0
+        job = Job(rows if generating else [], req.settings, post, timeout=limits.request_timeout)
+        scoring = ScoreJob(req.prompts, req.logprobs, post, limits.request_timeout) \
+            if req.echo and req.logprobs is not None else None
         choices = [ChoiceText(base, req.settings.gen_length, req.stops) for _ in rows]
-        stats = [None] * len(rows)
+        stats, token_lp, scored = [None] * len(rows), [None] * len(rows), [None] * len(req.prompts)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         t0 = int(time.time())
-        batcher.submit(job)
+        if scoring is not None:
+            batcher.submit(scoring)
+        if generating:
+            try:
+                batcher.submit(job)
+            except ApiError:
+                if scoring is not None:
+                    batcher.cancel(scoring)
+                raise
 
         def usage() -> dict:
             prompt_tokens = sum(len(p) for p in req.prompts)
@@ -242,13 +367,14 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
                     "batch_size": max((s["batch_size"] for s in done), default=0)}
 
         def on_done(ev) -> None:
-            _, index, tokens, st = ev
+            _, index, tokens, st, lp = ev
             choices[index].finish(tokens)
-            stats[index] = st
+            stats[index], token_lp[index] = st, lp
 
         if not req.stream:
-            watcher = asyncio.ensure_future(watch_disconnect(request, job))
-            remaining = len(rows)
+            jobs = [j for j in (job if generating else None, scoring) if j is not None]
+            watcher = asyncio.ensure_future(watch_disconnect(request, jobs))
+            remaining = (len(rows) if generating else 0) + (len(req.prompts) if scoring is not None else 0)
             try:
                 while remaining:
                     ev = await events.get()
@@ -257,14 +383,25 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
                     if ev[0] == "done":
                         on_done(ev)
                         remaining -= 1
+                    elif ev[0] == "scored":
+                        scored[ev[1]] = ev[2]
+                        remaining -= 1
             finally:  # the client went away (or the server stops): its rows leave the batch at the next pass
                 watcher.cancel()
                 if remaining:
-                    batcher.cancel(job)
+                    for j in jobs:
+                        batcher.cancel(j)
             out = []
             for i, c in enumerate(choices):
-                text = c.advance(final=True)
+                text = c.advance(final=True) if generating else ""
+                if not generating:
+                    c.finish_reason = "length"
+                prompt = i // req.n
+                if req.echo:
+                    text = prompt_text(req, prompt) + text
                 item = {"index": i, "logprobs": None, "finish_reason": c.finish_reason}
+                if req.logprobs is not None:
+                    item["logprobs"] = logprobs_object(req, prompt, scored[prompt], c, token_lp[i])
                 item.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
                 out.append(item)
             return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": t0,
@@ -284,10 +421,6 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
             return _sse({"id": rid, "object": obj, "created": t0, "model": name, "system_fingerprint": None,
                          "choices": [c]})
 
-        def piece(tok: int) -> str:
-            if tok not in piece_cache:
-                piece_cache[tok] = base.tokenizer.decode([tok])
-            return piece_cache[tok]
 
         async def stream():
             remaining = len(rows)
@@ -321,7 +454,7 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
                     yield _sse({"id": rid, "object": obj, "created": t0, "model": name, "system_fingerprint": None,
                                 "choices": [], "usage": usage(), "adjust_stats": adjust_stats()})
                 yield "data: [DONE]\n\n"
-            finally:  # also when the client went away: its rows leave the batch at the next pass
+            finally:  # also when the client went away (Starlette cancels the stream): its rows leave the batch
                 if remaining:
                     batcher.cancel(job)
 

@@ -56,13 +56,15 @@ class DecodeSettings:
     cache: str = "none"  # the decoding loop's key/value cache (needs block_length)
     unroll: str = "full"  # how ADJUST's sampler unrolls are computed (decode.UNROLL_MODES)
     early_exit: bool = False  # stop a row at its first stop token (chat: EOS / end of turn), as --chat does
+    logprobs: int | None = None  # record each drawn token's log-probability and the N most likely (None: off)
 
     def make_strategy(self):
         return make_strategy(self.strategy, **dict(self.strategy_params))
 
     def decoding(self, base, sampler) -> Decoding:
         return Decoding(base, self.make_strategy(), self.sampling, self.gen_length, self.block_length, self.seed,
-                        sampler, early_exit=self.early_exit, cache=self.cache, unroll=self.unroll)
+                        sampler, early_exit=self.early_exit, cache=self.cache, unroll=self.unroll,
+                        logprobs=self.logprobs)
 
 
 @dataclass(eq=False)
@@ -81,7 +83,7 @@ class Job:
     """One request's rows and the channel from the worker thread back to its event loop.
 
     Events posted (in order per row): ("step", index, step, cols, tokens), ("done", index, tokens,
-    stats); or ("error", exception) once for the whole job. `timeout`: seconds from submission after
+    stats, logprobs or None); or ("error", exception) once for the whole job. `timeout`: seconds from submission after
     which the job fails with a 504 (None: no limit).
     """
 
@@ -116,6 +118,41 @@ class Job:
         self.cancelled = True
 
 
+class ScoreJob(Job):
+    """A request's prompts to score by the chain rule (`likelihood.chain_logprobs`: echo + logprobs).
+
+    The worker scores `max_batch_size` positions per turn, between decoding passes. Events: ("scored", index,
+    (logprobs, top_ids, top_logprobs)) per prompt, in order; or ("error", exception)."""
+
+    def __init__(self, prompts: list[list[int]], top: int, post, timeout: float | None = None):
+        super().__init__([], None, post, timeout)
+        self.prompts, self.top = prompts, top
+        self._prompt, self._pos, self._parts = 0, 0, []
+
+    def turn(self, base, positions: int) -> int:
+        """Score up to `positions` more positions (returns how many); `done` tells when every prompt is."""
+        from ..likelihood import chain_logprobs
+
+        budget = positions
+        while self._prompt < len(self.prompts) and positions > 0:
+            ids = self.prompts[self._prompt]
+            stop = min(len(ids), self._pos + positions)
+            if stop > self._pos:
+                self._parts.append(chain_logprobs(base, ids, self._pos, self.top, batch_size=positions,
+                                                  stop=stop))
+                positions -= stop - self._pos
+            self._pos = stop
+            if self._pos >= len(ids):
+                parts = self._parts or [chain_logprobs(base, ids, 0, self.top, stop=0)]
+                self.post(("scored", self._prompt, tuple(torch.cat([p[k] for p in parts]) for k in range(3))))
+                self._prompt, self._pos, self._parts = self._prompt + 1, 0, []
+        return budget - positions
+
+    @property
+    def done(self) -> bool:
+        return self._prompt >= len(self.prompts)
+
+
 @dataclass
 class BatcherStats:
     queued_rows: int = 0
@@ -130,6 +167,7 @@ class BatcherStats:
     failed_batches: int = 0
     expired_jobs: int = 0  # requests past the time limit
     rejected_jobs: int = 0  # requests refused because the queue was full
+    scored_positions: int = 0  # prompt positions scored (echo + logprobs)
     batch_sizes: dict = field(default_factory=dict)  # rows in a full pass -> how many passes
 
     def to_dict(self) -> dict:
@@ -154,6 +192,7 @@ class Batcher:
         self.mixed_lengths, self.max_queued_rows = mixed_lengths, max_queued_rows
         self.stats = BatcherStats()
         self._jobs: list[Job] = []  # jobs with rows waiting
+        self._scoring: list[ScoreJob] = []  # prompt scoring, first come first served, a turn between passes
         self._cond = threading.Condition()
         self._stopping = self._paused = False
         self._drain_deadline: float | None = None
@@ -191,7 +230,7 @@ class Batcher:
         return self._drain_deadline is not None
 
     def idle(self) -> bool:
-        return not self._jobs and not self._running
+        return not self._jobs and not self._running and not self._scoring
 
     def pause(self) -> None:
         """Admit no row to a batch until `resume` (requests still queue): lets a caller line up a batch."""
@@ -204,24 +243,27 @@ class Batcher:
             self._cond.notify_all()
 
     def submit(self, job: Job) -> None:
-        """Queue a job's rows; an ApiError (503 while draining, 429 when the queue is full) refuses it."""
+        """Queue a job's rows (a ScoreJob counts as one); an ApiError (503 while draining, 429 when the queue is
+        full) refuses it."""
         with self._cond:
             if self._stopping or self.draining:
                 raise shutting_down()
-            waiting = sum(len(j.pending) for j in self._jobs)
-            if waiting + len(job.rows) > self.max_queued_rows:
+            waiting = sum(len(j.pending) for j in self._jobs) + len(self._scoring)
+            if waiting + max(1, len(job.rows)) > self.max_queued_rows:
                 self.stats.rejected_jobs += 1
                 raise ApiError(f"the server is busy: {waiting} rows are waiting and this request adds "
                                f"{len(job.rows)}, beyond the queue's {self.max_queued_rows}; retry later", None,
                                "queue_full", 429, "rate_limit_error", {"Retry-After": str(self._retry_after(waiting))})
-            for row in job.rows:
-                row.key = self._key_of(row)
-            job.pending, job.seq = list(job.rows), self._seq
+            job.seq = self._seq
             self._seq += 1
-            if job.deadline is None and job.timeout is not None:
-                job.deadline = time.monotonic() + job.timeout
-            self._jobs.append(job)
-            self.stats.queued_rows = waiting + len(job.rows)
+            if isinstance(job, ScoreJob):
+                self._scoring.append(job)
+            else:
+                for row in job.rows:
+                    row.key = self._key_of(row)
+                job.pending = list(job.rows)
+                self._jobs.append(job)
+            self.stats.queued_rows = waiting + max(1, len(job.rows))
             self._cond.notify_all()
 
     def cancel(self, job: Job) -> None:
@@ -242,7 +284,7 @@ class Batcher:
         return int(min(600, max(1, math.ceil(waiting / rate)))) if rate > 0 else 5
 
     def _open_jobs(self) -> list[Job]:
-        jobs = {id(j): j for j in self._jobs}
+        jobs = {id(j): j for j in self._jobs + self._scoring}
         jobs.update({id(r.job): r.job for r in self._running})
         return [j for j in jobs.values() if not j.gone]
 
@@ -258,7 +300,8 @@ class Batcher:
                                   "(--request-timeout); ask for fewer rows or tokens", None, "timeout", 504,
                                   "server_error"))
         self._jobs = [j for j in self._jobs if not j.gone and j.pending]
-        self.stats.queued_rows = sum(len(j.pending) for j in self._jobs)
+        self._scoring = [j for j in self._scoring if not j.gone]
+        self.stats.queued_rows = sum(len(j.pending) for j in self._jobs) + len(self._scoring)
 
     def _next_job(self) -> Job | None:
         """The waiting job whose turn it is: fewest rows started, then the oldest."""
@@ -303,9 +346,9 @@ class Batcher:
         """Wait until there is a pass to run or rows to admit (False: stopping); wakes for deadlines too."""
         while not self._stopping:
             self._tidy()
-            if self._running or (self._jobs and not self._paused):
+            if self._running or (self._jobs or self._scoring) and not self._paused:
                 return True
-            deadlines = [j.deadline for j in self._jobs if j.deadline is not None]
+            deadlines = [j.deadline for j in self._jobs + self._scoring if j.deadline is not None]
             if self._drain_deadline is not None:
                 deadlines.append(self._drain_deadline)
             self._cond.wait(None if not deadlines else max(0.0, min(deadlines) - time.monotonic()) + 0.01)
@@ -343,6 +386,7 @@ class Batcher:
                         self._pass()
                 except Exception as e:  # noqa: BLE001 - a bug here must not stop the worker
                     self._fail_batch(e)
+                self._score_turn()
 
     def _drop_gone(self) -> None:
         """Take the rows of cancelled / failed jobs out of the running batch (they free their slots now)."""
@@ -400,10 +444,12 @@ class Batcher:
         if not done:
             return
         tokens = d.tokens(done)
-        for t, i in zip(tokens, done):
+        lp = d.token_logprobs(done) if d.logprobs is not None else None
+        for b, (t, i) in enumerate(zip(tokens, done)):
             r = rows[i]
             r.job.post(("done", r.index, t.tolist(),
-                        {"full_passes": r.passes, "sampler_passes": r.unrolls, "batch_size": r.batch_size}))
+                        {"full_passes": r.passes, "sampler_passes": r.unrolls, "batch_size": r.batch_size},
+                        None if lp is None else tuple(x[b] for x in lp)))
         self.stats.rows_done += len(done)
         d.remove(done)
         gone = set(done)
@@ -411,6 +457,25 @@ class Batcher:
         self.stats.running_rows = len(self._running)
         if not self._running:
             self._end_batch()
+
+    def _score_turn(self) -> None:
+        """One turn of the oldest scoring job: up to max_batch_size positions (a pass's worth of rows)."""
+        if self._paused or not self._scoring:
+            return
+        job = self._scoring[0]
+        t0 = time.perf_counter()
+        try:
+            self.stats.scored_positions += job.turn(self.base, self.max_batch_size)
+        except Exception as e:  # noqa: BLE001 - this request fails, the server keeps serving
+            if not isinstance(e, (AdjustError, ApiError)):
+                log.error("scoring failed", exc_info=e)
+            job.fail(e)
+        self._busy_seconds += time.perf_counter() - t0
+        if job.done or job.gone:
+            with self._cond:
+                if job in self._scoring:
+                    self._scoring.remove(job)
+                self.stats.queued_rows = sum(len(j.pending) for j in self._jobs) + len(self._scoring)
 
     def _fail_batch(self, e: Exception) -> None:
         """A pass failed. Rows of several requests: each request reruns from its start in a batch of its own

@@ -15,7 +15,8 @@ from .batching import DecodeSettings
 from .errors import ApiError
 from .limits import Limits
 
-MAX_STOPS = 4  # as OpenAI
+MAX_STOPS = 16  # OpenAI takes 4; lm-eval's own tasks send up to 5 (vLLM has no limit)
+MAX_LOGPROBS = 20  # most likely tokens returned per position (OpenAI's completions: 5)
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions; a diffusion canvas needs a length
 STRATEGY_FIELDS = STRATEGY_PARAMS
 
@@ -25,6 +26,7 @@ OPENAI_FIELDS = {"model", "prompt", "messages", "max_tokens", "max_completion_to
                  "stream", "stream_options", "stop", "seed", "user"}
 EXTENSION_FIELDS = {"strategy", "block_length", "order", "top_k", "cache", "unroll", *STRATEGY_FIELDS}
 # OpenAI fields accepted only at a value that asks for nothing; anything else is a 400 naming the field
+# (completions implement logprobs and echo: see COMPLETIONS_ONLY)
 NEUTRAL = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
            "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
            "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
@@ -32,13 +34,14 @@ NEUTRAL = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, 
            "response_format": (None, {"type": "text"}), "store": (None, False), "metadata": (None, {}),
            "best_of": (None,)}  # best_of: also when equal to n (see check_fields)
 STREAM_OPTIONS = {"include_usage", "include_steps"}
+COMPLETIONS_ONLY = {"logprobs", "echo"}  # implemented for /v1/completions (chat's logprobs are not)
 
 
 def check_fields(body: dict, chat: bool, lenient: bool) -> None:
     """Unsupported OpenAI fields (at a value that asks for something) are a 400 naming the field; so are
     unknown fields, unless `lenient`."""
     for name, value in body.items():
-        if name in NEUTRAL:
+        if name in NEUTRAL and not (name in COMPLETIONS_ONLY and not chat):
             if name == "best_of" and _is_int(value) and value == body.get("n", 1):
                 continue
             if not any(value is v or (type(value) is type(v) and value == v) for v in NEUTRAL[name]):
@@ -47,7 +50,7 @@ def check_fields(body: dict, chat: bool, lenient: bool) -> None:
         elif name in ("prompt", "messages") and name != ("messages" if chat else "prompt"):
             raise ApiError(f"'{name}' belongs to /v1/{'completions' if chat else 'chat/completions'}, not here",
                            name, "unsupported_parameter")
-        elif name not in OPENAI_FIELDS and name not in EXTENSION_FIELDS and not lenient:
+        elif name not in OPENAI_FIELDS | COMPLETIONS_ONLY and name not in EXTENSION_FIELDS and not lenient:
             raise ApiError(f"unknown field '{name}'; docs/serve.md lists the supported ones (start the server "
                            "with --lenient to ignore unknown fields)", name, "unknown_parameter")
     opts = body.get("stream_options")
@@ -114,6 +117,9 @@ class Parsed:
     stream: bool
     include_usage: bool
     include_steps: bool
+    echo: bool = False  # completions: the prompt comes back in front of the text
+    logprobs: int | None = None  # completions: token log-probabilities and the N most likely, per token
+    texts: list[str | None] | None = None  # the prompts as sent (None: sent as token ids)
 
 
 def parse_stops(body: dict) -> list[str]:
@@ -139,7 +145,7 @@ def max_prompt_chars(base) -> int | None:
     return cached
 
 
-def _check_chars(text: str, base, param: str) -> None:
+def check_chars(text: str, base, param: str) -> None:
     bound = max_prompt_chars(base)
     if bound is not None and len(text) > bound:
         raise ApiError(f"the prompt has {len(text)} characters; no text over {bound} characters fits the model's "
@@ -147,7 +153,7 @@ def _check_chars(text: str, base, param: str) -> None:
 
 
 def _encode(base, text: str, param: str) -> list[int]:
-    _check_chars(text, base, param)
+    check_chars(text, base, param)
     try:
         return base.encode(text)
     except AdjustError as e:
@@ -211,7 +217,7 @@ def parse_messages(body: dict, base, chat_template: str | None) -> list[int]:
         if not isinstance(content, str):
             raise ApiError(f"messages[{i}].content must be a string", "messages", "invalid_type")
         clean.append({"role": m["role"], "content": content})
-    _check_chars("".join(m["content"] for m in clean), base, "messages")
+    check_chars("".join(m["content"] for m in clean), base, "messages")
     if template is None:
         raise ApiError(f"model {base.name!r} has no chat template, so /v1/chat/completions cannot format "
                        "messages; use /v1/completions with a plain prompt, or start the server with "
@@ -234,19 +240,30 @@ def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults:
     get_str(body, "user")
     context = base.max_length
     longest = max(len(p) for p in prompts)
+    echo = False if chat else get_bool(body, "echo")
+    logprobs = None if chat else get_int(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS)
     max_tokens = get_int(body, "max_completion_tokens", None)
     max_tokens = get_int(body, "max_tokens", max_tokens)
     if max_tokens is None:
         max_tokens = max(1, min(limits.max_tokens, context - longest)) if chat else DEFAULT_MAX_TOKENS
-    if max_tokens < 1:
-        raise ApiError(f"'max_tokens' must be at least 1, got {max_tokens}", "max_tokens", "invalid_value")
+    if max_tokens < (0 if echo else 1):
+        raise ApiError(f"'max_tokens' must be at least 1 (0 only with 'echo': scoring the prompt alone), got "
+                       f"{max_tokens}", "max_tokens", "invalid_value")
+    if echo and logprobs is not None:
+        scored = sum(len(p) for p in prompts)
+        if scored > limits.max_scored_tokens:
+            raise ApiError(f"'echo' with 'logprobs' scores every prompt token: {scored} here, beyond this server's "
+                           f"{limits.max_scored_tokens} per request (--max-scored-tokens)", "prompt",
+                           "too_many_tokens")
+    if (echo or logprobs is not None) and get_bool(body, "stream"):
+        raise ApiError("'echo' and 'logprobs' are not supported with 'stream'", "stream", "unsupported_parameter")
     if max_tokens > limits.max_tokens:
         raise ApiError(f"'max_tokens' ({max_tokens}) is above this server's cap of {limits.max_tokens} "
                        "(--max-tokens-cap)", "max_tokens", "invalid_value")
     if max_tokens >= context:
         raise ApiError(f"'max_tokens' ({max_tokens}) is beyond the model's context of {context} tokens "
                        "(the prompt needs room too)", "max_tokens", "context_length_exceeded")
-    if longest + 1 > context:
+    if longest + min(1, max_tokens) > context:
         raise ApiError(f"the prompt is too long: {longest} tokens leave no room in the model's context of "
                        f"{context} tokens", "prompt", "context_length_exceeded")
     if longest + max_tokens > context:
@@ -306,7 +323,7 @@ def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults:
     except (TypeError, ValueError) as e:
         raise ApiError(f"bad parameters for strategy {name!r}: {e}", "strategy", "invalid_value")
     params = {k: v for k, v in params.items() if k in _accepted(strategy)}
-    if not strategy.adaptive and strategy.k > max_tokens:
+    if not strategy.adaptive and strategy.k > max_tokens and max_tokens:
         raise ApiError(f"'tokens_per_pass' ({strategy.k}) is larger than 'max_tokens' ({max_tokens})",
                        "tokens_per_pass", "invalid_value")
     if strategy.uses_sampler and sampler is None:
@@ -317,9 +334,9 @@ def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults:
         raise ApiError("'stream_options' must be an object", "stream_options", "invalid_type")
     opts = opts or {}
     settings = DecodeSettings(name, tuple(sorted(params.items())), sampling, max_tokens, block_length,
-                              server_seed if seed is None else seed, cache, unroll, early_exit=chat)
+                              server_seed if seed is None else seed, cache, unroll, early_exit=chat, logprobs=logprobs)
     return Parsed(prompts, n, settings, seed is not None, parse_stops(body), get_bool(body, "stream"),
-                  get_bool(opts, "include_usage"), get_bool(opts, "include_steps"))
+                  get_bool(opts, "include_usage"), get_bool(opts, "include_steps"), echo, logprobs)
 
 
 def _accepted(strategy) -> set:

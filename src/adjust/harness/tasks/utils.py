@@ -42,3 +42,21 @@ def reverse_docs(**kwargs):
 def validity(doc: dict, results: list[str]) -> dict:
     """1.0 if the generated answer is valid for the prompt (`adjust.eval.tasks.is_valid`), else 0.0."""
     return {"validity": float(is_valid(doc["prompt"], results[0]))}
+
+
+def reverse_mc_docs(**kwargs):
+    """`reverse` as multiple choice: the reversed words (the answer, choice 0) against the given order, the
+    answer rotated by one, and the answer with its first two words swapped (distinct choices only)."""
+    import datasets
+
+    with open(PROMPTS, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    docs = []
+    for r in records:
+        if r["task"] != "reverse":
+            continue
+        answer = r["meta"]["answer"].split()
+        options = [answer, list(r["meta"]["items"]), answer[1:] + answer[:1], answer[1:2] + answer[:1] + answer[2:]]
+        choices = list(dict.fromkeys(" " + " ".join(o) for o in options))
+        docs.append({"prompt": r["prompt"], "choices": choices, "gold": 0})
+    return {"test": datasets.Dataset.from_list(docs)}
