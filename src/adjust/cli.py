@@ -564,6 +564,10 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--strategy", default="exact", help="strategy of requests that name none (default: exact)")
     p.add_argument("--tokens-per-pass", "-K", type=int, default=None, help="K of requests that give none")
     p.add_argument("--verbose", action="store_true", help="log every request")
+    for action in p._actions:  # --chat (a base flag) means something else here
+        if action.dest == "chat":
+            action.help = ("require a chat template at start-up (the tokenizer's or --chat-template); "
+                           "/v1/chat/completions applies it to `messages`, /v1/completions takes prompts as they are")
     g = p.add_argument_group("limits (docs/serve.md)")
     g.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="largest request body (413 beyond)")
     g.add_argument("--max-prompts", type=int, default=d.max_prompts, help="prompts per request (400 beyond)")
