@@ -2,7 +2,7 @@
 
     e   = RMSNorm(embed(x))                 frozen base embedding of the current tokens
     p   = RMSNorm(prior)                    base hidden states (first unroll) or own output
-    z   = Linear(2H -> H)([e ; p])
+    z   = Linear(E + H -> H)([e ; p])        E = H but where the base factorises embeddings (ALBERT, ELECTRA)
     z   = Block(z)                          bidirectional attention (RoPE) + SwiGLU
     out = RMSNorm(z) + prior                post-norm plus residual
     logits = base.lm_head(out)              frozen, shared with the base
@@ -43,10 +43,12 @@ class SamplerConfig:
     base: dict = field(default_factory=dict)  # identity of the base model it was distilled from
     # decoding settings of the rollouts it was distilled on: order, temperature, top_p, top_k, block_length
     distilled_on: dict = field(default_factory=dict)
+    # width of the base's token embeddings where it is not hidden_size (ALBERT, ELECTRA factorise them); None: H
+    embed_size: int | None = None
 
     # Fields a saved config.json may lack (fields added later, whose default is what older files meant);
     # every other field must be in the file (io.config_from_json).
-    OPTIONAL_FIELDS = ("distilled_on",)  # samplers distilled before it was recorded warn about nothing
+    OPTIONAL_FIELDS = ("distilled_on", "embed_size")  # older samplers: nothing recorded, embeddings of width H
 
     @classmethod
     def for_base(cls, base, intermediate_ratio: float = 8 / 3, num_heads: int | None = None) -> "SamplerConfig":
@@ -55,7 +57,8 @@ class SamplerConfig:
         heads = num_heads or getattr(base, "num_heads", None) or max(1, H // 64)
         inter = int(16 * round(intermediate_ratio * H / 16))
         theta = float(getattr(base, "rope_theta", 10000.0))
-        return cls(H, heads, inter, rope_theta=theta, base=base.identity())
+        E = getattr(base, "embed_size", None)
+        return cls(H, heads, inter, rope_theta=theta, base=base.identity(), embed_size=None if E in (None, H) else E)
 
 
 class JointSampler(nn.Module):
@@ -65,9 +68,10 @@ class JointSampler(nn.Module):
         H = cfg.hidden_size
         if cfg.num_heads < 1 or H % cfg.num_heads or (H // cfg.num_heads) % 2:
             raise AdjustError(f"sampler hidden size {H} must split into {cfg.num_heads} heads of even size")
-        self.embed_norm = RMSNorm(H, cfg.norm_eps)
+        E = cfg.embed_size or H
+        self.embed_norm = RMSNorm(E, cfg.norm_eps)
         self.prior_norm = RMSNorm(H, cfg.norm_eps)
-        self.proj = nn.Linear(2 * H, H, bias=False)
+        self.proj = nn.Linear(E + H, H, bias=False)
         self.block = Block(H, cfg.num_heads, cfg.intermediate_size, cfg.norm_eps)
         self.out_norm = RMSNorm(H, cfg.norm_eps)
         for m in self.modules():  # fresh initialisation, not copied from the base

@@ -126,26 +126,37 @@ class BaseModel(nn.Module):
                               "tokenizer_config.json or chat_template.jinja); this is not an instruct model")
         self.chat = True
 
+    def prompt_prefix(self) -> list[int]:
+        """The special tokens the tokenizer puts before a text (`tokenizer(text)`'s front): BERT's [CLS], RoBERTa's
+        <s>, ESM's <cls>, LLaDA's BOS; none for Dream and our models. The one place a prompt's leading specials
+        are decided. The closing ones ([SEP], </s>, <eos>) never go in a prompt: generation continues after it."""
+        cached = self.__dict__.get("_prompt_prefix")
+        if cached is None:
+            tok = self.tokenizer
+            plain = list(tok.encode("a", add_special_tokens=False))
+            full = list(tok.encode("a", add_special_tokens=True))
+            at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+            special = set(tok.all_special_ids)
+            front = full[:at] if at is not None else []
+            cached = self.__dict__["_prompt_prefix"] = [t for t in front if t in special]
+        return list(cached)
+
     def encode(self, text: str) -> list[int]:
-        """A prompt's token ids ("" = unconditional: none). Plain text, or with --chat the user message in the
-        chat template followed by the assistant's generation prompt (the template's special tokens kept).
-        BOS goes first when the tokenizer puts one before plain text (LLaDA), unless already there."""
+        """A prompt's token ids: `prompt_prefix()` (unless --no-specials), then the text ("" = unconditional:
+        the prefix alone). Plain text, or with --chat the user message in the chat template followed by the
+        assistant's generation prompt (the template's special tokens kept); a prefix the text already starts
+        with (a template's BOS) is not doubled."""
         from ..data import check_text
 
-        if not text:
-            return []
-        text = check_text(text)
         tok = self.tokenizer
-        if self.chat:
-            text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                           tokenize=False)
-        ids = list(tok.encode(text, add_special_tokens=False))
-        bos = getattr(tok, "bos_token_id", None)
-        if bos is not None and (not ids or ids[0] != bos):
-            with_specials = tok.encode("a", add_special_tokens=True)
-            if with_specials and with_specials[0] == bos:
-                ids = [bos] + ids
-        return ids
+        if text:
+            text = check_text(text)
+            if self.chat:
+                text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                               tokenize=False)
+        ids = list(tok.encode(text, add_special_tokens=False)) if text else []
+        prefix = self.prompt_prefix() if self.prompt_specials else []
+        return ids if ids[: len(prefix)] == prefix else prefix + ids
 
     def decode(self, ids) -> str:
         """Text of a generation, cut at the first stop token (EOS or end-of-turn; later positions are padding)."""

@@ -298,6 +298,7 @@ class MaskedLMBase(_HFBase):
         self.pad_id = _first_id(tokenizer.pad_token_id, getattr(cfg, "pad_token_id", None), self.eos_id, self.mask_id)
         self.vocab_size = int(net.get_output_embeddings().weight.shape[0])
         self.hidden_size = int(cfg.hidden_size)
+        self.embed_size = int(net.get_input_embeddings().weight.shape[1])  # < hidden_size in ALBERT, ELECTRA
         self.max_length = _mlm_max_length(net, tokenizer)
         self.num_heads = int(getattr(cfg, "num_attention_heads", None) or max(1, self.hidden_size // 64))
         theta = _rope_theta(cfg)
@@ -324,22 +325,25 @@ class MaskedLMBase(_HFBase):
         return self.net(input_ids=input_ids, attention_mask=self._padding(attention_mask), **kw)
 
     def encode(self, text: str) -> list[int]:
-        """[CLS] first (as the model saw every sequence in training; off with --no-specials), then the text.
+        """`Base.encode` (the tokenizer's leading specials, [CLS] or <s>, once; off with --no-specials), checked:
+        a piece the tokenizer does not know ([UNK]) or a special token written in the text ([SEP], </s>, ...)
+        is refused, never passed on silently.
 
-        The end token ([SEP]) is this base's EOS: generation writes it. A prompt with a piece the
-        tokenizer does not know is refused, never silently replaced by [UNK].
-        """
+        The end token ([SEP], </s>) is this base's EOS: generation writes it."""
         ids = super().encode(text)
-        unk = self.tokenizer.unk_token_id
-        if unk is not None and unk in ids:
-            special = set(self.tokenizer.all_special_ids)
-            known = self.tokenizer.convert_ids_to_tokens([i for i in range(min(len(self.tokenizer), 40))
-                                                          if i not in special])
+        tok = self.tokenizer
+        body = ids[len(self.prompt_prefix()):] if self.prompt_specials else ids
+        unk = tok.unk_token_id
+        if unk is not None and unk in body:
             raise AdjustError(f"the prompt {text[:40]!r} holds text {self.name}'s tokenizer does not know "
-                              f"({self.tokenizer.unk_token}); its tokens look like: {' '.join(known[:25])}"
-                              + (" (separate residues with spaces)" if all(len(t) == 1 for t in known[:25]) else ""))
-        cls = self.tokenizer.cls_token_id
-        return ([cls] if self.prompt_specials and cls is not None else []) + ids
+                              f"({tok.unk_token}); {unknown_text_hint(tok, text)}")
+        special = set(tok.all_special_ids) - {unk}
+        inside = [t for t in body if t in special]
+        if inside:
+            names = ", ".join(dict.fromkeys(tok.convert_ids_to_tokens(inside)))
+            raise AdjustError(f"the prompt {text[:40]!r} contains the special token(s) {names}; a prompt is plain "
+                              "text (the leading special tokens are added for you, the closing ones never)")
+        return ids
 
     def hidden_states(self, input_ids, attention_mask=None):
         return self._raw_hidden(input_ids, attention_mask)
@@ -351,6 +355,21 @@ class MaskedLMBase(_HFBase):
         return self._raw_logits(input_ids, attention_mask)
 
 
+def unknown_text_hint(tok, text: str) -> str:
+    """What a prompt with unknown pieces should change: the vocabulary's case, spaces between single letters."""
+    special = set(tok.all_special_ids)
+    sample = [t for t in tok.convert_ids_to_tokens([i for i in range(min(len(tok), 64)) if i not in special])
+              if isinstance(t, str)]
+    letters = [t for t in sample if len(t) == 1 and t.isalpha()]
+    hints = []
+    if letters and all(t.isupper() for t in letters) and any(c.islower() for c in text):
+        hints.append("its letters are capitals: write the text in upper case")
+    if letters and len(letters) >= len(sample) // 2 and " " not in text.strip() and len(text.strip()) > 1:
+        hints.append("its tokens are single letters: separate them with spaces")
+    shown = " ".join(sample[:25])
+    return ("; ".join(hints) + f" (its tokens look like: {shown})") if hints else f"its tokens look like: {shown}"
+
+
 def _mlm_head(net, name):
     """(entry module whose input is the hidden state, callable hidden -> logits) for known MLM layouts."""
     if isinstance(getattr(net, "cls", None), nn.Module):  # BERT and relatives: cls.predictions(transform + decoder)
@@ -359,11 +378,17 @@ def _mlm_head(net, name):
         return net.lm_head, net.lm_head
     if isinstance(getattr(net, "head", None), nn.Module) and isinstance(getattr(net, "decoder", None), nn.Module):
         return net.head, lambda h: net.decoder(net.head(h))  # ModernBERT
+    if isinstance(getattr(net, "predictions", None), nn.Module):  # ALBERT
+        return net.predictions, net.predictions
+    if isinstance(getattr(net, "generator_predictions", None), nn.Module):  # ELECTRA's generator
+        return net.generator_predictions, lambda h: net.generator_lm_head(net.generator_predictions(h))
+    if isinstance(getattr(net, "lm_predictions", None), nn.Module):  # DeBERTa-v2/v3 (non-legacy head)
+        return net.lm_predictions, lambda h: net.lm_predictions(h, net.deberta.embeddings.word_embeddings)
     if isinstance(getattr(net, "vocab_transform", None), nn.Module):  # DistilBERT
         return net.vocab_transform, lambda h: net.vocab_projector(
             net.vocab_layer_norm(net.activation(net.vocab_transform(h))))
-    raise AdjustError(f"{name}: unsupported masked-LM head layout ({type(net).__name__}); "
-                      "supported: BERT-like (cls), RoBERTa-like (lm_head), ModernBERT, DistilBERT")
+    raise AdjustError(f"{name}: unsupported masked-LM head layout ({type(net).__name__}); supported: BERT-like "
+                      "(cls), RoBERTa-like (lm_head: XLM-R, ESM), ModernBERT, DistilBERT, ALBERT, ELECTRA, DeBERTa-v2")
 
 
 # --- stand-ins -------------------------------------------------------------------------------------
