@@ -38,8 +38,11 @@ fi
 $ADJUST rollouts --base "$BASE" --dtype "$DTYPE" --out "$WORK/rollouts" --prompts scripts/antiberty_prefixes.txt \
     --num-samples "$N" --gen-length "$GEN" --batch-size 64 --seed "$SEED" --quiet
 
-# 3. the sampler
-[[ -f $BASE/sampler/model.safetensors && ! -e $BASE/sampler/distill_state.pt ]] || \
+# 3. the sampler (skipped once a sampler distilled for $STEPS steps is there: the resume state stays beside it,
+#    so that --steps can be raised later; its config.json records the step it holds)
+distilled=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1])).get("checkpoint_step", ""))' \
+            "$BASE/sampler/config.json" 2>/dev/null || true)
+[[ -f $BASE/sampler/model.safetensors && $distilled == "$STEPS" ]] || \
   $ADJUST distill --base "$BASE" --dtype "$DTYPE" --rollouts "$WORK/rollouts" --out "$BASE/sampler" --steps "$STEPS" \
       --eval-every 250 --cache-base-states \
       --max-unrolls "$MAX_UNROLLS" --entropy-windows "$ENTROPY_WINDOWS" --min-lr-ratio 0.05 --seed "$SEED" --quiet

@@ -90,13 +90,27 @@ def _strategy_from_args(args):
 def _sampling_from_args(args):
     from .sampling import SamplingConfig
 
-    return SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, order=args.order)
+    return SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          order=args.order or "entropy")
+
+
+def _refuse_unused_flags(args, strategy) -> None:
+    """A decoding flag the chosen strategy (or cache mode) does not use is refused, never ignored."""
+    if getattr(args, "order", None) is not None and not strategy.uses_order:
+        raise_bad(f"strategy {strategy.name!r} ranks positions by its own rule, not the order rule; drop --order")
+    if getattr(args, "cache_refresh", None) is not None and getattr(args, "cache", "none") == "none":
+        raise_bad("--cache-refresh refreshes a key/value cache; there is none with --cache none")
+    if getattr(args, "unroll", "full") != "full" and not strategy.uses_sampler:
+        raise_bad(f"--unroll {args.unroll} changes ADJUST's sampler unrolls; strategy {strategy.name!r} has none")
+    if getattr(args, "sampler", None) is not None and not strategy.uses_sampler:
+        raise_bad(f"strategy {strategy.name!r} uses no joint sampler; drop --sampler")
 
 
 def cmd_generate(args) -> None:
     from .decode import check_cache, generate_texts, unroll_plan
 
     strategy = _strategy_from_args(args)
+    _refuse_unused_flags(args, strategy)
     sampling = _sampling_from_args(args)
     prompts = _read_prompts(args)  # bad prompts fail before a model loads
     check_cache(None, args.cache, args.block_length, args.cache_refresh)
@@ -243,7 +257,7 @@ def cmd_eval_joint_kl(args) -> None:
     base, sampler = _load(args, "required")
     rollouts = load_rollouts(args.rollouts, base)
     result = joint_kl_report(base, sampler, rollouts, ks, num_states=args.num_states, draws=args.draws,
-                             order=args.order, seed=args.seed, rollouts_source=str(args.rollouts),
+                             order=args.order or "entropy", seed=args.seed, rollouts_source=str(args.rollouts),
                              sampler_source=str(args.sampler or "beside the base"), progress=not args.json,
                              block_length=args.block_length, cache=args.cache)
     if args.out_dir:
@@ -465,7 +479,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     """--order, --temperature, --top-p, --top-k and --seed (read by _sampling_from_args)."""
     from .sampling import ORDERS
 
-    p.add_argument("--order", default="entropy", help=f"order rule: {' | '.join(ORDERS)}")
+    p.add_argument("--order", default=None, help=f"order rule: {' | '.join(ORDERS)} (default: entropy)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -845,11 +859,21 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")
     _add_cache_args(p)
     _add_unroll_arg(p)
-    p.add_argument("--order", default="entropy", help=f"order rule: {' | '.join(ORDERS)} (default: entropy)")
+    p.add_argument("--order", default=None, help=f"order rule: {' | '.join(ORDERS)} (default: entropy)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+
+
+def _close_progress_bars() -> None:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    sys.stderr.flush()
 
 
 def main(argv=None) -> int:
@@ -860,6 +884,7 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except AdjustError as e:
+        _close_progress_bars()  # the message gets a line of its own, not the end of a bar's
         print(f"adjust: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

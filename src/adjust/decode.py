@@ -714,7 +714,8 @@ def generate_texts(base, prompts: list[str], strategy, sampling: SamplingConfig 
                    cache_refresh: int | None = None, unroll: str | FastUnroll = "full") -> tuple[list[dict], Stats]:
     """Text in, samples out: `num_samples` generations per prompt ("" = unconditional), batched.
 
-    Returns ([{"prompt", "text", "token_ids", "sample_index", ("history")}], merged Stats).
+    Returns ([{"prompt", "text", "token_ids", "sample_index", ("history")}], merged Stats); with early exit,
+    token_ids end at the first stop token (included).
     `early_exit` (see `generate`): None = on for chat prompts (`base.chat`, --chat), off otherwise.
     """
     from tqdm.auto import tqdm
@@ -743,6 +744,9 @@ def generate_texts(base, prompts: list[str], strategy, sampling: SamplingConfig 
         stats = out.stats if stats is None else stats.merge(out.stats)
         for b, (n, text, _, i) in enumerate(chunk):
             ids = out.tokens[b].tolist()
+            if early_exit:  # the answer ended at its first stop token: what lies after it is not part of it
+                stop = next((k for k, t in enumerate(ids) if t in set(base.stop_ids)), None)
+                ids = ids if stop is None else ids[: stop + 1]
             s = {"prompt": text, "text": base.decode(ids), "token_ids": ids, "sample_index": i}
             if out.history is not None:
                 s["history"] = out.history[b]

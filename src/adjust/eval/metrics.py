@@ -162,13 +162,15 @@ def mauve_score(p_texts=None, q_texts=None, featurizer: str | Callable = MINILM,
 # --------------------------------------------------------------------------------------------
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Corpus distinct-n: unique n-grams / all n-grams over whitespace tokens (0.0 if there are none).
+    """Corpus distinct-n: unique n-grams / all n-grams over whitespace tokens (0.0 if there are none). A text
+    with no whitespace at all (a protein sequence, say) is taken character by character.
 
     Texts shorter than n tokens contribute nothing; repetition = 1 - distinct_n.
     """
     if n < 1:
         raise AdjustError(f"distinct-n needs n >= 1, got {n}")
-    grams = [tuple(w[i:i + n]) for w in (t.split() for t in texts) for i in range(len(w) - n + 1)]
+    units = (t.split() if any(c.isspace() for c in t.strip()) else list(t.strip()) for t in texts)
+    grams = [tuple(w[i:i + n]) for w in units for i in range(len(w) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 

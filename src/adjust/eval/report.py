@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..errors import AdjustError
-from ..io import atomic_path, write_json
+from ..io import atomic_path
 from ..provenance import code_version
 
 
@@ -20,24 +21,35 @@ def save_figure(fig, path) -> None:
 
 
 def check_out_dir(out_dir) -> None:
-    """Refuse an --out-dir that cannot hold a report, before any work is done."""
+    """Refuse an --out-dir that cannot hold a report (not a directory, or no plotting library for its plot),
+    before any work is done."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise AdjustError(f"--out-dir {out} exists and is not a directory")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise AdjustError("--out-dir writes a plot beside the tables and needs matplotlib: "
+                          "pip install 'adjust-dlm[eval]' (or leave out --out-dir)") from None
 
 
 def write_report(result: dict, out_dir, stem: str, markdown_table, plot) -> dict:
-    """Write the three files into `out_dir` (each atomically); returns their paths (also stored in the JSON).
+    """Write the three files into `out_dir` as one set: each is made under a temporary name, and they are renamed
+    into place only once all three exist (a failure leaves the previous set whole); returns their paths (also
+    stored in the JSON).
 
     The JSON always records the code version that made it (`adjust.provenance.code_version`).
     """
+    from contextlib import ExitStack
+
     result.setdefault("code_version", code_version())
     check_out_dir(out_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": str(out / f"{stem}.json"), "markdown": str(out / f"{stem}.md"), "plot": str(out / f"{stem}.png")}
-    with atomic_path(files["markdown"]) as tmp:
-        tmp.write_text(markdown_table(result))
-    plot(result, files["plot"])
-    write_json(files["json"], {**result, "files": files})
+    with ExitStack() as stack:  # the renames happen as the stack unwinds, after every file was written
+        md, png, js = (stack.enter_context(atomic_path(files[k])) for k in ("markdown", "plot", "json"))
+        md.write_text(markdown_table(result))
+        plot(result, png)
+        js.write_text(json.dumps({**result, "files": files}, indent=2) + "\n")
     return files

@@ -323,6 +323,12 @@ def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults:
     except (TypeError, ValueError) as e:
         raise ApiError(f"bad parameters for strategy {name!r}: {e}", "strategy", "invalid_value")
     params = {k: v for k, v in params.items() if k in _accepted(strategy)}
+    if body.get("order") is not None and not strategy.uses_order:
+        raise ApiError(f"strategy {name!r} ranks positions by its own rule, not the order rule; leave 'order' out",
+                       "order", "unused_parameter")
+    if unroll != "full" and not strategy.uses_sampler:
+        raise ApiError(f"'unroll' {unroll!r} changes ADJUST's sampler unrolls; strategy {name!r} has none", "unroll",
+                       "unused_parameter")
     if not strategy.adaptive and strategy.k > max_tokens and max_tokens:
         raise ApiError(f"'tokens_per_pass' ({strategy.k}) is larger than 'max_tokens' ({max_tokens})",
                        "tokens_per_pass", "invalid_value")

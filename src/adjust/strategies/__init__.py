@@ -28,6 +28,7 @@ class Strategy:
     name = ""
     uses_sampler = False  # True if it needs a trained joint sampler
     adaptive = False  # True if the tokens per full pass vary with the model's confidence
+    uses_order = True  # False if it ranks positions by its own rule, never by the order rule (--order)
 
     def __init__(self, tokens_per_pass: int = 1):
         if not isinstance(tokens_per_pass, int) or tokens_per_pass < 1:

@@ -30,6 +30,7 @@ def confidence(logp: torch.Tensor) -> torch.Tensor:
 
 class _Adaptive(Strategy):
     adaptive = True
+    uses_order = False  # each rule ranks positions by its own score (confidence, entropy), not by --order
 
     def __init__(self):
         super().__init__(1)
