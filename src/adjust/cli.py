@@ -209,6 +209,10 @@ def cmd_distill(args) -> None:
     from .io import check_output_dir
 
     check_output_dir(args.out)
+    from .sampler import SAMPLER_ARCHS, SamplerConfig
+
+    if args.sampler_arch not in SAMPLER_ARCHS:
+        raise_bad(f"unknown --sampler-arch {args.sampler_arch!r}; choose one of {', '.join(SAMPLER_ARCHS)}")
     cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                         max_unrolls=args.max_unrolls, eval_every=args.eval_every,
                         min_lr_ratio=args.min_lr_ratio, entropy_windows=args.entropy_windows,
@@ -236,7 +240,8 @@ def cmd_distill(args) -> None:
     else:
         base = _load_base(args)
     rollouts = load_rollouts(args.rollouts, base)  # complete, from this base, ids in its vocabulary
-    result = distill(base, rollouts, args.out, cfg, progress=not args.quiet, accelerator=accelerator)
+    sampler_cfg = SamplerConfig.for_base(base, arch=args.sampler_arch)
+    result = distill(base, rollouts, args.out, cfg, sampler_cfg, progress=not args.quiet, accelerator=accelerator)
     if sharding is not None:
         result["base_sharding"] = sharding
     if accelerator is None or accelerator.is_main_process:
@@ -487,8 +492,22 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_convert(args) -> None:
+    if args.format == "paper-sampler":
+        from .paper_sampler import convert_paper_sampler
+
+        if args.config or args.vocab:
+            raise_bad("convert paper-sampler takes --weights, --base and --out (the base gives the shapes), "
+                      "not --config or --vocab")
+        if args.base is None:
+            raise_bad("convert paper-sampler needs --base DIR: the base model the sampler was trained for")
+        print(json.dumps(convert_paper_sampler(args.weights, args.base, args.out, args.base_type)))
+        return
     from .convert import convert_bert
 
+    if not args.config or not args.vocab:
+        raise_bad("convert bert needs --config (its config.json) and --vocab (its vocab.txt)")
+    if args.base is not None:
+        raise_bad("convert bert takes no --base (--config describes the model)")
     print(json.dumps(convert_bert(args.weights, args.config, args.vocab, args.out)))
 
 
@@ -663,13 +682,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at-eos", action="store_true", help="end each sequence at its first EOS (a masked LM's "
                    "[SEP]): later positions are set to EOS, not decoded (always on with --chat)")
     p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("convert", help="turn a pickled BERT masked LM (pytorch_model.bin, e.g. AntiBERTy) into a "
-                       "safetensors BertForMaskedLM directory with a tokenizer (weights-only load; no code runs)")
-    p.add_argument("format", choices=["bert"])
-    p.add_argument("--weights", required=True, help="pytorch_model.bin")
-    p.add_argument("--config", required=True, help="its config.json (model_type bert)")
-    p.add_argument("--vocab", required=True, help="its vocab.txt, one token a line, with [PAD] [UNK] [CLS] [SEP] [MASK]")
-    p.add_argument("--out", required=True, help="new model directory (must not exist, or be empty)")
+    p = sub.add_parser("convert", help="bert: a pickled BERT masked LM (pytorch_model.bin, e.g. AntiBERTy) into a "
+                       "safetensors BertForMaskedLM directory with a tokenizer; paper-sampler: a sampler written by "
+                       "the ADJUST paper's code into our format (weights-only loads; no code runs)")
+    p.add_argument("format", choices=["bert", "paper-sampler"])
+    p.add_argument("--weights", required=True, help="bert: pytorch_model.bin; paper-sampler: the sampler's "
+                   "safetensors (or a .ckpt / .bin, read weights-only)")
+    p.add_argument("--config", default=None, help="bert: its config.json (model_type bert)")
+    p.add_argument("--vocab", default=None, help="bert: its vocab.txt, one token a line, with [PAD] [UNK] [CLS] [SEP] "
+                   "[MASK]")
+    p.add_argument("--base", default=None, help="paper-sampler: the base model directory it was trained for")
+    p.add_argument("--base-type", default="auto", help="paper-sampler: auto | dream | llada")
+    p.add_argument("--out", required=True, help="new model or sampler directory (must not exist, or be empty)")
     p.set_defaults(func=cmd_convert)
     _add_rollout_parsers(sub)
     _add_eval_parsers(sub)
@@ -709,6 +733,9 @@ def _add_rollout_parsers(sub) -> None:
     p.add_argument("--min-lr-ratio", type=float, default=1.0, metavar="R",
                    help="1 = constant lr after warm-up (the paper's); below 1, cosine decay to R * lr at --steps")
     p.add_argument("--max-unrolls", type=int, default=3, help="longest unroll chain trained (K - 1)")
+    p.add_argument("--sampler-arch", default="ours", help="ours (default: head dim 64, SwiGLU ~8/3 H) | paper (the "
+                   "paper's: the base's own layer shape, grouped-query heads, q/k/v and projection bias; native Dream "
+                   "or LLaDA bases)")
     p.add_argument("--cache-base-states", action="store_true",
                    help="compute the frozen base's hidden states at every rollout step once and train from them "
                    "(G x L x H values per rollout in memory): for a small base, a step then costs only the sampler")

@@ -31,6 +31,8 @@ from .io import atomic_path, config_from_json, load_state, load_weights, read_js
 from .layers import Block, RMSNorm, rope_for
 
 SAMPLER_TYPE = "adjust-sampler"
+# Sampler architectures `adjust distill --sampler-arch` trains: ours (the default) and the paper's (see for_base)
+SAMPLER_ARCHS = ("ours", "paper")
 
 
 @dataclass
@@ -45,14 +47,32 @@ class SamplerConfig:
     distilled_on: dict = field(default_factory=dict)
     # width of the base's token embeddings where it is not hidden_size (ALBERT, ELECTRA factorise them); None: H
     embed_size: int | None = None
+    # the paper's architecture (SAMPLER_ARCHS["paper"]): grouped-query attention with the base's key/value heads
+    # (None: as many as query heads), q/k/v bias, a bias on the 2H -> H projection
+    num_kv_heads: int | None = None
+    qkv_bias: bool = False
+    proj_bias: bool = False
 
     # Fields a saved config.json may lack (fields added later, whose default is what older files meant);
     # every other field must be in the file (io.config_from_json).
-    OPTIONAL_FIELDS = ("distilled_on", "embed_size")  # older samplers: nothing recorded, embeddings of width H
+    OPTIONAL_FIELDS = ("distilled_on", "embed_size", "num_kv_heads", "qkv_bias", "proj_bias")
 
     @classmethod
-    def for_base(cls, base, intermediate_ratio: float = 8 / 3, num_heads: int | None = None) -> "SamplerConfig":
-        """A sampler sized for `base`: head dim 64 (or the base's heads), SwiGLU width ~8/3 H."""
+    def for_base(cls, base, intermediate_ratio: float = 8 / 3, num_heads: int | None = None,
+                 arch: str = "ours") -> "SamplerConfig":
+        """A sampler sized for `base`. arch "ours": head dim 64 (or the base's heads), SwiGLU width ~8/3 H, eps 1e-6.
+        arch "paper": the paper's sampler, one decoder layer of the base's own shape (its query and key/value heads,
+        q/k/v bias, SwiGLU width and norm eps) and a 2H -> H projection with a bias (native Dream / LLaDA bases)."""
+        if arch not in SAMPLER_ARCHS:
+            raise AdjustError(f"unknown --sampler-arch {arch!r}; choose one of {', '.join(SAMPLER_ARCHS)}")
+        if arch == "paper":
+            shape = getattr(base, "cfg", None)
+            if shape is None or not hasattr(shape, "num_kv_heads"):
+                raise AdjustError(f"--sampler-arch paper takes the layer shape of a native Dream or LLaDA base; "
+                                  f"{base.name} ({type(base).__name__}) is not one")
+            return cls(base.hidden_size, shape.num_heads, shape.intermediate_size, rope_theta=float(shape.rope_theta),
+                       norm_eps=float(shape.norm_eps), base=base.identity(), num_kv_heads=shape.num_kv_heads,
+                       qkv_bias=bool(shape.qkv_bias), proj_bias=True)
         H = base.hidden_size
         heads = num_heads or getattr(base, "num_heads", None) or max(1, H // 64)
         inter = int(16 * round(intermediate_ratio * H / 16))
@@ -71,8 +91,8 @@ class JointSampler(nn.Module):
         E = cfg.embed_size or H
         self.embed_norm = RMSNorm(E, cfg.norm_eps)
         self.prior_norm = RMSNorm(H, cfg.norm_eps)
-        self.proj = nn.Linear(E + H, H, bias=False)
-        self.block = Block(H, cfg.num_heads, cfg.intermediate_size, cfg.norm_eps)
+        self.proj = nn.Linear(E + H, H, bias=cfg.proj_bias)
+        self.block = Block(H, cfg.num_heads, cfg.intermediate_size, cfg.norm_eps, cfg.num_kv_heads, cfg.qkv_bias)
         self.out_norm = RMSNorm(H, cfg.norm_eps)
         for m in self.modules():  # fresh initialisation, not copied from the base
             if isinstance(m, nn.Linear):

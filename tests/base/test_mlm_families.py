@@ -82,6 +82,8 @@ def test_generate_rollouts_distill_adjust(dirs, family, tmp_path, capsys):
         "--batch-size", 4, "--quiet")
     run(capsys, "distill", "--base", d, "--rollouts", rollouts, "--out", sampler, "--steps", 3, "--batch-size", 4,
         "--quiet")
+    # what scripts/antiberty.sh's skip test reads: the step the finished sampler holds
+    assert json.loads((sampler / "config.json").read_text())["checkpoint_step"] == 3
     out = json.loads(run(capsys, "generate", "--base", d, "--sampler", sampler, "--prompt", prompt, "--strategy",
                          "adjust", "-K", 2, "--gen-length", 6, "--seed", 1, "--json"))
     assert out["stats"]["sampler_passes"] > 0 and all(len(s["token_ids"]) == 6 for s in out["samples"])

@@ -370,14 +370,20 @@ def _wait_running(port: int, rows: int) -> None:
     raise AssertionError(f"requests never arrived: {h}")
 
 
-def test_sigterm_drains_in_flight_requests():
-    p, port = _start(["--drain-timeout", "60", "--max-batch-size", "8"])
-    threads, results = _fire(port, 4, 4, 12)
-    _wait_running(port, 8)
+def _sigterm(drain: str, batch: str, each: int, max_tokens: int) -> tuple[int, list]:
+    """A real server given `each` streaming and `each` plain requests, then SIGTERM: (exit code, results)."""
+    p, port = _start(["--drain-timeout", drain, "--max-batch-size", batch])
+    threads, results = _fire(port, each, each, max_tokens)
+    _wait_running(port, 2 * each)
     p.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(timeout=120)
-    assert p.wait(timeout=60) in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+    return p.wait(timeout=60), results
+
+
+def test_sigterm_drains_in_flight_requests():
+    code, results = _sigterm("60", "8", 4, 12)
+    assert code in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
     assert sorted(r[1] for r in results) == [200] * 8, results  # every one finished
     for kind, _, out in results:
         if kind == "stream":
@@ -385,13 +391,7 @@ def test_sigterm_drains_in_flight_requests():
 
 
 def test_sigterm_past_the_drain_timeout_ends_every_request_cleanly():
-    p, port = _start(["--drain-timeout", "0.5", "--max-batch-size", "2"])
-    threads, results = _fire(port, 3, 3, 120)
-    _wait_running(port, 6)
-    p.send_signal(signal.SIGTERM)
-    for t in threads:
-        t.join(timeout=120)
-    p.wait(timeout=60)
+    _, results = _sigterm("0.5", "2", 3, 120)
     assert len(results) == 6
     for kind, status, out in results:
         if kind == "stream":  # an error event, then [DONE]

@@ -269,7 +269,14 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
     if state_path.is_file():
         state = load_state_file(state_path, "distill state", ("sampler", "optimizer", "step", "elapsed", "history",
                                                               "settings", "ema", "extra"))
-        changed = changed_settings(state["settings"], settings, ignore=RESUMABLE)
+        saved = dict(state["settings"])
+        if isinstance(saved.get("sampler_config"), dict):  # a state from before a field existed: its default
+            import dataclasses
+
+            defaults = {f.name: f.default for f in dataclasses.fields(SamplerConfig)
+                        if f.name in SamplerConfig.OPTIONAL_FIELDS and f.default is not dataclasses.MISSING}
+            saved["sampler_config"] = {**defaults, **saved["sampler_config"]}
+        changed = changed_settings(saved, settings, ignore=RESUMABLE)
         if changed:
             raise AdjustError(f"{out} holds a distill run with other settings: "
                               + "; ".join(_describe_change(k, state["settings"].get(k), settings.get(k)) for k in changed)
