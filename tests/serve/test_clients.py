@@ -257,3 +257,16 @@ def test_harness_cli_passes_lm_eval_models_through():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["LocalCompletionsAPI", "AdjustLM"]
+
+
+def test_chat_without_max_tokens_runs_to_the_end_of_turn_or_the_canvas(chat_server):
+    status, out = post(chat_server.url + "/v1/chat/completions",
+                       {"messages": [{"role": "user", "content": "Speak"}], "seed": 2, "strategy": "exact"})
+    assert status == 200
+    c, used = out["choices"][0], out["usage"]
+    room = 128 - used["prompt_tokens"]  # the shipped model's context, less the prompt
+    if c["finish_reason"] == "length":
+        assert used["completion_tokens"] == room  # the whole canvas, not OpenAI's 16 of a completion
+    else:
+        assert c["finish_reason"] == "stop" and out["adjust_stats"]["full_passes"] <= room
+    assert out["adjust_stats"]["full_passes"] > 16
