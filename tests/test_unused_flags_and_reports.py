@@ -79,6 +79,12 @@ def test_report_needs_matplotlib_up_front_and_is_written_as_a_set(tmp_path, monk
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["x.json", "x.md", "x.png"]  # no temporary left
 
 
+def test_report_location_is_checked_before_any_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    err = one_error(capsys, ["eval", "frontier", "--out-dir", tmp_path / "file" / "sub", "--num-samples", "2"])
+    assert "--out-dir" in err and "cannot hold a report" in err
+
+
 def test_distinct_n_on_text_without_spaces():
     from adjust.eval.metrics import distinct_n
 

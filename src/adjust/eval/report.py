@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from ..errors import AdjustError
@@ -26,6 +28,18 @@ def check_out_dir(out_dir) -> None:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise AdjustError(f"--out-dir {out} exists and is not a directory")
+    # the directory, or its nearest existing parent (nothing is created before the work), must be writable
+    near = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not near.is_dir():
+        raise AdjustError(f"--out-dir {out} cannot hold a report: {near} is not a directory")
+    if not os.access(near, os.W_OK | os.X_OK):
+        raise AdjustError(f"--out-dir {out} cannot hold a report: {near} is not writable")
+    if out.is_dir():
+        try:  # a probe file, removed again (catches a read-only file system)
+            with tempfile.NamedTemporaryFile(dir=out, prefix=".probe.", suffix=".tmp"):
+                pass
+        except OSError as e:
+            raise AdjustError(f"--out-dir {out} cannot hold a report: {e.strerror or e}") from None
     try:
         import matplotlib  # noqa: F401
     except ImportError:
