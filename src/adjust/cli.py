@@ -96,14 +96,14 @@ def _sampling_from_args(args):
 
 def _refuse_unused_flags(args, strategy) -> None:
     """A decoding flag the chosen strategy (or cache mode) does not use is refused, never ignored."""
-    if getattr(args, "order", None) is not None and not strategy.uses_order:
-        raise_bad(f"strategy {strategy.name!r} ranks positions by its own rule, not the order rule; drop --order")
-    if getattr(args, "cache_refresh", None) is not None and getattr(args, "cache", "none") == "none":
+    from .strategies import unused_setting
+
+    unused = unused_setting(strategy, order=args.order is not None, unroll=args.unroll,
+                            sampler=args.sampler is not None)
+    if unused:
+        raise_bad(unused[1])
+    if args.cache_refresh is not None and args.cache == "none":
         raise_bad("--cache-refresh refreshes a key/value cache; there is none with --cache none")
-    if getattr(args, "unroll", "full") != "full" and not strategy.uses_sampler:
-        raise_bad(f"--unroll {args.unroll} changes ADJUST's sampler unrolls; strategy {strategy.name!r} has none")
-    if getattr(args, "sampler", None) is not None and not strategy.uses_sampler:
-        raise_bad(f"strategy {strategy.name!r} uses no joint sampler; drop --sampler")
 
 
 def cmd_generate(args) -> None:

@@ -745,8 +745,7 @@ def generate_texts(base, prompts: list[str], strategy, sampling: SamplingConfig 
         for b, (n, text, _, i) in enumerate(chunk):
             ids = out.tokens[b].tolist()
             if early_exit:  # the answer ended at its first stop token: what lies after it is not part of it
-                stop = next((k for k, t in enumerate(ids) if t in set(base.stop_ids)), None)
-                ids = ids if stop is None else ids[: stop + 1]
+                ids = ids[: base.answer_end(ids) + 1]
             s = {"prompt": text, "text": base.decode(ids), "token_ids": ids, "sample_index": i}
             if out.history is not None:
                 s["history"] = out.history[b]

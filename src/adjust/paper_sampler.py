@@ -43,6 +43,11 @@ PREFIX = "drafter."  # the paper's Lightning module holds the sampler under this
 IGNORED = ("base_model.",)  # a full checkpoint's frozen base
 
 
+def _ignored(key: str) -> bool:
+    """A full checkpoint's frozen base, with or without the prefix."""
+    return key.removeprefix(PREFIX).startswith(IGNORED)
+
+
 def read_state(path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, or of a pickled checkpoint read weights-only."""
     path = Path(path)
@@ -72,11 +77,7 @@ def our_state(paper: dict[str, torch.Tensor], family: str) -> dict[str, torch.Te
     names = NAMES.get(family)
     if names is None:
         raise AdjustError(f"no name mapping for a {family!r} sampler of the paper's code; known: {', '.join(NAMES)}")
-    state = {}
-    for key, value in paper.items():
-        if key.startswith(IGNORED) or key.startswith(PREFIX + IGNORED[0]):
-            continue
-        state[key.removeprefix(PREFIX)] = value
+    state = {key.removeprefix(PREFIX): value for key, value in paper.items() if not _ignored(key)}
     wanted = {n for parts in names.values() for n in parts}
     unknown, missing = sorted(set(state) - wanted), sorted(wanted - set(state))
     if unknown or missing:
@@ -117,5 +118,4 @@ def convert_paper_sampler(weights, base_dir, out, base_type: str = "auto") -> di
         sampler.save(tmp, extra={"converted_from": {"format": "paper-sampler", "weights": Path(weights).name,
                                                     "family": family}})
     return {"out": str(out), "base": base.name, "family": family, "tensors": len(state),
-            "params": sum(t.numel() for t in state.values()), "ignored": sorted(
-                k for k in paper if k.startswith(IGNORED) or k.startswith(PREFIX + IGNORED[0]))[:5]}
+            "params": sum(t.numel() for t in state.values()), "ignored": sorted(k for k in paper if _ignored(k))[:5]}

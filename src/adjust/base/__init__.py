@@ -158,12 +158,15 @@ class BaseModel(nn.Module):
         prefix = self.prompt_prefix() if self.prompt_specials else []
         return ids if ids[: len(prefix)] == prefix else prefix + ids
 
+    def answer_end(self, ids) -> int:
+        """The position of the first stop token in `ids` (EOS or end-of-turn: the answer ends there), or len(ids)."""
+        stops = set(self.stop_ids)
+        return next((n for n, i in enumerate(ids) if int(i) in stops), len(ids))
+
     def decode(self, ids) -> str:
         """Text of a generation, cut at the first stop token (EOS or end-of-turn; later positions are padding)."""
         ids = [int(i) for i in ids]
-        stops = set(self.stop_ids)
-        cut = next((n for n, i in enumerate(ids) if i in stops), len(ids))
-        ids = [i for i in ids[:cut] if i not in self.banned_ids]
+        ids = [i for i in ids[: self.answer_end(ids)] if i not in self.banned_ids]
         return self.tokenizer.decode(ids)
 
 

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import AdjustError
 from .batching import Batcher, Job, ScoreJob
-from .errors import ApiError
+from .errors import ApiError, shutting_down
 from .limits import Limits
 from .requests import ChoiceText, check_chars, check_fields, get_bool, parse_messages, parse_prompts, parse_request
 
@@ -300,7 +300,7 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
         if drawn is not None:
             gen = [t for t in choice.tokens if t is not None]
             n = choice.completion_tokens()
-            if n < len(gen) and gen[n] in choice.stop_ids:
+            if n == base.answer_end(gen) < len(gen):  # the stop token that ended the text
                 n += 1
             for k in range(n):
                 ids.append(gen[k])
@@ -322,8 +322,6 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
 
     async def handle(request: Request, chat: bool):
         if batcher.draining:
-            from .errors import shutting_down
-
             raise shutting_down()
         raw = await read_body(request)
         loop = asyncio.get_running_loop()

@@ -229,9 +229,6 @@ class Batcher:
     def draining(self) -> bool:
         return self._drain_deadline is not None
 
-    def idle(self) -> bool:
-        return not self._jobs and not self._running and not self._scoring
-
     def pause(self) -> None:
         """Admit no row to a batch until `resume` (requests still queue): lets a caller line up a batch."""
         with self._cond:
@@ -248,7 +245,7 @@ class Batcher:
         with self._cond:
             if self._stopping or self.draining:
                 raise shutting_down()
-            waiting = sum(len(j.pending) for j in self._jobs) + len(self._scoring)
+            waiting = self._waiting()
             if waiting + max(1, len(job.rows)) > self.max_queued_rows:
                 self.stats.rejected_jobs += 1
                 raise ApiError(f"the server is busy: {waiting} rows are waiting and this request adds "
@@ -283,6 +280,10 @@ class Batcher:
         rate = self.stats.rows_done / self._busy_seconds if self._busy_seconds > 0 else 0.0
         return int(min(600, max(1, math.ceil(waiting / rate)))) if rate > 0 else 5
 
+    def _waiting(self) -> int:
+        """Rows queued, not started (a scoring job counts as one): the queue's depth."""
+        return sum(len(j.pending) for j in self._jobs) + len(self._scoring)
+
     def _open_jobs(self) -> list[Job]:
         jobs = {id(j): j for j in self._jobs + self._scoring}
         jobs.update({id(r.job): r.job for r in self._running})
@@ -301,7 +302,7 @@ class Batcher:
                                   "server_error"))
         self._jobs = [j for j in self._jobs if not j.gone and j.pending]
         self._scoring = [j for j in self._scoring if not j.gone]
-        self.stats.queued_rows = sum(len(j.pending) for j in self._jobs) + len(self._scoring)
+        self.stats.queued_rows = self._waiting()
 
     def _next_job(self) -> Job | None:
         """The waiting job whose turn it is: fewest rows started, then the oldest."""
@@ -339,7 +340,7 @@ class Batcher:
             taken.append(row)
             if not job.pending:
                 self._jobs.remove(job)
-        self.stats.queued_rows = sum(len(j.pending) for j in self._jobs)
+        self.stats.queued_rows = self._waiting()
         return taken
 
     def _wait_for_work(self) -> bool:
@@ -475,7 +476,7 @@ class Batcher:
             with self._cond:
                 if job in self._scoring:
                     self._scoring.remove(job)
-                self.stats.queued_rows = sum(len(j.pending) for j in self._jobs) + len(self._scoring)
+                self.stats.queued_rows = self._waiting()
 
     def _fail_batch(self, e: Exception) -> None:
         """A pass failed. Rows of several requests: each request reruns from its start in a batch of its own

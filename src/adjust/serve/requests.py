@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..errors import AdjustError
 from ..sampling import SamplingConfig
-from ..strategies import INT_PARAMS, STRATEGY_PARAMS, make_strategy, strategy_names
+from ..strategies import INT_PARAMS, STRATEGY_PARAMS, make_strategy, strategy_names, unused_setting
 from .batching import DecodeSettings
 from .errors import ApiError
 from .limits import Limits
@@ -323,12 +323,9 @@ def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults:
     except (TypeError, ValueError) as e:
         raise ApiError(f"bad parameters for strategy {name!r}: {e}", "strategy", "invalid_value")
     params = {k: v for k, v in params.items() if k in _accepted(strategy)}
-    if body.get("order") is not None and not strategy.uses_order:
-        raise ApiError(f"strategy {name!r} ranks positions by its own rule, not the order rule; leave 'order' out",
-                       "order", "unused_parameter")
-    if unroll != "full" and not strategy.uses_sampler:
-        raise ApiError(f"'unroll' {unroll!r} changes ADJUST's sampler unrolls; strategy {name!r} has none", "unroll",
-                       "unused_parameter")
+    unused = unused_setting(strategy, lambda p: f"'{p}'", order=body.get("order") is not None, unroll=unroll)
+    if unused:
+        raise ApiError(unused[1], unused[0], "unused_parameter")
     if not strategy.adaptive and strategy.k > max_tokens and max_tokens:
         raise ApiError(f"'tokens_per_pass' ({strategy.k}) is larger than 'max_tokens' ({max_tokens})",
                        "tokens_per_pass", "invalid_value")
@@ -373,7 +370,6 @@ class ChoiceText:
 
     def __init__(self, base, gen_length: int, stops: list[str]):
         self.base, self.stops = base, stops
-        self.stop_ids = set(getattr(base, "stop_ids", ()) or ())  # EOS, end of turn: the answer ended
         self.tokens: list[int | None] = [None] * gen_length
         self.emitted = ""
         self.finish_reason: str | None = None
@@ -400,7 +396,7 @@ class ChoiceText:
             if t is None:
                 break
             prefix.append(t)
-        stopped = any(t in self.stop_ids for t in prefix)
+        stopped = self.base.answer_end(prefix) < len(prefix)
         complete = final or len(prefix) == len(self.tokens) or stopped
         text = self.base.decode(prefix)  # cut at the first stop token
         reason = ("stop" if stopped else "length") if complete else None
@@ -422,6 +418,5 @@ class ChoiceText:
         if self.stops and self.finish_reason == "stop" and self.text != self.base.decode(self.tokens):
             return len(self.base.encode(self.text)) if self.text else 0
         ids = [t for t in self.tokens if t is not None]
-        cut = next((n for n, t in enumerate(ids) if t in self.stop_ids), len(ids))
-        ids = ids[:cut]
+        ids = ids[: self.base.answer_end(ids)]
         return sum(1 for t in ids if t not in getattr(self.base, "banned_ids", ()))
