@@ -211,18 +211,20 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
         if ctype != "application/json":
             raise ApiError(f"the body must be sent as 'Content-Type: application/json' (got {ctype or 'none'!r})",
                            None, "unsupported_media_type", 415)
+        def too_large(size: str) -> ApiError:
+            return ApiError(f"the request body ({size}) is over this server's limit of {limits.max_body_bytes} bytes "
+                            "(--max-body-bytes)", None, "body_too_large", 413)
+
         declared = request.headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limits.max_body_bytes):
-            raise ApiError(f"the request body ({declared} bytes) is over this server's limit of "
-                           f"{limits.max_body_bytes} bytes (--max-body-bytes)", None, "body_too_large", 413)
+            raise too_large(f"{declared} bytes")
 
         async def gather() -> bytes:
             buf = bytearray()
             async for chunk in request.stream():
                 buf += chunk
                 if len(buf) > limits.max_body_bytes:
-                    raise ApiError(f"the request body is over this server's limit of {limits.max_body_bytes} bytes "
-                                   "(--max-body-bytes)", None, "body_too_large", 413)
+                    raise too_large(f"{len(buf)} bytes so far")
             return bytes(buf)
 
         try:
@@ -239,12 +241,10 @@ def create_app(base, sampler=None, *, model_name: str | None = None, api_key: st
             raise ApiError(f"model {model!r} is not served here; this server serves {name!r}", "model",
                            "model_not_found", 404)
         check_fields(body, chat, lenient)
-        prompts = [parse_messages(body, base, chat_template)] if chat else parse_prompts(body, base, limits)
+        prompts, texts = ([parse_messages(body, base, chat_template)], None) if chat else \
+            parse_prompts(body, base, limits)
         req = parse_request(body, base, sampler, prompts, defaults, server_seed, limits, chat)
-        if not chat:
-            p = body["prompt"]
-            req.texts = [p] if isinstance(p, str) else [t if isinstance(t, str) else None for t in p] \
-                if p and isinstance(p[0], (str, list)) else [None]
+        req.texts = texts
         return req
 
     def load_json(raw: bytes) -> dict:

@@ -160,8 +160,9 @@ def _encode(base, text: str, param: str) -> list[int]:
         raise ApiError(str(e), param, "invalid_value") from None
 
 
-def parse_prompts(body: dict, base, limits: Limits = Limits()) -> list[list[int]]:
-    """OpenAI's prompt forms: a string, a list of strings, a list of token ids, a list of such lists."""
+def parse_prompts(body: dict, base, limits: Limits = Limits()) -> tuple[list[list[int]], list[str | None]]:
+    """OpenAI's prompt forms: a string, a list of strings, a list of token ids, a list of such lists. Returns each
+    prompt's token ids, and its text as sent (None for token ids: what `echo` gives back)."""
     if "prompt" not in body or body["prompt"] is None:
         raise ApiError("'prompt' is required (use \"\" for an unconditional sample)", "prompt", "missing")
     p = body["prompt"]
@@ -193,7 +194,7 @@ def parse_prompts(body: dict, base, limits: Limits = Limits()) -> list[list[int]
             out.append(list(item))
         else:
             raise ApiError(f"token ids in 'prompt' must be integers in [0, {vocab})", "prompt", "invalid_value")
-    return out
+    return out, [item if isinstance(item, str) else None for item in items]
 
 
 def parse_messages(body: dict, base, chat_template: str | None) -> list[int]:
