@@ -7,6 +7,8 @@ import re
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,12 +52,22 @@ def test_docstrings_cite_the_method_page_that_exists():
     assert cited and cited <= sections
 
 
-def test_readme_tables_are_the_reports_as_written():
+@pytest.mark.parametrize("page", ["README.md", "docs/results.md"])
+def test_joint_kl_table_is_the_report_as_written(page):
+    """The headline joint-KL table (README) and its section (docs/results.md) are the Markdown file the command
+    above them wrote, verbatim."""
+    text = (ROOT / page).read_text()
+    table = (ROOT / "results" / "joint_kl.md").read_text()
+    command = "adjust eval joint-kl --rollouts runs/shakespeare/rollouts -K 2,4,8"
+    assert table in text and text.index(command) < text.index(table)
+
+
+def test_results_tables_are_the_reports_as_written():
     """The joint-KL and task tables are the Markdown files their commands wrote, verbatim, under the
     command that writes them, and their JSON records a clean code version."""
     import json
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "results.md").read_text()
     for stem, command in (("results/joint_kl", "adjust eval joint-kl --rollouts runs/shakespeare/rollouts -K 2,4,8"),
                           ("results/tasks", "adjust eval tasks --base models/task-base --prompts runs/tasks/eval_prompts.jsonl --out-dir results"),
                           ("results/frontier_shakespeare/frontier", "--out-dir results/frontier_shakespeare")):
@@ -68,12 +80,12 @@ def test_readme_tables_are_the_reports_as_written():
         assert version["dirty"] is False and len(version["commit"]) == 40
 
 
-def test_readme_frontier_rows_are_the_reports_rows():
-    """The README's selected frontier rows are lines of the report the command above them wrote, and that
-    report's JSON records a clean code version."""
+def test_results_frontier_rows_are_the_reports_rows():
+    """The selected frontier rows of docs/results.md are lines of the report the command above them wrote, and
+    that report's JSON records a clean code version."""
     import json
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "results.md").read_text()
     report = (ROOT / "results" / "frontier_tasks" / "frontier.md").read_text().splitlines()
     command = "--out-dir results/frontier_tasks"
     start = readme.index(command)

@@ -47,7 +47,7 @@ class SamplerConfig:
     distilled_on: dict = field(default_factory=dict)
     # width of the base's token embeddings where it is not hidden_size (ALBERT, ELECTRA factorise them); None: H
     embed_size: int | None = None
-    # the paper's architecture (SAMPLER_ARCHS["paper"]): grouped-query attention with the base's key/value heads
+    # the paper's architecture (for_base(arch="paper")): grouped-query attention with the base's key/value heads
     # (None: as many as query heads), q/k/v bias, a bias on the 2H -> H projection
     num_kv_heads: int | None = None
     qkv_bias: bool = False

@@ -280,7 +280,7 @@ def test_the_task_models_held_out_overlap_is_the_recorded_one():
     """The split holds out (task, item set) pairs, so a held-out `list` item set can be a training
     `shuffle` or `reverse` one. The task model's data (scripts/task_pipeline.sh: `data --n 200000 --seed 0`,
     50,000 examples a task) and held-out prompts (`prompts --n 200 --split eval --seed 1`) give the counts
-    recorded in results/tasks_heldout_overlap.json, which the README states."""
+    recorded in results/tasks_heldout_overlap.json, which docs/results.md states."""
     from pathlib import Path
 
     recorded = json.loads((Path(__file__).resolve().parents[2] / "results" / "tasks_heldout_overlap.json").read_text())

@@ -1,7 +1,7 @@
 """Functions the adjust_* task YAMLs name (`!function utils.<name>`): the shipped prompts and validity.
 
 eval_prompts.jsonl beside this file is `python -m adjust.eval.tasks prompts --out eval_prompts.jsonl
---n 200 --split eval --seed 1`: the 200 held-out prompts per task of the README's table.
+--n 200 --split eval --seed 1`: the 200 held-out prompts per task of the task table in docs/results.md.
 """
 
 from __future__ import annotations
