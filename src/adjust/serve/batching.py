@@ -446,12 +446,12 @@ class Batcher:
             return
         tokens = d.tokens(done)
         lp = d.token_logprobs(done) if d.logprobs is not None else None
+        self.stats.rows_done += len(done)  # counted before the answers go out: a client then sees it in /health
         for b, (t, i) in enumerate(zip(tokens, done)):
             r = rows[i]
             r.job.post(("done", r.index, t.tolist(),
                         {"full_passes": r.passes, "sampler_passes": r.unrolls, "batch_size": r.batch_size},
                         None if lp is None else tuple(x[b] for x in lp)))
-        self.stats.rows_done += len(done)
         d.remove(done)
         gone = set(done)
         self._running = [r for i, r in enumerate(rows) if i not in gone]
