@@ -420,7 +420,7 @@ def cmd_eval_frontier(args) -> None:
                           nll_draws=args.nll_draws, out_dir=args.out_dir, progress=not args.json,
                           sampler_source=None if sampler is None else str(args.sampler or "beside the base"),
                           prompts_source=args.prompts)
-    from .eval.frontier import markdown_table
+    from .eval.frontier.report import markdown_table
 
     _print_report(result, args.json, markdown_table)
 
@@ -434,14 +434,15 @@ def _print_report(result: dict, as_json: bool, markdown_table) -> None:
 
 
 def _add_frontier_parser(ev) -> None:
-    from .eval.frontier import DEFAULT_GRIDS, QUALITY_MODES, TWO_SIDED_MEASURES
+    from .eval.frontier import DEFAULT_GRIDS, QUALITY_MODES
+    from .eval.frontier.measures import TWO_SIDED_MEASURES
 
     p = ev.add_parser("frontier", formatter_class=argparse.RawDescriptionHelpFormatter,
                       help="quality vs tokens/s of every strategy family's knob, Pareto fronts, who dominates whom",
                       description="Sweeps each family's knob on the same prompts and seeds; per point: quality (task "
                       "validity, or NLL and a two-sided measure on free text), tokens per full pass and tokens/s "
                       "timed side by side (interleaved repeats); each family's Pareto front, the ADJUST-family "
-                      "point that dominates each peer point on its front, and the issue's targets. Writes "
+                      "point that dominates each peer point on its front. Writes "
                       "frontier.json, frontier.md and frontier.png to --out-dir.",
                       epilog="default grids (--grid FAMILY:key=v,v;key=v,v replaces one; K is tokens_per_pass; '|' joins "
                       "sets; points with K above --gen-length are skipped):\n"

@@ -1,5 +1,5 @@
-"""`adjust eval frontier`: Pareto fronts, dominance and target verdicts on hand-made points; the grid
-syntax; the shared interleaved timing; the command end to end on a tiny random model."""
+"""`adjust eval frontier`: Pareto fronts and dominance on hand-made points; the grid syntax; the shared
+interleaved timing; the command end to end on a tiny random model."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from adjust.errors import AdjustError
-from adjust.eval import frontier as F
+from adjust.eval.frontier import sweep as F
+from adjust.eval.frontier import analysis as A
+from adjust.eval.frontier.measures import C2stAuc
 from adjust.eval.bench import interleaved_runs, paired_ratio
 from adjust.eval.specs import spec_key
 from adjust.sampler import JointSampler, SamplerConfig
@@ -26,7 +28,7 @@ def P(label, family, q, s):
 
 
 # --------------------------------------------------------------------------------------------
-# Pareto fronts, dominance, targets on hand-made points
+# Pareto fronts and dominance on hand-made points
 # --------------------------------------------------------------------------------------------
 
 def test_pareto_front_keeps_ties_and_drops_dominated_points():
@@ -35,16 +37,16 @@ def test_pareto_front_keeps_ties_and_drops_dominated_points():
            P("worse", "x", 0.8, 100),  # same speed, worse: dominated by a
            P("fast", "x", 0.5, 200), P("fast-worse", "x", 0.4, 200), P("mid", "x", 0.7, 150),
            P("no-quality", "x", None, 500)]  # unmeasured points are left out
-    assert [p["label"] for p in F.pareto_front(pts)] == ["fast", "mid", "a", "a-twin"]
-    assert F.dominates(pts[0], pts[2]) and F.dominates(pts[0], pts[3])
-    assert not F.dominates(pts[0], pts[1]) and not F.dominates(pts[1], pts[0])
-    assert F.pareto_front([]) == []
+    assert [p["label"] for p in A.pareto_front(pts)] == ["fast", "mid", "a", "a-twin"]
+    assert A.dominates(pts[0], pts[2]) and A.dominates(pts[0], pts[3])
+    assert not A.dominates(pts[0], pts[1]) and not A.dominates(pts[1], pts[0])
+    assert A.pareto_front([]) == []
 
 
 def test_family_fronts_anchor_exact_to_parallel_and_adjust_only():
     pts = [P("exact", "exact", 0.9, 100), P("parallel:2", "parallel", 0.5, 200),
            P("adjust:2", "adjust", 0.9, 90), P("threshold:tau=0.9", "threshold", 0.8, 300)]
-    fronts = {f: [p["label"] for p in fr] for f, fr in F.family_fronts(pts).items()}
+    fronts = {f: [p["label"] for p in fr] for f, fr in A.family_fronts(pts).items()}
     assert fronts == {"parallel": ["parallel:2", "exact"], "adjust": ["exact"],  # adjust:2 is slower than exact
                       "threshold": ["threshold:tau=0.9"]}
 
@@ -56,7 +58,7 @@ def test_dominance_names_the_fastest_adjust_point_or_none():
            P("adjust:2", "adjust", 0.85, 310), P("adjust:4", "adjust", 0.86, 450),
            P("adjust-threshold:tau=0.9", "adjust-threshold", 0.84, 900),  # fastest but less valid than tau=0.9
            P("adjust:8", "adjust", 0.50, 200)]  # as valid as parallel:2 at the same speed: not a dominator
-    by_peer = {d["peer"]: d for d in F.dominance(pts)}
+    by_peer = {d["peer"]: d for d in A.dominance(pts)}
     assert set(by_peer) == {"threshold:tau=0.9", "threshold:tau=0.5", "parallel:2"}  # exact is no peer point
     d = by_peer["threshold:tau=0.9"]
     assert d["dominated_by"] == "adjust:4" and d["by_family"] == "adjust" and d["dominators"] == 2
@@ -67,48 +69,9 @@ def test_dominance_names_the_fastest_adjust_point_or_none():
     assert by_peer["parallel:2"]["dominated_by"] == "adjust-threshold:tau=0.9"
     assert by_peer["parallel:2"]["dominators"] == 3  # adjust:2, adjust:4, adjust-threshold; not the tie adjust:8
     # a peer nobody beats: none
-    alone = F.dominance([P("threshold:tau=0.3", "threshold", 0.9, 1000), P("adjust:2", "adjust", 0.95, 999)])
+    alone = A.dominance([P("threshold:tau=0.3", "threshold", 0.9, 1000), P("adjust:2", "adjust", 0.95, 999)])
     assert [(d["peer"], d["dominated_by"], d["dominators"], d["speed_ratio"]) for d in alone] == [
         ("threshold:tau=0.3", None, 0, None)]
-
-
-def test_validity_target_on_hand_made_points():
-    exact = P("exact", "exact", 0.90, 100)
-    ours = [P("adjust:4", "adjust", 0.89, 400), P("adjust:2", "adjust", 0.95, 150)]
-    near = P("threshold:tau=0.9", "threshold", 0.88, 300)  # within 3 points of 0.90; adjust:4 is 1.33x
-    edge = P("parallel:2", "parallel", 0.87, 200)  # exactly 3 points below: checked
-    far = P("threshold:tau=0.5", "threshold", 0.80, 1000)  # more than 3 points below: not checked
-    v = F.validity_target([exact, near, edge, far] + ours, exact["q"])
-    assert v["met"] is True and not v["vacuous"]
-    checked = {c["peer"]: c for c in v["checked"]}
-    assert set(checked) == {"threshold:tau=0.9", "parallel:2"}
-    assert checked["threshold:tau=0.9"]["witness"] == "adjust:4"
-    assert checked["threshold:tau=0.9"]["witness_ratio"] == pytest.approx(400 / 300, abs=1e-4)
-    # just under 1.25x fails, and the report says how close the best as-valid ADJUST point came
-    slow = P("threshold:tau=0.8", "threshold", 0.88, 321)
-    v = F.validity_target([exact, slow] + ours, exact["q"])
-    assert v["met"] is False and v["failed"] == ["threshold:tau=0.8"]
-    assert v["checked"][0]["fastest_as_valid"] == "adjust:4" and v["checked"][0]["witness"] is None
-    # a peer more valid than every ADJUST point: no witness, none as valid
-    v = F.validity_target([exact, P("factor:factor=1", "factor", 0.99, 50)] + ours, exact["q"])
-    assert v["met"] is False and v["checked"][0]["fastest_as_valid"] is None
-    # no peer near exact: met, and marked vacuous
-    v = F.validity_target([exact, far] + ours, exact["q"])
-    assert v["met"] is True and v["vacuous"]
-
-
-def test_front_target_on_hand_made_points():
-    exact = P("exact", "exact", -5.4, 100)
-    slow_peer = P("threshold:tau=0.9", "threshold", -5.3, 140)  # on the front, but below 1.5x
-    ours = [P("adjust:4", "adjust", -5.5, 250), P("adjust:8", "adjust", -5.9, 400)]
-    t = F.front_target([exact, slow_peer] + ours, 100)
-    assert t["met"] is True and t["front_above"] == ["adjust:8", "adjust:4"] and t["peers_on_front_above"] == []
-    fast_peer = P("parallel:8", "parallel", -5.95, 500)  # the fastest point is a peer
-    t = F.front_target([exact, slow_peer, fast_peer] + ours, 100)
-    assert t["met"] is False and t["peers_on_front_above"] == ["parallel:8"]
-    dominated_peer = P("parallel:4", "parallel", -6.5, 240)  # above 1.5x but off the front: no harm
-    assert F.front_target([exact, dominated_peer] + ours, 100)["met"] is True
-    assert F.front_target([exact, slow_peer], 100)["met"] is None  # nothing faster than 1.5x exact
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +95,7 @@ def test_parse_grid_product_and_k_alias():
 def test_every_default_grid_parses():
     for family, text in F.DEFAULT_GRIDS.items():
         assert F.parse_grid(text)[0] == family
-        assert family in F.PEER_FAMILIES + F.ADJUST_FAMILIES
+        assert family in A.PEER_FAMILIES + A.ADJUST_FAMILIES
 
 
 def test_plan_points_skips_what_cannot_run_and_refuses_it_when_asked(monkeypatch):
@@ -240,7 +203,8 @@ def test_cli_end_to_end_on_task_prompts(capsys, tiny_model_dir, sampler_dir, tas
     assert json.loads(open(files["json"]).read())["points"] == result["points"]
     assert open(files["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     md = open(files["markdown"]).read()
-    assert "## Targets (batch 1" in md and "## Fronts and dominance, batch 2" in md
+    assert "## Fronts and dominance, batch 1" in md and "## Fronts and dominance, batch 2" in md
+    assert "Targets" not in md and "targets" not in result  # acceptance targets are not the library's
     assert result["mode"] == "validity" and result["panels"] == ["list", "pick", "reverse", "all"]
     points = {p["label"]: p for p in result["points"]}
     families = [f for f in F.DEFAULT_GRIDS if f in STRATEGIES]
@@ -259,13 +223,10 @@ def test_cli_end_to_end_on_task_prompts(capsys, tiny_model_dir, sampler_dir, tas
         a = result["analysis"][B]["all"]
         assert set(a["fronts"]) == set(families)
         # every peer point on its family front gets a dominance line, naming an ADJUST point or none
-        on_fronts = {lab for f, labs in a["fronts"].items() if F.side(f) == "peer" for lab in labs if lab != "exact"}
+        on_fronts = {lab for f, labs in a["fronts"].items() if A.side(f) == "peer" for lab in labs if lab != "exact"}
         assert {d["peer"] for d in a["dominance"]} == on_fronts
         for d in a["dominance"]:
             assert d["dominated_by"] is None or points[d["dominated_by"]]["side"] == "adjust"
-    t = result["targets"]
-    assert t["batch_size"] == 1 and set(t["validity"]) == set(result["panels"]) == set(t["front"])
-    assert all(isinstance(v["met"], bool) for v in t["validity"].values())
     s = result["settings"]
     assert s["threads"] == 1 and s["timing_prompts"] == ["list: cat dog sun =", "pick: bakori tumesa lipodu ="]
     assert result["code_version"] and s["grids"]["parallel"] == next(g for g in grids if g.startswith("parallel:"))
@@ -327,16 +288,20 @@ def test_c2st_reuses_the_reference_features_without_changing_the_result(tiny_bas
     calls = []
     real = two_sample.base_features
     monkeypatch.setattr(two_sample, "base_features", lambda *args, **kw: calls.append(args[0]) or real(*args, **kw))
-    first, second = F.c2st_auc(tiny_base, ref, a), F.c2st_auc(tiny_base, ref, b)
+    measure = C2stAuc()  # one per sweep: it keeps the reference set's features for that sweep only
+    first, second = measure(tiny_base, ref, a), measure(tiny_base, ref, b)
     assert len(calls) == 3  # the reference once, then each strategy's set
     for got, other in ((first, a), (second, b)):
         fresh = two_sample.c2st_samples(tiny_base, ref, other, [tiny_base.encode("The dog")] * 12)
         assert got["value"] == fresh["auc"] and got["se"] == fresh["auc_se"]
     calls.clear()
-    F.c2st_auc(tiny_base, b, a)  # another reference set: recomputed
+    measure(tiny_base, b, a)  # another reference set: recomputed
     other_base = make_tiny_base(tokenizer, seed=1)
-    F.c2st_auc(other_base, b, a)  # the same set under another base: recomputed with that base
+    measure(other_base, b, a)  # the same set under another base: recomputed with that base
     assert calls == [tiny_base, tiny_base, other_base, other_base]
+    calls.clear()
+    C2stAuc()(tiny_base, b, a)  # a new sweep's measure starts with nothing kept
+    assert calls == [tiny_base, tiny_base]
 
 
 def test_same_seed_same_validity_on_rerun(tiny_base, tiny_sampler):
@@ -352,7 +317,7 @@ def test_free_text_prompts_score_the_continuation(tiny_base):
     res = F.run_frontier(tiny_base, None, ["The dog", "A cat sat on"], families=["parallel"], grids=["parallel:K=2"],
                          num_samples=2, gen_length=6, batch_sizes=(2,), timing_prompts=1, repeats=1, warmup=0,
                          nll_draws=1, progress=False, quality="nll")
-    assert res["mode"] == "text" and res["settings"]["measure"] == "nll" and res["targets"]["batch_size"] == 2
+    assert res["mode"] == "text" and res["settings"]["measure"] == "nll" and res["settings"]["target_batch_size"] == 2
     assert [p["label"] for p in res["points"]] == ["exact", "parallel:2"]
     assert all(p["quality"]["text"]["n"] == 4 and p["nll"] > 0 for p in res["points"])
     with pytest.raises(AdjustError, match="mix task prompts"):

@@ -1,6 +1,6 @@
-"""`adjust eval frontier`: every strategy family's knob swept on the same work, quality against speed.
+"""`adjust eval frontier`, the sweep: every strategy family's knob run on the same work, quality and speed.
 
-What is measured, per point (a strategy at one setting of its knob, with one key/value cache mode):
+What is measured, per point (a strategy at one setting of its knob, with one key/value cache mode and unroll):
 
 * quality, once, on all the prompts (batched; the tokens do not depend on the batch size), seed `seed`:
   - on verifiable task prompts (`python -m adjust.eval.tasks prompts`): the validity of the answers
@@ -8,8 +8,8 @@ What is measured, per point (a strategy at one setting of its knob, with one key
     standard error;
   - on free text (a file of plain prompts, or unconditional): the NLL of the generated tokens under
     the base's own masked-diffusion bound (given the prompt), and, when a two-sided measure is
-    given (`two_sided`), its value against an independent set of exact samples (seed `seed` + 1,
-    so the exact point's value is the measure's noise floor). NLL alone rewards mode-seeking
+    given (`two_sided`, `measures.py`), its value against an independent set of exact samples (seed
+    `seed` + 1, so the exact point's value is the measure's noise floor). NLL alone rewards mode-seeking
     (a strategy can sit below exact's own NLL), so a two-sided measure is the one to rank by.
 * tokens per full pass (the achieved K, from the quality run's Stats);
 * wall-clock tokens/s at each batch size, side by side (`bench.interleaved_runs`): `warmup` untimed
@@ -18,24 +18,9 @@ What is measured, per point (a strategy at one setting of its knob, with one key
   threads. Reported: the median tokens/s and the median over repeats of the paired ratio to
   exact's tokens/s in the same repeat (exact uncached when several cache modes are swept).
 
-Analysis, per batch size and quality panel (each task and "all", or the one free-text measure):
-
-* each family's Pareto front (maximise quality and tokens/s; exact is the K = 1 point of the
-  parallel and adjust families) and the overall front;
-* for every peer point (families parallel, threshold, factor, entropy-bound) on its family's
-  front: the fastest ADJUST-family point (adjust, adjust-threshold, threshold-adjust) that
-  dominates it (quality at least as good, tokens/s higher), with the tokens/s ratio, or none;
-* two targets at batch 1 (or the smallest batch size timed): validity: every peer point
-  within 3 validity points of exact has an ADJUST-family point at least as valid with >= 1.25x
-  its tokens/s; front: every point of the overall front faster than 1.5x exact is ADJUST-family
-  (for s > 1.5x exact, the best quality reachable at >= s tokens/s is then ADJUST's).
-
-Plugging in: a new family is one line of DEFAULT_GRIDS (and its side: PEER_FAMILIES or
-ADJUST_FAMILIES); a two-sided measure is a function (base, exact_samples, strategy_samples) ->
-{"name", "value", "se"[, "score"]} registered in TWO_SIDED_MEASURES (DEFAULT_TWO_SIDED names the
-one used when `--quality auto` meets free text). Samples are `decode.generate_texts`' dicts
-({"prompt", "text", "token_ids", ...}); "score" orders points (higher = closer to exact) and
-defaults to -value (a distance to exact).
+The fronts and dominance are `analysis.py`'s, the Markdown and plot `report.py`'s. Plugging in: a new
+family is one line of DEFAULT_GRIDS (and its side in `analysis.py`); a two-sided measure is a factory
+registered in `measures.TWO_SIDED_MEASURES`.
 """
 
 from __future__ import annotations
@@ -44,16 +29,18 @@ import dataclasses
 import itertools
 import math
 import sys
-import weakref
 from typing import Callable
 
 import torch
 
-from ..errors import AdjustError
-from ..provenance import code_version
-from ..sampling import SamplingConfig
-from .bench import _median, interleaved_runs, paired_ratio
-from .specs import K_ALIASES, _value, build_strategy, spec_key, spec_label
+from ...errors import AdjustError
+from ...provenance import code_version
+from ...sampling import SamplingConfig
+from ..bench import _median, interleaved_runs, paired_ratio
+from ..specs import K_ALIASES, _value, build_strategy, spec_key, spec_label
+from .analysis import analyse, side
+from .measures import DEFAULT_TWO_SIDED, TWO_SIDED_MEASURES
+from .report import write_report
 
 # Each family's grid, in the --grid syntax: FAMILY:key=v,v,...;key=v,... (the Cartesian product).
 DEFAULT_GRIDS: dict[str, str] = {
@@ -65,49 +52,12 @@ DEFAULT_GRIDS: dict[str, str] = {
     "adjust-threshold": "adjust-threshold:tau=0.95,0.9,0.8,0.7,0.5;max_tokens_per_pass=8",
     "threshold-adjust": "threshold-adjust:tau=0.9,0.7,0.5;K=2,4",
 }
-PEER_FAMILIES = ("parallel", "threshold", "factor", "entropy-bound")
-ADJUST_FAMILIES = ("adjust", "adjust-threshold", "threshold-adjust")
-ANCHORED = ("parallel", "adjust")  # exact is their K = 1 point
-
-VALIDITY_MARGIN = 0.03  # "within 3 points of exact validity"
-SPEEDUP_TARGET = 1.25  # an ADJUST-family point >= 1.25x the peer's tokens/s
-FRONT_SPEED = 1.5  # the ADJUST family on the overall front above 1.5x exact's tokens/s
-
-# name -> fn(base, exact_samples, strategy_samples) -> {"name", "value", "se"[, "score"]}
-def c2st_auc(base, exact_samples, strategy_samples) -> dict:
-    """The classifier two-sample test (adjust.eval.two_sample) of a strategy's samples against exact ones:
-    held-out AUC (0.5 = indistinguishable), its standard error, and score -|AUC - 0.5| (higher = closer)."""
-    from .two_sample import base_features, c2st
-
-    def features(samples):
-        return base_features(base, samples, [base.encode(s["prompt"]) if s.get("prompt") else [] for s in samples])
-
-    # the exact reference set is the same for every point of a sweep: its features are computed once
-    key = tuple((s.get("prompt") or "", tuple(s["token_ids"])) for s in exact_samples)
-    if _REFERENCE.get("key") != key or _REFERENCE["base"]() is not base:
-        _REFERENCE.clear()
-        _REFERENCE.update(key=key, base=weakref.ref(base), features=features(exact_samples))
-    r = c2st(_REFERENCE["features"], features(strategy_samples))
-    return {"name": "c2st_auc", "value": r["auc"], "se": r["auc_se"], "score": -abs(r["auc"] - 0.5)}
-
-
-c2st_auc.min_samples = 10  # 5 cross-validation folds of at least 2 samples each
-_REFERENCE: dict = {}  # c2st_auc's last exact reference set: {"key", "base" (a weak reference), "features"}
-
-
-TWO_SIDED_MEASURES: dict[str, Callable] = {"c2st": c2st_auc}
-DEFAULT_TWO_SIDED: str | None = "c2st"
 QUALITY_MODES = ("auto", "validity", "nll")
 
 
 # --------------------------------------------------------------------------------------------
 # The sweep: families, grids, points
 # --------------------------------------------------------------------------------------------
-
-def side(family: str) -> str:
-    """"adjust" (the ADJUST family), "peer" or "exact"."""
-    return "adjust" if family in ADJUST_FAMILIES else "peer" if family in PEER_FAMILIES else "exact"
-
 
 def parse_families(text: str | None) -> list[str] | None:
     """"parallel,adjust" -> ["parallel", "adjust"]; None or "" -> None (every family); unknown names are errors."""
@@ -181,7 +131,7 @@ def plan_points(families: list[str] | None = None, grids: list[str] | None = Non
     explicitly, such a family is an error. `grids`: --grid texts replacing those families' grids.
     Every point's strategy is built once here, so a bad value fails before any work.
     """
-    from ..strategies import STRATEGIES, strategy_names
+    from ...strategies import STRATEGIES, strategy_names
 
     strategy_names()  # registers the built-in strategies
     explicit = families is not None
@@ -233,107 +183,12 @@ def point_label(name: str, params: dict, cache: str = "none", unroll: str = "ful
 
 
 # --------------------------------------------------------------------------------------------
-# Pareto fronts, dominance, targets: pure functions of points {"label", "family", "q", "s"[, "v"]}
-# (q: the quality score, higher = better; s: tokens/s; v: the quality as reported, default q)
-# --------------------------------------------------------------------------------------------
-
-def _v(p: dict):
-    return p.get("v", p["q"])
-
-
-def dominates(a: dict, b: dict) -> bool:
-    """a is at least as good as b in quality `q` and speed `s`, and better in one of them."""
-    return a["q"] >= b["q"] and a["s"] >= b["s"] and (a["q"] > b["q"] or a["s"] > b["s"])
-
-
-def pareto_front(points: list[dict]) -> list[dict]:
-    """The points no other point dominates (identical points are all kept), fastest first."""
-    pts = [p for p in points if p["q"] is not None and p["s"] is not None]
-    front = [p for p in pts if not any(dominates(o, p) for o in pts)]
-    return sorted(front, key=lambda p: (-p["s"], -p["q"], p["label"]))
-
-
-def family_fronts(points: list[dict]) -> dict[str, list[dict]]:
-    """Each family's front; exact points join the parallel and adjust families (their K = 1)."""
-    families = list(dict.fromkeys(p["family"] for p in points if p["family"] != "exact"))
-    exact = [p for p in points if p["family"] == "exact"]
-    return {f: pareto_front([p for p in points if p["family"] == f] + (exact if f in ANCHORED else []))
-            for f in families}
-
-
-def _fastest(candidates: list[dict]) -> dict | None:
-    return max(candidates, key=lambda p: (p["s"], p["q"]), default=None)
-
-
-def dominance(points: list[dict], fronts: dict[str, list[dict]] | None = None) -> list[dict]:
-    """For each peer point on its family's front: the fastest ADJUST-family point with quality >= its
-    quality and higher tokens/s (`dominated_by`, None if there is none), the tokens/s ratio, and how
-    many ADJUST-family points dominate it."""
-    fronts = family_fronts(points) if fronts is None else fronts
-    ours = [p for p in points if side(p["family"]) == "adjust" and p["q"] is not None and p["s"] is not None]
-    out = []
-    for family, front in fronts.items():
-        if side(family) != "peer":
-            continue
-        for peer in front:
-            if peer["family"] != family:
-                continue  # exact on the parallel front
-            winners = [a for a in ours if a["q"] >= peer["q"] and a["s"] > peer["s"]]
-            best = _fastest(winners)
-            out.append({"peer": peer["label"], "family": family, "quality": _v(peer), "tokens_per_second": peer["s"],
-                        "dominated_by": None if best is None else best["label"],
-                        "by_family": None if best is None else best["family"],
-                        "by_quality": None if best is None else _v(best),
-                        "by_tokens_per_second": None if best is None else best["s"],
-                        "speed_ratio": None if best is None or not peer["s"] else round(best["s"] / peer["s"], 4),
-                        "dominators": len(winners)})
-    return out
-
-
-def validity_target(points: list[dict], exact_q: float, margin: float = VALIDITY_MARGIN,
-                    speedup: float = SPEEDUP_TARGET) -> dict:
-    """Every peer point with validity >= exact's - margin needs an ADJUST-family point at least as valid
-    with tokens/s >= speedup x its own. {"met", "checked": [per peer point], "failed": [labels]}."""
-    ours = [p for p in points if side(p["family"]) == "adjust" and p["q"] is not None and p["s"] is not None]
-    checked = []
-    for peer in points:
-        if side(peer["family"]) != "peer" or peer["q"] is None or peer["s"] is None:
-            continue
-        if peer["q"] < exact_q - margin - 1e-12:
-            continue
-        best = _fastest([a for a in ours if a["q"] >= peer["q"] and a["s"] >= speedup * peer["s"]])
-        near = _fastest([a for a in ours if a["q"] >= peer["q"]])  # the best an ADJUST point does at that validity
-        checked.append({"peer": peer["label"], "family": peer["family"], "quality": _v(peer),
-                        "tokens_per_second": peer["s"], "met": best is not None,
-                        "witness": None if best is None else best["label"],
-                        "witness_ratio": None if best is None or not peer["s"] else round(best["s"] / peer["s"], 4),
-                        "fastest_as_valid": None if near is None else near["label"],
-                        "fastest_as_valid_ratio": None if near is None or not peer["s"] else round(near["s"] / peer["s"], 4)})
-    failed = [c["peer"] for c in checked if not c["met"]]
-    return {"met": not failed, "vacuous": not checked, "margin": margin, "speedup": speedup, "exact_quality": exact_q,
-            "checked": checked, "failed": failed}
-
-
-def front_target(points: list[dict], exact_s: float, factor: float = FRONT_SPEED) -> dict:
-    """Whether every point of the overall front faster than factor x exact's tokens/s is ADJUST-family.
-
-    For any speed s above factor x exact, the best quality at >= s tokens/s is then an ADJUST-family
-    point's. "met" is None when no front point is that fast (nothing to decide)."""
-    front = pareto_front(points)
-    fast = [p for p in front if p["s"] > factor * exact_s]
-    peers = [p["label"] for p in fast if side(p["family"]) != "adjust"]
-    return {"met": None if not fast else not peers, "factor": factor, "exact_tokens_per_second": exact_s,
-            "front_above": [p["label"] for p in fast], "peers_on_front_above": peers,
-            "front": [p["label"] for p in front]}
-
-
-# --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
 
 def _task_records(prompts: list[str]) -> list[dict] | None:
     """[{"task", "prompt"}] if every prompt is a task prompt, None if none is; mixed is an error."""
-    from .tasks import task_of
+    from ..tasks import task_of
 
     tasks = []
     for p in prompts:
@@ -350,7 +205,9 @@ def _task_records(prompts: list[str]) -> list[dict] | None:
 
 
 def choose_quality(quality: str, records, two_sided) -> tuple[str, Callable | None, str | None]:
-    """(mode "validity" | "text", two-sided function or None, the free-text panel's measure name)."""
+    """(mode "validity" | "text", the two-sided measure for this sweep or None, the free-text panel's measure name).
+
+    A registered measure (`quality` naming one, or the default) is made fresh for the sweep by its factory."""
     if quality not in QUALITY_MODES and quality not in TWO_SIDED_MEASURES:
         raise AdjustError(f"--quality {quality!r}: choose from {', '.join(list(QUALITY_MODES) + list(TWO_SIDED_MEASURES))}")
     if quality == "validity" or (quality == "auto" and records is not None):
@@ -358,11 +215,11 @@ def choose_quality(quality: str, records, two_sided) -> tuple[str, Callable | No
             raise AdjustError("--quality validity needs task prompts (python -m adjust.eval.tasks prompts)")
         return "validity", None, None
     if quality in TWO_SIDED_MEASURES:
-        return "text", TWO_SIDED_MEASURES[quality], quality
+        return "text", TWO_SIDED_MEASURES[quality](), quality
     if quality == "nll":
         return "text", None, "nll"
     if two_sided is None and DEFAULT_TWO_SIDED is not None:
-        two_sided = TWO_SIDED_MEASURES[DEFAULT_TWO_SIDED]
+        two_sided = TWO_SIDED_MEASURES[DEFAULT_TWO_SIDED]()
     name = getattr(two_sided, "measure_name", None) or getattr(two_sided, "__name__", "two-sided")
     return "text", two_sided, ("nll" if quality == "nll" or two_sided is None else name)
 
@@ -400,7 +257,7 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
                  unrolls=("full",),
                  nll_draws: int = 4, two_sided: Callable | None = None, out_dir=None, progress: bool = True,
                  sampler_source: str | None = None, prompts_source: str | None = None) -> dict:
-    """Sweep, measure and analyse (see the module docstring); with `out_dir`, write frontier.json/.md/.png.
+    """Sweep, measure and analyse (see the module docstring); with `out_dir`, write frontier.json/.md/.png as a set.
 
     prompts: task prompts (validity), plain prompts or None (unconditional free text). num_samples:
     samples per prompt (default 1; unconditional: 200). gen_length default: the tasks' region for task prompts
@@ -409,10 +266,10 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
     """
     from tqdm.auto import tqdm
 
-    from ..decode import check_cache, check_request, generate_texts, unroll_plan
-    from ..strategies import STRATEGIES
-    from .report import check_out_dir
-    from .tasks import DEFAULT_GEN_LENGTH, evaluate_tasks
+    from ...decode import check_cache, check_request, generate_texts, unroll_plan
+    from ...strategies import STRATEGIES
+    from ..report import check_out_dir
+    from ..tasks import DEFAULT_GEN_LENGTH, evaluate_tasks
 
     # ---- every check before any work --------------------------------------------------------
     if out_dir is not None:
@@ -490,7 +347,7 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
                 samples, stats = generate_texts(base, prompts or [""], strategy, sampling, gen_length, num_samples,
                                                 batch_size, block_length, seed, s_sampler, cache=pt["cache"],
                                                 unroll=pt["unroll"])
-                from .metrics import finite_mean, finite_stderr, nll_under_base
+                from ..metrics import finite_mean, finite_stderr, nll_under_base
 
                 nll = nll_under_base(base, [s["token_ids"] for s in samples], draws=nll_draws, seed=seed,
                                      batch_size=batch_size,
@@ -563,210 +420,11 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
                      "speed_reference": ref_label, "target_batch_size": target_b},
         "notes": notes, "code_version": code_version(),
     }
-    from .quality import _json_safe, machine_info
+    from ..quality import _json_safe, machine_info
 
     result["machine"] = machine_info(base.device)
     result["analysis"] = analyse(result)
-    result["targets"] = targets(result)
     result = _json_safe(result)
     if out_dir is not None:
         result["files"] = write_report(result, out_dir)
     return result
-
-
-def _qs(result: dict, panel: str, B: int) -> list[dict]:
-    """The points as {"label", "family", "q", "s"} for one panel and batch size."""
-    return [{"label": p["label"], "family": p["family"], "q": p["quality"][panel]["score"],
-             "v": p["quality"][panel]["value"], "s": p["speed"][str(B)]["tokens_per_second"]}
-            for p in result["points"] if panel in p["quality"]]
-
-
-def analyse(result: dict) -> dict:
-    """{batch size: {panel: {"fronts": {family: [labels]}, "overall": [labels], "dominance": [...]}}}."""
-    out = {}
-    for B in result["settings"]["batch_sizes"]:
-        out[str(B)] = {}
-        for panel in result["panels"]:
-            pts = _qs(result, panel, B)
-            fronts = family_fronts(pts)
-            out[str(B)][panel] = {"fronts": {f: [p["label"] for p in fr] for f, fr in fronts.items()},
-                                  "overall": [p["label"] for p in pareto_front(pts)],
-                                  "dominance": dominance(pts, fronts)}
-    return out
-
-
-def targets(result: dict) -> dict:
-    """The issue's targets at the target batch size, per panel."""
-    B = result["settings"]["target_batch_size"]
-    ref = result["settings"]["speed_reference"]
-    out = {"batch_size": B, "validity": {} if result["mode"] == "validity" else None, "front": {}}
-    for panel in result["panels"]:
-        pts = _qs(result, panel, B)
-        exact = next(p for p in pts if p["label"] == ref)
-        out["front"][panel] = front_target(pts, exact["s"])
-        if out["validity"] is not None:
-            out["validity"][panel] = validity_target(pts, exact["q"])
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Report: JSON, Markdown, PNG
-# --------------------------------------------------------------------------------------------
-
-def _f(v, digits=3) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
-def _verdict(met) -> str:
-    return "**met**" if met is True else "**not met**" if met is False else "**undecided**"
-
-
-def markdown_table(result: dict) -> str:
-    s = result["settings"]
-    Bs = s["batch_sizes"]
-    panels = result["panels"]
-    q_title = "validity" if result["mode"] == "validity" else s["measure"]
-    if result["mode"] == "validity":
-        work = (f"{s['prompt_count']} task prompts ({', '.join(f'{t} {n}' for t, n in s['tasks'].items())}), "
-                f"{s['num_samples']} answer(s) each")
-    elif s["prompt_count"]:
-        work = f"{s['prompt_count']} prompts, {s['num_samples']} sample(s) each"
-    else:
-        work = f"{s['num_samples']} unconditional samples"
-    lines = [f"# Quality vs speed frontier: {s['base'].get('name')}", "",
-             f"Quality: {q_title} on {work}, gen length {s['gen_length']}, T = {s['sampling']['temperature']}, "
-             f"order {s['sampling']['order']}, seed {s['seed']}. Speed: median tokens/s of {s['repeats']} interleaved "
-             f"repeats (shuffled order, {s['warmup']} warm-up), each run decoding "
-             + (f"{len(s['timing_prompts'])} batch(es) of B unconditional samples, " if not s["prompt_count"] else
-                f"{len(s['timing_prompts'])} prompt(s) as a batch of B samples each, ")
-             + f"{s['threads']} thread(s), x exact = median paired ratio to {s['speed_reference']} in the same repeat.",
-             ""]
-    if result["mode"] == "text":
-        lines += ["NLL: nats per generated token under the base's masked-diffusion bound (lower is not always "
-                  "better: mode-seeking strategies can score below exact's own NLL)."
-                  + ("" if s["measure"] == "nll" else f" Ranked by {s['measure']} against exact samples (seed "
-                     f"{s['reference_seed']}); exact's own value is the noise floor."), ""]
-    head = ["point", "family", "cache"]
-    if result["mode"] == "validity":
-        head += panels
-    else:
-        head += ["NLL"] + ([s["measure"]] if s["measure"] != "nll" else [])
-    head += ["tok/pass"] + [h for B in Bs for h in (f"tok/s B={B}", f"x exact B={B}")]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for p in result["points"]:
-        row = [p["label"], p["family"], p["cache"]]
-        if result["mode"] == "validity":
-            row += [_f(p["quality"][t]["value"]) for t in panels]
-        else:
-            row.append(_f(p.get("nll")) + ("" if p.get("nll_se") is None else f" ± {p['nll_se']:.3f}"))
-            if s["measure"] != "nll":
-                q = p["quality"]["text"]
-                row.append(_f(q["value"]) + ("" if q["se"] is None else f" ± {q['se']:.3f}"))
-        row.append(_f(p.get("tokens_per_full_pass"), 2))
-        for B in Bs:
-            sp = p["speed"][str(B)]
-            row += [_f(sp["tokens_per_second"], 1), _f(sp["ratio_to_exact"], 2)]
-        lines.append("| " + " | ".join(row) + " |")
-
-    t = result["targets"]
-    TB = t["batch_size"]
-    lines += ["", f"## Targets (batch {TB}, {s['threads']} thread(s))", ""]
-    if t.get("validity"):
-        for panel, v in t["validity"].items():
-            head = (f"- validity, {panel}: {_verdict(v['met'])}"
-                    + (" (no peer point within 3 points of exact's validity)" if v["vacuous"] else "")
-                    + f" -- every peer point within {100 * v['margin']:.0f} points of exact ({v['exact_quality']:.3f}) "
-                    f"needs an ADJUST-family point at least as valid with >= {v['speedup']}x its tokens/s.")
-            lines.append(head)
-            if panel == "all" or len(t["validity"]) == 1:
-                for c in v["checked"]:
-                    if c["met"]:
-                        lines.append(f"  - {c['peer']} ({c['quality']:.3f}, {c['tokens_per_second']:.1f} tok/s): "
-                                     f"{c['witness']} is {c['witness_ratio']:.2f}x as fast")
-                    else:
-                        near = ("no ADJUST-family point is as valid" if c["fastest_as_valid"] is None else
-                                f"the fastest as valid, {c['fastest_as_valid']}, is {c['fastest_as_valid_ratio']:.2f}x")
-                        lines.append(f"  - {c['peer']} ({c['quality']:.3f}, {c['tokens_per_second']:.1f} tok/s): "
-                                     f"NOT met, {near}: the peer wins here")
-    for panel, f in t["front"].items():
-        fast = ", ".join(f["front_above"]) or "none"
-        lines.append(f"- front above {f['factor']}x exact, {panel}: {_verdict(f['met'])} -- overall-front points "
-                     f"faster than {f['factor']}x exact ({f['factor'] * f['exact_tokens_per_second']:.1f} tok/s): {fast}"
-                     + (f"; peers among them: {', '.join(f['peers_on_front_above'])}" if f["peers_on_front_above"] else "")
-                     + ("; no point is that fast" if f["met"] is None else ""))
-    for B in Bs:
-        lines += ["", f"## Fronts and dominance, batch {B}", ""]
-        for panel in panels:
-            a = result["analysis"][str(B)][panel]
-            lines.append(f"**{panel}** overall front: {', '.join(a['overall'])}")
-            lines.append("")
-            for fam, labels in a["fronts"].items():
-                lines.append(f"- {fam} front: {', '.join(labels)}")
-            for d in a["dominance"]:
-                if d["dominated_by"] is None:
-                    lines.append(f"- peer {d['peer']} ({_f(d['quality'])}, {_f(d['tokens_per_second'], 1)} tok/s): "
-                                 "no ADJUST-family point dominates it (a peer wins here)")
-                else:
-                    lines.append(f"- peer {d['peer']} ({_f(d['quality'])}, {_f(d['tokens_per_second'], 1)} tok/s): "
-                                 f"dominated by {d['dominated_by']} ({_f(d['by_quality'])}, "
-                                 f"{d['speed_ratio']:.2f}x its tokens/s; {d['dominators']} ADJUST-family point(s) dominate it)")
-            lines.append("")
-    m = result["machine"]
-    lines += [f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}, device {m['device']}"
-              + (f" ({m['gpu']})" if m.get("gpu") else "") + f". Code version {result['code_version']}."]
-    lines += [f"Note: {n}" for n in result.get("notes", [])]
-    return "\n".join(lines) + "\n"
-
-
-FAMILY_STYLE = {"exact": ("black", "*"), "parallel": ("tab:gray", "v"), "threshold": ("tab:orange", "s"),
-                "factor": ("tab:brown", "D"), "entropy-bound": ("tab:purple", "P"), "adjust": ("tab:blue", "o"),
-                "adjust-threshold": ("tab:green", "^"), "threshold-adjust": ("tab:red", "X")}
-
-
-def plot(result: dict, path) -> None:
-    """Quality (score) vs tokens/s at the target batch size; one panel per quality panel; each family's
-    points as markers, its Pareto front as a line (peers dashed, ADJUST family solid)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .report import save_figure
-
-    B = result["targets"]["batch_size"]
-    panels = result["panels"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
-    s = result["settings"]
-    if result["mode"] == "validity":
-        ylabel = "validity"
-    elif s["measure"] == "nll":
-        ylabel = "-NLL under the base (nats/token; higher = better)"
-    else:
-        ylabel = f"{s['measure']} score (higher = closer to exact)"
-    for ax, panel in zip(axes[0], panels):
-        pts = _qs(result, panel, B)
-        fronts = result["analysis"][str(B)][panel]["fronts"]
-        by_label = {p["label"]: p for p in pts}
-        for fam in dict.fromkeys(p["family"] for p in pts):
-            color, marker = FAMILY_STYLE.get(fam, ("tab:cyan", "o"))
-            fp = [p for p in pts if p["family"] == fam and p["q"] is not None]
-            ax.scatter([p["s"] for p in fp], [p["q"] for p in fp], color=color, marker=marker,
-                       s=110 if fam == "exact" else 30, zorder=4, label=fam, alpha=0.85)
-            if fam in fronts:
-                line = sorted((by_label[lab]["s"], by_label[lab]["q"]) for lab in fronts[fam])
-                ax.plot(*zip(*line), color=color, linestyle="-" if side(fam) == "adjust" else "--", linewidth=1.2)
-        ax.set_title(panel)
-        ax.set_xlabel(f"tokens / s (batch {B}, {s['threads']} thread(s))")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{s['base'].get('name')}: quality vs speed, each family's Pareto front drawn "
-                 "(solid: ADJUST family, dashed: peers)", fontsize=10)
-    save_figure(fig, path)
-
-
-def write_report(result: dict, out_dir) -> dict:
-    """frontier.json, frontier.md and frontier.png in `out_dir` (each atomically); their paths."""
-    from .report import write_report as write
-
-    return write(result, out_dir, "frontier", markdown_table, plot)

@@ -1,0 +1,73 @@
+"""benchmarks/frontier_targets.py: the acceptance targets' verdicts on hand-made points and on a real report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from bench_loader import load_benchmark
+
+T = load_benchmark("frontier_targets")
+
+
+def P(label, family, q, s):
+    return {"label": label, "family": family, "q": q, "s": s}
+
+
+def test_validity_target_on_hand_made_points():
+    exact = P("exact", "exact", 0.90, 100)
+    ours = [P("adjust:4", "adjust", 0.89, 400), P("adjust:2", "adjust", 0.95, 150)]
+    near = P("threshold:tau=0.9", "threshold", 0.88, 300)  # within 3 points of 0.90; adjust:4 is 1.33x
+    edge = P("parallel:2", "parallel", 0.87, 200)  # exactly 3 points below: checked
+    far = P("threshold:tau=0.5", "threshold", 0.80, 1000)  # more than 3 points below: not checked
+    v = T.validity_target([exact, near, edge, far] + ours, exact["q"])
+    assert v["met"] is True and not v["vacuous"]
+    checked = {c["peer"]: c for c in v["checked"]}
+    assert set(checked) == {"threshold:tau=0.9", "parallel:2"}
+    assert checked["threshold:tau=0.9"]["witness"] == "adjust:4"
+    assert checked["threshold:tau=0.9"]["witness_ratio"] == pytest.approx(400 / 300, abs=1e-4)
+    # just under 1.25x fails, and the report says how close the best as-valid ADJUST point came
+    slow = P("threshold:tau=0.8", "threshold", 0.88, 321)
+    v = T.validity_target([exact, slow] + ours, exact["q"])
+    assert v["met"] is False and v["failed"] == ["threshold:tau=0.8"]
+    assert v["checked"][0]["fastest_as_valid"] == "adjust:4" and v["checked"][0]["witness"] is None
+    # a peer more valid than every ADJUST point: no witness, none as valid
+    v = T.validity_target([exact, P("factor:factor=1", "factor", 0.99, 50)] + ours, exact["q"])
+    assert v["met"] is False and v["checked"][0]["fastest_as_valid"] is None
+    # no peer near exact: met, and marked vacuous
+    v = T.validity_target([exact, far] + ours, exact["q"])
+    assert v["met"] is True and v["vacuous"]
+
+
+def test_front_target_on_hand_made_points():
+    exact = P("exact", "exact", -5.4, 100)
+    slow_peer = P("threshold:tau=0.9", "threshold", -5.3, 140)  # on the front, but below 1.5x
+    ours = [P("adjust:4", "adjust", -5.5, 250), P("adjust:8", "adjust", -5.9, 400)]
+    t = T.front_target([exact, slow_peer] + ours, 100)
+    assert t["met"] is True and t["front_above"] == ["adjust:8", "adjust:4"] and t["peers_on_front_above"] == []
+    fast_peer = P("parallel:8", "parallel", -5.95, 500)  # the fastest point is a peer
+    t = T.front_target([exact, slow_peer, fast_peer] + ours, 100)
+    assert t["met"] is False and t["peers_on_front_above"] == ["parallel:8"]
+    dominated_peer = P("parallel:4", "parallel", -6.5, 240)  # above 1.5x but off the front: no harm
+    assert T.front_target([exact, dominated_peer] + ours, 100)["met"] is True
+    assert T.front_target([exact, slow_peer], 100)["met"] is None  # nothing faster than 1.5x exact
+
+
+def test_script_reads_a_frontier_report_and_writes_its_verdicts(tmp_path, capsys):
+    """On a hand-written report: exact, a peer within 3 points and an ADJUST point 1.5x as fast."""
+    def point(label, family, v, s):
+        return {"label": label, "family": family, "quality": {"all": {"value": v, "score": v}},
+                "speed": {"1": {"tokens_per_second": s}}}
+
+    report = {"mode": "validity", "panels": ["all"], "code_version": {"commit": "x" * 40},
+              "settings": {"target_batch_size": 1, "speed_reference": "exact", "batch_sizes": [1]},
+              "points": [point("exact", "exact", 0.9, 100), point("threshold:tau=0.9", "threshold", 0.89, 200),
+                         point("adjust:4", "adjust", 0.9, 300)]}
+    path = tmp_path / "frontier.json"
+    path.write_text(json.dumps(report))
+    assert T.main([str(path), "--md", str(tmp_path / "t.md"), "--json", str(tmp_path / "t.json")]) == 0
+    out = capsys.readouterr().out
+    assert "- validity, all: **met**" in out and "adjust:4 is 1.50x as fast" in out
+    assert (tmp_path / "t.md").read_text() == out
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["validity"]["all"]["checked"][0]["witness"] == "adjust:4" and saved["front"]["all"]["met"] is True
