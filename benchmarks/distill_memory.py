@@ -46,6 +46,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # stand_ins: test stand-ins, not the package
+
 MODELS = ("dream", "llada", "bert", "tiny")
 LABELS = {"dream": "Dream stand-in (Qwen2)", "llada": "LLaDA stand-in (Llama)", "bert": "BERT masked LM",
           "tiny": "adjust tiny model"}
@@ -60,8 +62,9 @@ def log(msg: str) -> None:
 
 # --- the bases ----------------------------------------------------------------------------------
 def save_base(kind: str, out: Path, args) -> Path:
-    """A random base of `kind` saved to `out`, loaded back with adjust.base.load_base by the caller."""
-    from adjust.base import hf
+    """A random base of `kind` saved to `out`, loaded back by `load` (Dream/LLaDA: stand-ins, tests/stand_ins.py)."""
+    from stand_ins import save_random_bert, save_stand_in
+
     from adjust.train_base import train_tokenizer
 
     tok = train_tokenizer(DOCS, 300)  # ids 0, 1, 2 = pad, mask, eos
@@ -72,10 +75,10 @@ def save_base(kind: str, out: Path, args) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         if kind in ("dream", "llada"):
-            return hf.save_stand_in(kind, out, tok, hidden_size=H, num_layers=layers, num_heads=heads,
+            return save_stand_in(kind, out, tok, hidden_size=H, num_layers=layers, num_heads=heads,
                                     vocab_size=args.vocab_size, max_length=max_len, seed=args.seed)
         if kind == "bert":
-            return hf.save_random_bert(out, tok, hidden_size=H, num_layers=layers, num_heads=heads,
+            return save_random_bert(out, tok, hidden_size=H, num_layers=layers, num_heads=heads,
                                        intermediate_size=4 * H, vocab_size=args.vocab_size, max_length=max_len,
                                        seed=args.seed)
         if kind == "tiny":
@@ -175,7 +178,13 @@ def run_model(kind: str, args, device: torch.device, chunks: list[int], root: Pa
     from adjust.sampler import JointSampler, SamplerConfig
 
     t0 = time.time()
-    base = load_base(save_base(kind, root / kind, args), device=str(device))
+    path = save_base(kind, root / kind, args)
+    if kind in ("dream", "llada"):
+        from stand_ins import load_stand_in
+
+        base = load_stand_in(kind, path, device=str(device))
+    else:
+        base = load_base(path, device=str(device))
     torch.manual_seed(args.seed)
     sampler = JointSampler(SamplerConfig.for_base(base)).to(device)
     sampler.train()

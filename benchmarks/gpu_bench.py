@@ -4,8 +4,8 @@
 No download: the model is a transformers Qwen2ForCausalLM with Dream-v0-7B's shape
 (hidden 3584, 28 layers, 28 heads, 4 KV heads, MLP 18944, vocabulary 152064) and RANDOM
 weights, built directly on the device in the chosen dtype and wrapped as a Dream stand-in by
-`adjust.base.hf.stand_in_base` (bidirectional attention, Dream's one-place shift, the load-time
-self-check). Speed does not depend on the weights, so the timings are those of Dream-7B in
+tests/stand_ins.py's `stand_in_base` (Dream's adapter: bidirectional attention, Dream's one-place
+shift, the load-time self-check). Speed does not depend on the weights, so the timings are those of Dream-7B in
 this code path; the generated text is noise. The joint sampler is sized like the paper's
 (one block with the base's MLP width 18944: ~0.28B parameters here, full multi-head attention,
 vs the paper's ~0.26B with grouped KV heads), untrained: the fixed-K timings do not depend on
@@ -57,6 +57,8 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # stand_ins: test stand-ins, not the package
 
 SIZES = {
     # Dream-org/Dream-v0-Base-7B's config.json shape (Qwen2.5-7B), tokenizer facts included
@@ -130,7 +132,6 @@ def build(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, na
     untrained sampler for it."""
     import transformers
 
-    from adjust.base import hf
     from adjust.sampler import JointSampler, SamplerConfig
 
     s = SIZES[size]
@@ -147,7 +148,9 @@ def build(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, na
         with torch.device(device):  # weights are created (and randomly initialised) on the device, in dtype
             net = transformers.Qwen2ForCausalLM._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
         tok = IdTokenizer(s["tokenizer_len"], s["mask_id"], s["eos_id"])
-        base = hf.stand_in_base("dream", net, tok, name=f"random Qwen2 {size} as a Dream stand-in")
+        from stand_ins import stand_in_base
+
+        base = stand_in_base("dream", net, tok, name=f"random Qwen2 {size} as a Dream stand-in")
     scfg = SamplerConfig.for_base(base, intermediate_ratio=s["intermediate_size"] / s["hidden_size"])
     with torch.device(device):
         sampler = JointSampler(scfg)

@@ -302,11 +302,13 @@ def test_cli_refuses_before_loading(tmp_path, capsys):
 
 
 def test_base_without_cache_refuses(tmp_path, capsys, tokenizer):
-    """A base through transformers (here a Dream stand-in) cannot take the cache: one error line, exit 2."""
-    from adjust.base import hf
+    """A base through transformers (here a real tiny BertForMaskedLM) cannot take the cache: one error line,
+    exit 2."""
+    from stand_ins import save_random_bert
+
     from adjust.cli import main
 
-    d = hf.save_stand_in("dream", tmp_path / "qwen", tokenizer)
+    d = save_random_bert(tmp_path / "bert", tokenizer)
     base = load_base(d)
     assert not base.supports_cache
     with pytest.raises(AdjustError, match="cannot take a key/value cache"):

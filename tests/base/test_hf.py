@@ -1,8 +1,9 @@
-"""Hugging Face adapters (adjust.base.hf) on tiny random stand-ins built from real transformers classes.
+"""Hugging Face adapters (adjust.base.hf) on tiny random models built from real transformers classes.
 
-Dream is stood in by a Qwen2ForCausalLM, LLaDA by a LlamaForCausalLM (both marked with
-`adjust_stand_in` in config.json, made bidirectional at load), the masked LM is a real tiny
-BertForMaskedLM. Nothing is downloaded; every model is a few thousand parameters.
+Dream's and LLaDA's adapters (whose real path runs remote code) are exercised on STAND-INS from
+tests/stand_ins.py: a Qwen2ForCausalLM for Dream, a LlamaForCausalLM for LLaDA, made bidirectional and
+called through transformers' own class. The masked LM is a real tiny BertForMaskedLM, loaded by the
+package's own loader. Nothing is downloaded; every model is a few thousand parameters.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from adjust.errors import AdjustError  # noqa: E402
 from adjust.sampler import JointSampler, SamplerConfig  # noqa: E402
 from adjust.strategies import make_strategy  # noqa: E402
 from adjust.train_base import train_tokenizer  # noqa: E402
+from stand_ins import load_stand_in, save_random_bert, save_stand_in  # noqa: E402
 
 DOCS = [f"the quick brown fox {i} jumps over the lazy dog, and the cat sat on the mat." for i in range(40)]
 KINDS = ["dream", "llada", "bert"]
@@ -47,16 +49,17 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("hf_bases")
-    out = {"dream": hf.save_stand_in("dream", root / "dream", tokenizer, seed=1),
-           "llada": hf.save_stand_in("llada", root / "llada", tokenizer, seed=2)}
+    out = {"dream": save_stand_in("dream", root / "dream", tokenizer, seed=1),
+           "llada": save_stand_in("llada", root / "llada", tokenizer, seed=2)}
     # A tiny BERT: the BPE tokenizer plus cls/unk; EOS (= sep) is the BPE's end-of-text token.
-    out["bert"] = hf.save_random_bert(root / "bert", tokenizer, vocab_size=320, intermediate_size=64, seed=3)
+    out["bert"] = save_random_bert(root / "bert", tokenizer, vocab_size=320, intermediate_size=64, seed=3)
     return out
 
 
 @pytest.fixture(scope="module")
 def bases(dirs):
-    return {kind: load_base(path) for kind, path in dirs.items()}
+    return {"dream": load_stand_in("dream", dirs["dream"]), "llada": load_stand_in("llada", dirs["llada"]),
+            "bert": load_base(dirs["bert"])}
 
 
 def _ids(base, L=10, seed=0):
@@ -68,11 +71,9 @@ def _ids(base, L=10, seed=0):
 
 
 def test_detect_and_identity(dirs, bases, tokenizer):
-    assert {k: detect_base_type(p) for k, p in dirs.items()} == {"dream": "dream", "llada": "llada",
-                                                                  "bert": "masked-lm"}
+    assert detect_base_type(dirs["bert"]) == "masked-lm"
     dream, llada, bert = bases["dream"], bases["llada"], bases["bert"]
-    assert isinstance(dream, hf.DreamBase) and dream.stand_in
-    assert isinstance(llada, hf.LLaDABase) and llada.stand_in
+    assert isinstance(dream, hf.DreamBase) and isinstance(llada, hf.LLaDABase)
     assert isinstance(bert, hf.MaskedLMBase)
     for base in (dream, llada):
         # ids come from the tokenizer / config, never literals
@@ -189,8 +190,11 @@ def test_errors(dirs, tmp_path):
             load_base(path, "dream")
         with pytest.raises(AdjustError, match="not a LLaDA checkpoint"):
             load_base(path, "llada")
-    with pytest.raises(AdjustError, match="Dream stand-in"):
-        load_base(dirs["dream"], "llada")
+    for kind in ("dream", "llada"):  # a stand-in is a plain Qwen2/Llama to the package's loader
+        with pytest.raises(AdjustError, match=r"holds a (qwen2|llama) model .* not a masked diffusion"):
+            load_base(dirs[kind])
+        with pytest.raises(AdjustError, match=f"not a {'Dream' if kind == 'dream' else 'LLaDA'} checkpoint"):
+            load_base(dirs[kind], kind)
     for err in _collect(load_base, [(empty,), (gpt2,), (gpt2, "masked-lm"), (qwen, "dream")]):
         assert "\n" not in str(err)  # one line each
 
@@ -252,7 +256,7 @@ def test_transformers_version_gate(tmp_path, monkeypatch):
 
 
 def test_dtypes(dirs, monkeypatch):
-    base = load_base(dirs["dream"], dtype="bfloat16")
+    base = load_stand_in("dream", dirs["dream"], dtype="bfloat16")
     assert base.dtype == torch.bfloat16
     x = _ids(base)
     hidden = base.hidden_states(x)
@@ -264,5 +268,5 @@ def test_dtypes(dirs, monkeypatch):
 
     monkeypatch.setattr(hf.HFDecoderBase, "_raw_hidden", broken)
     with pytest.raises(AdjustError, match=r"does not run with --dtype float16 on cpu: \"addmm_impl_cpu_\"") as e:
-        load_base(dirs["llada"], dtype="float16")
+        load_stand_in("llada", dirs["llada"], dtype="float16")
     assert "\n" not in str(e.value)

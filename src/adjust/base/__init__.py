@@ -62,7 +62,7 @@ class BaseModel(nn.Module):
 
     # --- key/value cache (decode.generate --cache prefix|dual) ------------------------------
     # True where the adapter implements `cache_pass` and `span_hidden` (our tiny model, native Dream and
-    # LLaDA: all `layers.Transformer`); a base without (transformers masked LMs, stand-ins, remote code)
+    # LLaDA: all `layers.Transformer`); a base without (transformers masked LMs, remote code)
     # makes generate refuse --cache rather than run uncached.
     supports_cache: bool = False
 
@@ -213,7 +213,7 @@ def load_base(path: str | Path | None = None, base_type: str = "auto", dtype: st
 
     Dream and LLaDA checkpoints run on our own code (base/native.py) unless `remote_code` is set:
     then the code shipped in the model directory runs (transformers' `trust_remote_code`, the
-    `--remote-code` flag), as before. Small Qwen2/Llama stand-ins load through transformers (base/hf.py)."""
+    `--remote-code` flag), as before."""
     from .tiny import TinyBase
 
     if base_type not in BASE_TYPES:
@@ -224,7 +224,7 @@ def load_base(path: str | Path | None = None, base_type: str = "auto", dtype: st
     if base_type == "tiny":
         base = TinyBase.load(path)
         base = base.to(device=resolve_device(device), dtype=resolve_dtype(dtype))
-    elif base_type in ("dream", "llada") and not remote_code and not _is_stand_in(path):
+    elif base_type in ("dream", "llada") and not remote_code:
         from .dream import DreamNative
         from .llada import LLaDANative
 
@@ -239,19 +239,6 @@ def load_base(path: str | Path | None = None, base_type: str = "auto", dtype: st
     if chat:
         base.use_chat_template()
     return base
-
-
-def _is_stand_in(path) -> bool:
-    """A transformers Qwen2/Llama saved as a Dream/LLaDA stand-in (base/hf.py save_stand_in)."""
-    from ..io import read_json
-
-    p = Path(path)
-    try:
-        if not (p / "config.json").is_file():
-            return False
-    except OSError:  # a directory this user may not enter: the loader that follows says so
-        return False
-    return bool(read_json(p / "config.json", "model config.json").get("adjust_stand_in"))
 
 
 def detect_base_type(path) -> str:
@@ -270,9 +257,6 @@ def detect_base_type(path) -> str:
     archs = " ".join(cfg.get("architectures") or []).lower()
     if model_type == "adjust-tiny":
         return "tiny"
-    stand_in = str(cfg.get("adjust_stand_in") or "").lower()  # a small Qwen2/Llama posing as Dream/LLaDA (base/hf.py)
-    if stand_in in ("dream", "llada"):
-        return stand_in
     if model_type == "dream" or "dream" in archs:
         return "dream"
     if model_type == "llada" or "llada" in archs:

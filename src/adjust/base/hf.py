@@ -1,5 +1,5 @@
-"""Hugging Face bases behind `BaseModel`: Dream and LLaDA through their remote code (--remote-code)
-or a transformers stand-in, and any masked LM (BERT, RoBERTa, ModernBERT).
+"""Hugging Face bases behind `BaseModel`: Dream and LLaDA through their remote code (--remote-code),
+and any masked LM (BERT, RoBERTa, ModernBERT, ...).
 
 Real Dream and LLaDA checkpoints load natively by default (base/dream.py, base/llada.py); this
 module's path for them runs only with `--remote-code`.
@@ -22,16 +22,8 @@ With `--remote-code`, released Dream and LLaDA checkpoints run their own remote 
 `TRANSFORMERS_RANGE` is refused unless the environment variable ADJUST_ALLOW_TRANSFORMERS=1
 is set (then it is tried, with a warning).
 
-Stand-ins (tests, demos): a small randomly initialised Qwen2 (for Dream) or Llama (for
-LLaDA) saved with the extra config key `adjust_stand_in: "dream" | "llada"` (see
-`save_stand_in`). They load through transformers' own classes, without remote code (so the
-version check does not apply), and are made bidirectional here (`_make_bidirectional`):
-`config.is_causal = False`, which transformers 5.x (checked on 5.24) reads in
-`merge_with_config_defaults` to build the mask with `create_bidirectional_mask` (padding only)
-and to pass `is_causal=False` to the attention kernels (sdpa, eager, flash); plus
-`is_causal = False` on every attention module for code paths that read the module flag (on
-its own the module flag is not enough in 5.24: the causal mask is still built). The self-check
-below fails loudly if a transformers version ignores both. A stand-in is never a real Dream/LLaDA.
+Test stand-ins (small transformers Qwen2/Llama models wrapped as Dream/LLaDA) live in the tests
+(tests/stand_ins.py), not here: nothing in a model directory's config routes the loader to them.
 
 Every load ends with a short self-check on a probe sequence: the captured hidden states must
 reproduce the model's own (aligned) logits, and changing the last token must change the
@@ -61,8 +53,6 @@ KNOWN_GOOD_TRANSFORMERS = {"dream": "4.46.2", "llada": "4.38.2"}
 TRANSFORMERS_RANGE = {family: (pinned, "5.0.0") for family, pinned in KNOWN_GOOD_TRANSFORMERS.items()}
 ALLOW_TRANSFORMERS_ENV = "ADJUST_ALLOW_TRANSFORMERS"
 
-STAND_IN_KEY = "adjust_stand_in"  # config.json key marking a stand-in model (value: "dream" or "llada")
-STAND_IN_CLASSES = {"dream": ("Qwen2Config", "Qwen2ForCausalLM"), "llada": ("LlamaConfig", "LlamaForCausalLM")}
 FAMILY_NAMES = {"dream": "Dream", "llada": "LLaDA", "masked-lm": "masked LM"}
 
 
@@ -166,13 +156,12 @@ class _HFBase(BaseModel):
 
 
 class HFDecoderBase(_HFBase):
-    """Dream or LLaDA (or a stand-in for one): a bidirectional decoder-style transformer."""
+    """Dream or LLaDA through its remote code: a bidirectional decoder-style transformer."""
 
     family = ""
 
-    def __init__(self, net, tokenizer, name: str, stand_in: bool):
+    def __init__(self, net, tokenizer, name: str):
         super().__init__(net, tokenizer, name)
-        self.stand_in = stand_in
         fam = FAMILY_NAMES[self.family]
         cfg = net.config
         out, inp = net.get_output_embeddings(), net.get_input_embeddings()
@@ -199,35 +188,19 @@ class HFDecoderBase(_HFBase):
     @classmethod
     def load(cls, src: str, raw: dict, torch_dtype, remote_code: bool = False) -> "HFDecoderBase":
         fam = FAMILY_NAMES[cls.family]
-        stand_in = str(raw.get(STAND_IN_KEY, "") or "").lower()
-        if stand_in:
-            if stand_in != cls.family:
-                raise AdjustError(f"{src} is a {FAMILY_NAMES.get(stand_in, stand_in)} stand-in "
-                                  f"({STAND_IN_KEY}={stand_in!r}); load it with --base-type {stand_in}")
-            from transformers import AutoModelForCausalLM
-
-            net = _from_pretrained(AutoModelForCausalLM, src, torch_dtype, remote=False, what=f"{fam} stand-in")
-            _make_bidirectional(net)
-            tokenizer = _tokenizer(src, remote=False)
-        else:
-            auto_map = raw.get("auto_map") or {}
-            if not auto_map:
-                raise AdjustError(f"{src} holds a {raw.get('model_type') or 'unknown'} model without {fam}'s remote "
-                                  f"code (no auto_map in config.json), so it is not a {fam} checkpoint")
-            if not remote_code:
-                raise AdjustError(f"{src} is a {fam} checkpoint whose model class is Python code shipped in the "
-                                  "directory (auto_map in config.json); it runs only if you pass --remote-code")
-            check_transformers_version(cls.family)
-            net = _from_pretrained(_auto_class(auto_map), src, torch_dtype, remote=True, what=fam)
-            tokenizer = _tokenizer(src, remote=True)
-        return cls(net, tokenizer, src, bool(stand_in))
+        auto_map = raw.get("auto_map") or {}
+        if not auto_map:
+            raise AdjustError(f"{src} holds a {raw.get('model_type') or 'unknown'} model without {fam}'s remote "
+                              f"code (no auto_map in config.json), so it is not a {fam} checkpoint")
+        if not remote_code:
+            raise AdjustError(f"{src} is a {fam} checkpoint whose model class is Python code shipped in the "
+                              "directory (auto_map in config.json); it runs only if you pass --remote-code")
+        check_transformers_version(cls.family)
+        net = _from_pretrained(_auto_class(auto_map), src, torch_dtype, remote=True, what=fam)
+        return cls(net, _tokenizer(src, remote=True), src)
 
     def _call(self, input_ids, attention_mask, **kw):
-        mask = self._padding(attention_mask)
-        if self.stand_in:  # transformers' own Qwen2/Llama class, made bidirectional at load
-            pos = None if mask is None else positions_from_mask(mask, input_ids.shape, input_ids.device)
-            return self.net(input_ids=input_ids, attention_mask=mask, position_ids=pos, **kw)
-        return self._call_remote(input_ids, mask, **kw)
+        return self._call_remote(input_ids, self._padding(attention_mask), **kw)
 
     def _call_remote(self, input_ids, mask, **kw):
         raise NotImplementedError
@@ -250,7 +223,7 @@ class HFDecoderBase(_HFBase):
 
 
 class DreamBase(HFDecoderBase):
-    """Dream (or its Qwen2 stand-in). Outputs are shifted one place; `dream_align` realigns them."""
+    """Dream. Outputs are shifted one place; `dream_align` realigns them."""
 
     family = "dream"
 
@@ -268,7 +241,7 @@ class DreamBase(HFDecoderBase):
 
 
 class LLaDABase(HFDecoderBase):
-    """LLaDA (or its Llama stand-in). No shift."""
+    """LLaDA. No shift."""
 
     family = "llada"
 
@@ -288,7 +261,6 @@ class MaskedLMBase(_HFBase):
 
     def __init__(self, net, tokenizer, name: str):
         super().__init__(net, tokenizer, name)
-        self.stand_in = False
         cfg = net.config
         self._head = _mlm_head(net, name)
         if tokenizer.mask_token_id is None:
@@ -389,94 +361,6 @@ def _mlm_head(net, name):
             net.vocab_layer_norm(net.activation(net.vocab_transform(h))))
     raise AdjustError(f"{name}: unsupported masked-LM head layout ({type(net).__name__}); supported: BERT-like "
                       "(cls), RoBERTa-like (lm_head: XLM-R, ESM), ModernBERT, DistilBERT, ALBERT, ELECTRA, DeBERTa-v2")
-
-
-# --- stand-ins -------------------------------------------------------------------------------------
-def save_stand_in(kind: str, out_dir, tokenizer, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 4,
-                  vocab_size: int | None = None, max_length: int = 128, seed: int = 0) -> Path:
-    """Write a small randomly initialised STAND-IN for Dream (a Qwen2) or LLaDA (a Llama) to `out_dir`.
-
-    For tests and demos only: it has the family's interface (mask token, bidirectional attention,
-    Dream's shift) but no trained weights. `tokenizer` must have a mask token; `vocab_size`
-    defaults to len(tokenizer) rounded up to a multiple of 64 (the extra rows are banned).
-    """
-    import transformers
-
-    if kind not in STAND_IN_CLASSES:
-        raise AdjustError(f"unknown stand-in kind {kind!r}; choose dream or llada")
-    if tokenizer.mask_token_id is None:
-        raise AdjustError("a stand-in needs a tokenizer with a mask token")
-    cfg_name, model_name = STAND_IN_CLASSES[kind]
-    vocab = vocab_size or -(-len(tokenizer) // 64) * 64
-    cfg = getattr(transformers, cfg_name)(
-        vocab_size=vocab, hidden_size=hidden_size, intermediate_size=int(16 * round(8 / 3 * hidden_size / 16)),
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
-        max_position_embeddings=max_length, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None, tie_word_embeddings=False)
-    setattr(cfg, STAND_IN_KEY, kind)  # saved causal, as a real Qwen2/Llama: the adapter makes it bidirectional
-    if kind == "llada":  # released LLaDA keeps its mask id in the config; Dream's tokenizer has it
-        cfg.mask_token_id = tokenizer.mask_token_id
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = getattr(transformers, model_name)(cfg)
-    out = Path(out_dir)
-    net.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def save_random_bert(out_dir, tokenizer, hidden_size: int = 32, num_layers: int = 2, num_heads: int = 4,
-                     intermediate_size: int | None = None, vocab_size: int | None = None, max_length: int = 128,
-                     seed: int = 0) -> Path:
-    """Write a small randomly initialised BertForMaskedLM (a real masked-LM class, untrained) to `out_dir`.
-
-    For tests and benchmarks of the masked-LM adapter. A copy of `tokenizer` gains BERT's cls/unk
-    tokens and uses its EOS as sep; `vocab_size` defaults to its length rounded up to 64.
-    """
-    import copy
-
-    import transformers
-
-    tok = copy.deepcopy(tokenizer)
-    tok.add_special_tokens({"cls_token": "<|cls|>", "unk_token": "<|unk|>", "sep_token": tok.eos_token})
-    cfg = transformers.BertConfig(vocab_size=vocab_size or -(-len(tok) // 64) * 64, hidden_size=hidden_size,
-                                  num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                                  intermediate_size=intermediate_size or 4 * hidden_size,
-                                  max_position_embeddings=max_length, pad_token_id=tok.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = transformers.BertForMaskedLM(cfg)
-    out = Path(out_dir)
-    net.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-def stand_in_base(kind: str, net, tokenizer, name: str = "stand-in") -> "HFDecoderBase":
-    """Wrap an in-memory transformers Qwen2 (Dream) or Llama (LLaDA) as a stand-in base, without saving it.
-
-    For benchmarks that build a large random model directly on the GPU (benchmarks/gpu_bench.py).
-    The model is made bidirectional, frozen and self-checked exactly as `load_hf_base` does for
-    a saved stand-in. `tokenizer` needs mask/eos/pad token ids and a length.
-    """
-    adapters = {"dream": DreamBase, "llada": LLaDABase}
-    if kind not in adapters:
-        raise AdjustError(f"unknown stand-in kind {kind!r}; choose dream or llada")
-    _make_bidirectional(net)
-    base = adapters[kind](net, tokenizer, name, stand_in=True)
-    base.eval()
-    for p in base.parameters():
-        p.requires_grad_(False)
-    _self_check(base, str(base.dtype).replace("torch.", ""), base.device)
-    return base
-
-
-def _make_bidirectional(net) -> None:
-    """Turn a transformers decoder (Qwen2, Llama) into a bidirectional encoder (see the module docstring)."""
-    net.config.is_causal = False
-    for module in net.modules():
-        if hasattr(module, "is_causal"):
-            module.is_causal = False
 
 
 # --- checks ----------------------------------------------------------------------------------------

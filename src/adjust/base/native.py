@@ -93,7 +93,6 @@ class NativeBase(BaseModel):
     """A Dream or LLaDA network behind the base interface. Subclasses: family, read_config, slots, _align."""
 
     family = ""
-    stand_in = False
 
     def __init__(self, cfg: NativeConfig, net: Transformer, tokenizer, name: str):
         super().__init__()
