@@ -1,8 +1,10 @@
-"""The models shipped in models/: they load, each sampler belongs to its base, each has a card,
-and the task model shows what its README claims (the joint matters on `list`)."""
+"""The models shipped in models/: they load, each sampler belongs to its base, each card's figures are
+those its model recorded, and the task model shows what its README claims (the joint matters on `list`)."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -16,13 +18,37 @@ SHIPPED = ["shakespeare-base", "task-base"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_model_and_sampler_load_with_cards(name):
+def test_shipped_model_and_sampler_load(name):
     base = load_base(MODELS / name)
     sampler = JointSampler.load(MODELS / name / "sampler", base)  # raises if it belongs to another base
     assert sampler.cfg.hidden_size == base.hidden_size
-    for card in (MODELS / name / "README.md", MODELS / name / "sampler" / "README.md"):
-        text = card.read_text()
-        assert "Reproduce" in text and "final loss" in text and "seed" in text
+
+
+def _numbers(card: Path, row: str) -> list[str]:
+    """The numbers of a card's table row `| row | ... |`, as printed (thousands separators dropped)."""
+    line = next(line for line in card.read_text().splitlines() if line.startswith(f"| {row} |"))
+    return [n.replace(",", "") for n in re.findall(r"\d[\d,]*(?:\.\d+)?", line.split("|")[2])]
+
+
+def _printed(value: float, text: str) -> bool:
+    """`text` is `value` rounded to the decimals it shows."""
+    decimals = len(text.split(".")[1]) if "." in text else 0
+    return round(value, decimals) == float(text)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_model_cards_state_the_figures_their_models_recorded(name):
+    """A card's final loss is the first figure of its row and equals what training wrote into the model's
+    config.json (the base's validation bound; the sampler's held-out KL, and without the sampler)."""
+    base_card, sampler_card = MODELS / name / "README.md", MODELS / name / "sampler" / "README.md"
+    trained = json.loads((MODELS / name / "config.json").read_text())["training"]
+    assert _printed(trained["val_loss"], _numbers(base_card, "final loss")[0])
+    assert _numbers(base_card, "seed") == ["0"]
+    distilled = json.loads((MODELS / name / "sampler" / "config.json").read_text())["training"]
+    loss = _numbers(sampler_card, "final loss")
+    assert _printed(distilled["val_kl"], loss[0])
+    assert any(_printed(distilled["val_kl_parallel"], n) for n in loss)  # the figure without the sampler
+    assert int(_numbers(sampler_card, "steps")[0]) == distilled["step"]
 
 
 def test_task_model_needs_the_joint_on_list():

@@ -197,14 +197,22 @@ def embedding_fingerprint(base: BaseModel) -> str:
 
 BASE_TYPES = ("auto", "tiny", "dream", "llada", "masked-lm")
 
-DEFAULT_BASE = Path(__file__).resolve().parents[3] / "models" / "shakespeare-base"
+DEFAULT_MODEL = "shakespeare-base"  # the shipped model used when no --base is given
+
+
+def shipped_models_dir() -> Path:
+    """The shipped models: adjust/shipped_models in an installed package (`pip install .`), models/ in a
+    checkout (editable installs, or src/ on the path)."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "shipped_models"
+    return installed if installed.is_dir() else package.parents[1] / "models"
 
 
 def default_base_path() -> Path:
-    """The shipped default model: models/shakespeare-base in the repository (or ADJUST_BASE)."""
+    """The shipped default model (shipped_models_dir() / DEFAULT_MODEL), or ADJUST_BASE when set."""
     import os
 
-    return Path(os.environ.get("ADJUST_BASE", DEFAULT_BASE))
+    return Path(os.environ.get("ADJUST_BASE") or shipped_models_dir() / DEFAULT_MODEL)
 
 
 def load_base(path: str | Path | None = None, base_type: str = "auto", dtype: str = "float32",
