@@ -27,12 +27,17 @@ def cli(capsys, *argv):
     return rc, out, err
 
 
-def assert_one_error_line(rc, err):
-    assert rc != 0
+def assert_one_error_line(rc, err, *names):
+    """Exit 2 and one `adjust: error:` line that names each of `names`: the flag, field or file at fault (at
+    least one is required, so a case cannot pass on another error than its own)."""
+    assert names, "name the flag, field or file the message must point at"
+    assert rc == 2, (rc, err)
     assert "Traceback" not in err
     lines = err.splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("adjust: error:"), err
+    for name in names:
+        assert str(name) in lines[0], (name, err)
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,51 +99,50 @@ def test_prompts_file(capsys, tiny_model_dir, tmp_path):
 # bad input: one line, no traceback
 # --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra", [
-    ["--strategy", "parallel", "--tokens-per-pass", "0"],
-    ["--strategy", "exact", "--tokens-per-pass", "0"],
-    ["--strategy", "adjust", "-K", "0"],
-    ["--strategy", "no-such-strategy"],
-    ["--order", "no-such-order"],
-    ["--gen-length", "0"],
-    ["--block-length", "0"],
-    ["--num-samples", "0"],
-    ["--batch-size", "0"],
-    ["--top-p", "1.5"],
-    ["--top-k", "-1"],
-    ["--temperature", "-1"],
-    ["--dtype", "int3"],
-    ["--base-type", "gpt"],
-    ["--strategy", "adjust", "-K", "2"],  # no sampler beside the base and none given
-    ["--prompt", "the <|mask|> sat"],
-], ids=lambda a: " ".join(a))
-def test_bad_generate_args(capsys, tiny_model_dir, extra):
+@pytest.mark.parametrize("extra, names", [
+    (["--strategy", "parallel", "--tokens-per-pass", "0"], ["--tokens-per-pass", "got 0"]),
+    (["--strategy", "exact", "--tokens-per-pass", "0"], ["--tokens-per-pass", "got 0"]),
+    (["--strategy", "adjust", "-K", "0"], ["--tokens-per-pass", "got 0"]),
+    (["--strategy", "no-such-strategy"], ["strategy 'no-such-strategy'"]),
+    (["--order", "no-such-order"], ["order rule 'no-such-order'"]),
+    (["--gen-length", "0"], ["--gen-length", "got 0"]),
+    (["--block-length", "0"], ["--block-length", "got 0"]),
+    (["--num-samples", "0"], ["--num-samples", "got 0"]),
+    (["--batch-size", "0"], ["--batch-size", "got 0"]),
+    (["--top-p", "1.5"], ["--top-p", "got 1.5"]),
+    (["--top-k", "-1"], ["--top-k", "got -1"]),
+    (["--temperature", "-1"], ["--temperature", "got -1"]),
+    (["--dtype", "int3"], ["--dtype 'int3'"]),
+    (["--base-type", "gpt"], ["--base-type 'gpt'"]),
+    (["--strategy", "adjust", "-K", "2"], ["--sampler"]),  # no sampler beside the base and none given
+    (["--prompt", "the <|mask|> sat"], ["prompt", "mask token"]),
+], ids=lambda a: " ".join(a) if isinstance(a, list) and a[0].startswith("-") else "")
+def test_bad_generate_args(capsys, tiny_model_dir, extra, names):
     rc, out, err = cli(capsys, "generate", "--base", tiny_model_dir, *extra)
-    assert_one_error_line(rc, err)
+    assert_one_error_line(rc, err, *names)
 
 
 def test_prompt_longer_than_context(capsys, tiny_model_dir, tiny_base):
     prompt = "the dog sleeps in the sun " * 40
     assert len(tiny_base.encode(prompt)) > tiny_base.max_length
     rc, out, err = cli(capsys, "generate", "--base", tiny_model_dir, "--prompt", prompt)
-    assert_one_error_line(rc, err)
-    assert "context" in err
+    assert_one_error_line(rc, err, "prompt", "--gen-length", "context")
     # also when only prompt + generation is too long
     prompt = "the dog"
     room = tiny_base.max_length - len(tiny_base.encode(prompt))
     rc, out, err = cli(capsys, "generate", "--base", tiny_model_dir, "--prompt", prompt, "--gen-length", room + 1)
-    assert_one_error_line(rc, err)
+    assert_one_error_line(rc, err, f"--gen-length ({room + 1})", "context")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda(capsys, tiny_model_dir):
     rc, out, err = cli(capsys, "generate", "--base", tiny_model_dir, "--device", "cuda")
-    assert_one_error_line(rc, err)
+    assert_one_error_line(rc, err, "--device cuda")
 
 
 def test_missing_model_dir(capsys, tmp_path):
     rc, out, err = cli(capsys, "generate", "--base", tmp_path / "no-such-model")
-    assert_one_error_line(rc, err)
+    assert_one_error_line(rc, err, "not found", tmp_path / "no-such-model")
 
 
 def _copy(src, tmp_path):
@@ -152,7 +156,7 @@ def test_truncated_weights(capsys, tiny_model_dir, tmp_path):
     w = d / "model.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
     rc, out, err = cli(capsys, "generate", "--base", d)
-    assert_one_error_line(rc, err)
+    assert_one_error_line(rc, err, "corrupt", w)
 
 
 @pytest.mark.parametrize("config", ['{"model_type": "adjust-tiny", ', "", "\x00\xff garbage", "[]", '"adjust-tiny"'],
@@ -161,38 +165,40 @@ def test_invalid_config_json(capsys, tiny_model_dir, tmp_path, config):
     d = _copy(tiny_model_dir, tmp_path)
     (d / "config.json").write_text(config)
     rc, out, err = cli(capsys, "generate", "--base", d)
-    assert_one_error_line(rc, err)
+    assert_one_error_line(rc, err, d / "config.json")
 
 
 def test_missing_or_corrupt_tokenizer(capsys, tiny_model_dir, tmp_path):
     d = _copy(tiny_model_dir, tmp_path)
     (d / "tokenizer.json").write_text("{not json")
     rc, out, err = cli(capsys, "generate", "--base", d)
-    assert_one_error_line(rc, err)
+    assert_one_error_line(rc, err, "corrupt tokenizer", d / "tokenizer.json")
     (d / "tokenizer.json").unlink()
     rc, out, err = cli(capsys, "generate", "--base", d)
-    assert_one_error_line(rc, err)
+    assert_one_error_line(rc, err, "tokenizer not found", d / "tokenizer.json")
 
 
 def test_missing_weights(capsys, tiny_model_dir, tmp_path):
     d = _copy(tiny_model_dir, tmp_path)
     (d / "model.safetensors").unlink()
     rc, out, err = cli(capsys, "generate", "--base", d)
-    assert_one_error_line(rc, err)
+    assert_one_error_line(rc, err, "weights not found", d / "model.safetensors")
 
 
 def test_missing_prompts_file(capsys, tiny_model_dir, tmp_path):
     rc, out, err = cli(capsys, "generate", "--base", tiny_model_dir, "--prompts", tmp_path / "none.txt")
-    assert_one_error_line(rc, err)
+    assert_one_error_line(rc, err, "prompts file not found", tmp_path / "none.txt")
 
 
-@pytest.mark.parametrize("content", ["not json\n", '{"text": "no prompt key"}\n', "[1, 2]\n"],
+@pytest.mark.parametrize("content, fault", [("not json\n", "not valid JSON"),
+                                            ('{"text": "no prompt key"}\n', '"prompt" string field'),
+                                            ("[1, 2]\n", '"prompt" string field')],
                          ids=["not-json", "no-prompt-key", "not-an-object"])
-def test_bad_prompts_jsonl(capsys, tiny_model_dir, tmp_path, content):
+def test_bad_prompts_jsonl(capsys, tiny_model_dir, tmp_path, content, fault):
     f = tmp_path / "p.jsonl"
     f.write_text(content)
     rc, out, err = cli(capsys, "generate", "--base", tiny_model_dir, "--prompts", f)
-    assert_one_error_line(rc, err)
+    assert_one_error_line(rc, err, f"{f}:1", fault)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,22 +239,25 @@ def test_train_base_empty_data(capsys, tmp_path, content):
     p = tmp_path / "empty.txt"
     p.write_text(content)
     rc, out, err = cli(capsys, "train-base", "--data", p, "--out", tmp_path / "m", *TINY_TRAIN)
-    assert_one_error_line(rc, err)
+    assert_one_error_line(rc, err, "data file is empty", p)
     assert not (tmp_path / "m" / "model.safetensors").exists()
 
 
 def test_train_base_missing_and_too_small_data(capsys, tmp_path):
     rc, out, err = cli(capsys, "train-base", "--data", tmp_path / "none.txt", "--out", tmp_path / "m", *TINY_TRAIN)
-    assert_one_error_line(rc, err)
+    assert_one_error_line(rc, err, "data file not found", tmp_path / "none.txt")
     p = tmp_path / "small.txt"
     p.write_text("a few words only")
     rc, out, err = cli(capsys, "train-base", "--data", p, "--out", tmp_path / "m", *TINY_TRAIN)
-    assert_one_error_line(rc, err)
+    assert_one_error_line(rc, err, p, "too small")
 
 
-@pytest.mark.parametrize("over", [dict(steps=0), dict(batch_size=0), dict(seq_len=0), dict(eval_every=0),
-                                  dict(heads=3), dict(hidden_size=30), dict(lr=-1)],
-                         ids=lambda d: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items()))
-def test_train_base_bad_numbers(capsys, text_file, tmp_path, over):
+@pytest.mark.parametrize("over, names", [
+    (dict(steps=0), ["--steps must be at least 1, got 0"]), (dict(batch_size=0), ["--batch-size must", "got 0"]),
+    (dict(seq_len=0), ["--seq-len must", "got 0"]), (dict(eval_every=0), ["--eval-every must", "got 0"]),
+    (dict(heads=3), ["--heads (3)"]), (dict(hidden_size=30), ["--hidden-size (30)"]),
+    (dict(lr=-1), ["--lr must be positive"])],
+    ids=lambda d: " ".join(f"--{k.replace('_', '-')} {v}" for k, v in d.items()) if isinstance(d, dict) else "")
+def test_train_base_bad_numbers(capsys, text_file, tmp_path, over, names):
     rc, out, err = cli(capsys, "train-base", "--data", text_file, "--out", tmp_path / "m", *_with(TINY_TRAIN, **over))
-    assert_one_error_line(rc, err)
+    assert_one_error_line(rc, err, *names)

@@ -36,8 +36,8 @@ def cmd_train_base(args) -> None:
     check_output_dir(args.out)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                       warmup=args.warmup, eval_every=args.eval_every, seed=args.seed, packing=args.packing)
-    if min(cfg.steps, cfg.batch_size, cfg.seq_len, cfg.eval_every) < 1:
-        raise_bad("--steps, --batch-size, --seq-len and --eval-every must be at least 1")
+    _at_least_one({"--steps": cfg.steps, "--batch-size": cfg.batch_size, "--seq-len": cfg.seq_len,
+                   "--eval-every": cfg.eval_every})
     if not cfg.lr > 0:
         raise_bad(f"--lr must be positive, got {cfg.lr}")
     if args.heads < 1 or args.hidden_size % args.heads or (args.hidden_size // args.heads) % 2:
@@ -217,8 +217,7 @@ def cmd_distill(args) -> None:
                         max_unrolls=args.max_unrolls, eval_every=args.eval_every,
                         min_lr_ratio=args.min_lr_ratio, entropy_windows=args.entropy_windows,
                         cache_base_states=args.cache_base_states, seed=args.seed)
-    if min(cfg.steps, cfg.batch_size, cfg.eval_every) < 1:
-        raise_bad("--steps, --batch-size and --eval-every must be at least 1")
+    _at_least_one({"--steps": cfg.steps, "--batch-size": cfg.batch_size, "--eval-every": cfg.eval_every})
     if not cfg.lr > 0:
         raise_bad(f"--lr must be positive, got {cfg.lr}")
     accelerator = None
@@ -631,6 +630,13 @@ def raise_bad(msg: str):
     from .errors import AdjustError
 
     raise AdjustError(msg)
+
+
+def _at_least_one(values: dict) -> None:
+    """Refuse the first flag of {flag: value} whose value is below 1, naming it."""
+    for flag, value in values.items():
+        if value < 1:
+            raise_bad(f"{flag} must be at least 1, got {value}")
 
 
 def build_parser() -> argparse.ArgumentParser:
