@@ -446,3 +446,16 @@ def test_stats_merge_and_dict():
     d = m.to_dict()
     assert {"full_passes", "sampler_passes", "new_tokens", "tokens_per_full_pass", "seconds",
             "tokens_per_second"} <= set(d)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the per-pass sync question only arises on a GPU")
+def test_phase_timing_does_not_sync_the_device_every_pass(tokenizer, monkeypatch):
+    """Stats' phase times come from CUDA events read once at the end, not from a sync after every pass."""
+    base = make_tiny_base(tokenizer).to("cuda")
+    sampler = JointSampler(SamplerConfig.for_base(base)).to("cuda").eval()
+    syncs = []
+    real = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: syncs.append(1) or real(*a, **k))
+    out = generate(base, [[]], make_strategy("adjust", tokens_per_pass=2), gen_length=32, sampler=sampler)
+    assert out.stats.full_passes == 16 and out.stats.sampler_passes == 16
+    assert len(syncs) <= 1 and out.stats.refresh_seconds > 0 and out.stats.unroll_seconds > 0

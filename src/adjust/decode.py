@@ -265,7 +265,7 @@ class StepContext:
             raise AdjustError("this strategy needs a joint sampler (--sampler)")
         loop.stats.sampler_passes += 1
         self.unroll += 1
-        t0 = time.perf_counter()
+        t0 = loop.timer.start()
         if loop.cache == "none" and loop.unroll is None:
             out = sampler(loop.base, self.x, prior, loop.attention_mask)
             loop.stats.sampler_positions += self.x.shape[1]
@@ -285,7 +285,7 @@ class StepContext:
                 new = sampler.forward_rows(loop.base, self.x, prior, loop.attention_mask, self._sampler_kv, at)
                 out.scatter_(1, at[..., None].expand(-1, -1, out.shape[-1]), new)
                 loop.stats.sampler_positions += at.shape[1]
-        loop.stats.unroll_seconds += _elapsed(t0, self.x.device)
+        loop.timer.stop("unroll_seconds", t0)
         return out
 
     def _fast_rows(self) -> tuple:
@@ -336,6 +336,7 @@ class _Loop:
         self.gen_start, self.sampling, self.rng, self.sampler = gen_start, sampling, rng, sampler
         self.unroll, self.k = unroll, k  # how unrolls are computed (None: full), the strategy's tokens per pass
         self.stats = Stats(sequences=x.shape[0], cache=cache, unroll="full" if unroll is None else unroll.name)
+        self.timer = _PhaseTimer(self.stats, x.device)
         self.block_length = max(1, block_length or (x.shape[1] - gen_start))
         self.n_blocks = math.ceil((x.shape[1] - gen_start) / self.block_length)
         self.block_index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # per sequence
@@ -436,7 +437,7 @@ class _Loop:
         a whole-canvas pass that refreshes it (block start, every `cache_refresh` passes) or only the block
         (dual) or the block and its right (prefix), the other positions keeping their last states."""
         x, mask, L, stats = self.x, self.attention_mask, self.x.shape[1], self.stats
-        t0 = time.perf_counter()
+        t0 = self.timer.start()
         if self.cache == "none":
             hidden = self.base.hidden_states(x, mask)
         elif self._kv is None or (self.cache_refresh is not None and self._since >= self.cache_refresh):
@@ -448,13 +449,13 @@ class _Loop:
             self._hidden[:, lo:end] = self.base.span_hidden(x, mask, self._kv, lo, end)
             hidden = self._hidden
             stats.positions += end - lo
-            stats.span_seconds += _elapsed(t0, x.device)
+            self.timer.stop("span_seconds", t0)
             self._since += 1
             return hidden
         self._since += 1
         stats.refresh_passes += 1
         stats.positions += L
-        stats.refresh_seconds += _elapsed(t0, x.device)
+        self.timer.stop("refresh_seconds", t0)
         return hidden
 
     def candidates(self):
@@ -501,10 +502,40 @@ def _rows_of(obj, idx: torch.Tensor):
     return type(obj)(_rows_of(o, idx) for o in obj)
 
 
-def _elapsed(t0: float, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
+class _PhaseTimer:
+    """Time per phase of the loop (Stats' refresh_seconds, span_seconds, unroll_seconds) without a device sync
+    per pass: on CUDA each interval is a pair of events, read when `settle` is called (at the end of
+    `generate`, and every SETTLE_EVERY intervals so a long-running decoding keeps few); elsewhere wall-clock."""
+
+    SETTLE_EVERY = 512
+
+    def __init__(self, stats: Stats, device):
+        self.stats, self.cuda, self.pending = stats, device.type == "cuda", []
+
+    def start(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def stop(self, phase: str, t0) -> None:
+        if not self.cuda:
+            setattr(self.stats, phase, getattr(self.stats, phase) + time.perf_counter() - t0)
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.pending.append((phase, t0, end))
+        if len(self.pending) >= self.SETTLE_EVERY:
+            self.settle()
+
+    def settle(self) -> None:
+        """Add the recorded intervals to the stats (waits for the last one to finish on the device)."""
+        if self.pending:
+            self.pending[-1][2].synchronize()
+        for phase, t0, end in self.pending:
+            setattr(self.stats, phase, getattr(self.stats, phase) + t0.elapsed_time(end) / 1000)
+        self.pending.clear()
 
 
 def build_canvas(prompts: list[list[int]], gen_length: int, base):
@@ -696,6 +727,7 @@ def generate(base, prompts: list[list[int]], strategy, sampling: SamplingConfig 
         torch.cuda.synchronize()
     loop = run.loop
     loop.stats.seconds = time.perf_counter() - t0
+    loop.timer.settle()
     loop.stats.new_tokens = gen_length
     return Generation(loop.x[:, loop.gen_start:].cpu(), loop.stats, loop.history)
 
