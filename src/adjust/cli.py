@@ -255,15 +255,18 @@ def cmd_eval_joint_kl(args) -> None:
     ks = _int_list(args.tokens_per_pass or ["4"], "-K/--tokens-per-pass")
     if args.out_dir:
         check_out_dir(args.out_dir)
-    from .decode import check_cache
+    from .decode import check_cache, unroll_plan
 
     check_cache(None, args.cache, args.block_length, None)
+    unroll_plan(args.unroll)
+    if args.group < 1:
+        raise_bad(f"--group must be at least 1, got {args.group}")
     base, sampler = _load(args, "required")
     rollouts = load_rollouts(args.rollouts, base)
     result = joint_kl_report(base, sampler, rollouts, ks, num_states=args.num_states, draws=args.draws,
                              order=args.order or "entropy", seed=args.seed, rollouts_source=str(args.rollouts),
                              sampler_source=str(args.sampler or "beside the base"), progress=not args.json,
-                             block_length=args.block_length, cache=args.cache)
+                             block_length=args.block_length, cache=args.cache, unroll=args.unroll, group=args.group)
     if args.out_dir:
         result["files"] = write_report(result, args.out_dir)
     print(json.dumps(result) if args.json else markdown_table(result))
@@ -771,6 +774,8 @@ def _add_eval_parsers(sub) -> None:
                    "of this size (semi-autoregressive decoding)")
     p.add_argument("--cache", default="none", help="none | prefix | dual: ADJUST's unrolls as with that key/value "
                    "cache (block rows only against the step's sampler keys/values; needs --block-length)")
+    p.add_argument("--unroll", default="full", help="full | fast: how ADJUST's unrolls are computed, as in generate")
+    p.add_argument("--group", type=int, default=1, help="ADJUST writes min(G, K) tokens per draw, as in generate")
     p.add_argument("--order", default="entropy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print exactly one JSON object (default: the Markdown table)")

@@ -247,7 +247,10 @@ class StepContext:
     def commit(self, entries: torch.Tensor, rows, cols, logp) -> torch.Tensor:
         """Sample tokens for the chosen entries and write them into the canvas; returns the tokens."""
         entries = entries.sort().values  # row-major: each row draws in position order
-        tokens = sample_tokens(logp[entries], rows[entries], self.loop.rng, self.sampling.temperature == 0)
+        if self.loop.forced is not None:  # teacher forcing: the path's next positions and tokens instead
+            entries, tokens = self.loop.forced_writes(entries, rows, cols)
+        else:
+            tokens = sample_tokens(logp[entries], rows[entries], self.loop.rng, self.sampling.temperature == 0)
         if self.loop.logprobs is not None:
             self.loop.record(rows[entries], cols[entries], tokens, logp[entries])
         self.loop.write(rows[entries], cols[entries], tokens, self.step, self.unroll)
@@ -298,6 +301,8 @@ class StepContext:
             self.distributions()
         (rows, cols), logp, scores = self._full
         scores = self.scores(logp, rows) if scores is None else scores
+        if loop.forced is not None:  # teacher forcing: the path's remaining positions are kept first
+            scores = torch.where(loop.on_forced_path(rows, cols), torch.inf, scores)
         still = (x[rows, cols] == mask_id).nonzero(as_tuple=True)[0]
         counts = torch.full((x.shape[0],), loop.unroll.count(loop.k), device=x.device)
         keep = x[rows, cols] != mask_id  # written in this step (the full pass's candidates were all masked)
@@ -346,6 +351,7 @@ class _Loop:
         self.stops = None if stops is None else torch.tensor(stops, dtype=torch.long, device=x.device)
         self.cache, self.cache_refresh = cache, cache_refresh
         self._kv, self._hidden, self._since = None, None, 0  # the base's cache, its hidden states, passes since
+        self.forced = None  # teacher forcing (Decoding.force): (columns (B, n), tokens (B, n), next index (B,))
         # logprobs (None: off; N >= 0): each written token's log-probability in the distribution it was drawn from
         # (the full pass's or, for ADJUST, the sampler's), and the N most likely tokens there with theirs
         self.logprobs = logprobs
@@ -362,6 +368,31 @@ class _Loop:
             top = logp.topk(min(self.logprobs, logp.shape[-1]), dim=-1)
             self.top_ids[rows, cols, : top.indices.shape[1]] = top.indices
             self.top_logp[rows, cols, : top.values.shape[1]] = top.values.float()
+
+    def forced_writes(self, entries, rows, cols) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing: as many writes per row as the strategy chose (`entries` into (rows, cols)), at the
+        row's next path positions, with the path's tokens; (entries, tokens)."""
+        path, tokens, nxt = self.forced
+        chosen = torch.bincount(rows[entries], minlength=self.x.shape[0]).tolist()
+        out_entries, out_tokens = [], []
+        for b, n in enumerate(chosen):
+            for j in range(int(nxt[b]), int(nxt[b]) + n):
+                hit = ((rows == b) & (cols == path[b, j])).nonzero(as_tuple=True)[0] if j < path.shape[1] else []
+                if len(hit) == 0:
+                    raise RuntimeError(f"row {b}: write {j + 1} of the forced path is not a position the step "
+                                       "can pick (past the path, or outside the block)")
+                out_entries.append(hit[0])
+                out_tokens.append(tokens[b, j])
+            nxt[b] += n
+        if not out_entries:
+            return entries, tokens.new_zeros(0)
+        return torch.stack(out_entries), torch.stack(out_tokens)
+
+    def on_forced_path(self, rows, cols) -> torch.Tensor:
+        """(N,) bool: whether (rows, cols) is among its row's path positions not yet written (teacher forcing)."""
+        path, _, nxt = self.forced
+        ahead = torch.arange(path.shape[1], device=path.device)[None] >= nxt[:, None]
+        return ((path[rows] == cols[:, None]) & ahead[rows] & (path[rows] >= 0)).any(-1)
 
     def _per_row(self) -> list[str]:
         """Names of the per-sequence tensors (batch first) that rows carry when they join or leave."""
@@ -430,6 +461,7 @@ class _Loop:
         if self.history is not None:
             self.history = [self.history[i] for i in idx.tolist()]
         self._kv, self._hidden = _rows_of(self._kv, idx), _rows_of(self._hidden, idx)
+        self.forced = _rows_of(self.forced, idx)
         self._cand = None
 
     def full_pass(self) -> torch.Tensor:
@@ -646,6 +678,36 @@ class Decoding:
         if not self.joinable or attention_mask is not None or P != self.loop.gen_start:
             raise AdjustError("rows can join a running generation only without a cache, with prompts of its length")
         self.loop.add_rows(x, seeds)
+
+    def start_from(self, x: torch.Tensor, gen_start: int, seeds: list[int]) -> None:
+        """Start from partly decoded canvases `x` (n, L), unpadded, their generation region from `gen_start`: each
+        row at the block holding its leftmost masked position (with a key/value cache, the same block for all).
+        For evaluations that step from held-out states (`adjust.eval.joint_kl`); the decoding must be empty."""
+        if self.size:
+            raise AdjustError("start_from needs a decoding with no rows")
+        if x.shape[1] - gen_start != self.gen_length or x.shape[1] > self.base.max_length:
+            raise AdjustError(f"states of {x.shape[1] - gen_start} generated positions do not fit a decoding of "
+                              f"--gen-length {self.gen_length} on a context of {self.base.max_length}")
+        device = self.base.device
+        self.loop = _Loop(self.base, x.to(device).clone(), None, gen_start, self.sampling, RowRNG(seeds, device),
+                          self.sampler, self.record_history, self.stops, self.cache, self.cache_refresh, self.plan,
+                          self.strategy.k, self.block_length, self.logprobs)
+        masked = self.loop.x[:, gen_start:] == self.base.mask_id
+        first = masked.long().argmax(1) // self.loop.block_length
+        self.loop.block_index = torch.where(masked.any(1), first, self.loop.n_blocks)
+        if self.loop.lockstep and len(self.loop.block_index.unique()) > 1:
+            raise AdjustError("with a key/value cache, states must share their current block")
+
+    def force(self, cols: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Teacher forcing: from now on row b writes the path cols[b] (generation-relative; -1 pads a short path)
+        with tokens[b], in order, instead of what it would draw; the strategy still decides how many positions
+        each step writes, and with `logprobs` each write's log-probability in the distribution it would have been
+        drawn from is recorded. Lets `adjust.eval.joint_kl` score a given path under any strategy."""
+        loop = self.loop
+        device = loop.x.device
+        cols, tokens = cols.to(device), tokens.to(device)
+        loop.forced = (torch.where(cols >= 0, cols + loop.gen_start, -1), tokens,
+                       torch.zeros(cols.shape[0], dtype=torch.long, device=device))
 
     def remove(self, rows: list[int]) -> None:
         """Rows leave now (between passes)."""

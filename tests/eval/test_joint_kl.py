@@ -174,3 +174,48 @@ def test_blocks_and_cache(tiny_base, tmp_path):
     assert k3[0] == k3[1]
     with pytest.raises(AdjustError, match="needs --block-length"):
         joint_kl(tiny_base, sampler, r, k=2, cache="dual", **kw)
+
+
+def test_every_decoding_option_is_measured_by_the_code_that_generates(tiny_base, tmp_path):
+    """joint-KL runs the decoding loop itself: ADJUST with group = K is parallel token for token, so its KL is
+    parallel's exactly; a fast unroll is measured (and differs from the full one: another approximation);
+    grouped draws in between."""
+    make_rollouts(tiny_base, tmp_path, 24, 8, SamplingConfig(), seed=0, progress=False)
+    r = load_rollouts(tmp_path, tiny_base)
+    torch.manual_seed(0)
+    sampler = JointSampler(SamplerConfig.for_base(tiny_base)).eval()
+    kw = dict(num_states=8, draws=2, seed=1)
+    full = joint_kl(tiny_base, sampler, r, k=4, **kw)
+    as_parallel = joint_kl(tiny_base, sampler, r, k=4, group=4, **kw)
+    assert as_parallel["kl_adjust"] == as_parallel["kl_parallel"] == full["kl_parallel"]
+    assert as_parallel["group"] == 4 and "group" not in full
+    fast = joint_kl(tiny_base, sampler, r, k=4, unroll="fast", **kw)
+    assert fast["kl_parallel"] == full["kl_parallel"] and fast["unroll"] == "fast"
+    assert math.isfinite(fast["kl_adjust"]) and fast["kl_adjust"] != full["kl_adjust"]
+    grouped = joint_kl(tiny_base, sampler, r, k=4, group=2, **kw)
+    assert math.isfinite(grouped["kl_adjust"]) and grouped["kl_adjust"] not in (full["kl_adjust"], full["kl_parallel"])
+    with pytest.raises(AdjustError, match="--unroll"):
+        joint_kl(tiny_base, sampler, r, k=2, unroll="fastest", **kw)
+
+
+def test_forced_path_scores_the_tokens_the_loop_would_draw(tiny_base):
+    """Decoding.force: the strategy's step writes the given path and records each token's log-probability in
+    the distribution it would have been drawn from: for exact, the full pass's (checked against a fresh pass)."""
+    from adjust.decode import Decoding
+    from adjust.strategies import make_strategy
+
+    prompt = tiny_base.encode("the dog")
+    x = torch.full((1, len(prompt) + 4), tiny_base.mask_id)
+    x[0, : len(prompt)] = torch.tensor(prompt)
+    run = Decoding(tiny_base, make_strategy("parallel", tokens_per_pass=2), gen_length=4, logprobs=0)
+    run.start_from(x, len(prompt), [0])
+    usable = [i for i in range(tiny_base.vocab_size) if i not in tiny_base.banned_ids]
+    run.force(torch.tensor([[3, 1]]), torch.tensor([[usable[5], usable[7]]]))
+    assert run.step()
+    got = run.loop.x[0, len(prompt):].tolist()
+    assert got[3] == usable[5] and got[1] == usable[7] and got[0] == got[2] == tiny_base.mask_id
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny_base.logits(tiny_base.hidden_states(x)).float(), -1)[0]
+    P = len(prompt)
+    assert run.loop.token_logp[0, P + 3].item() == pytest.approx(logp[P + 3, usable[5]].item(), abs=1e-5)
+    assert run.loop.token_logp[0, P + 1].item() == pytest.approx(logp[P + 1, usable[7]].item(), abs=1e-5)

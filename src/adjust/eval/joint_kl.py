@@ -21,16 +21,24 @@ measured on the same paths. A ratio is only a finding when KL_parallel is clearl
 if it is within two standard errors of zero (a Monte-Carlo estimate can even come out
 negative), the ratio is not reported and `ratio_note` says why.
 
-With `block_length` (semi-autoregressive decoding), every pick of a step is restricted to the
-state's current block, the block of that size (counted from the generation start) holding the
-leftmost masked position, as the decoding loop restricts it; a row whose block runs out of masks
-writes no more tokens in that step (for the truth and both approximations alike). With
-`cache` "prefix" or "dual" (needs `block_length`), ADJUST's unrolls run as the decoding loop
-runs them with a key/value cache: the sampler's keys/values of the whole canvas come once per
-step (after the step's first token, from the full pass's states) and each unroll computes only
-the block's rows. The state's full pass is a fresh one either way (a cache is refreshed at a block
-start), so prefix and dual give the same joint-KL: it measures the sampler side of the cache; the
-base side (stale keys/values in later passes of a block) shows in NLL and task validity.
+All three go through the one decoding loop (`adjust.decode.Decoding`), started at the state:
+the truth is K steps of `exact` (fresh full passes, the order rule on the true distributions);
+`parallel` and `adjust` each take one step of their own strategy, teacher-forced along the
+truth's path (`Decoding.force`): the strategy decides how many positions each draw writes, the
+path decides which and what, and the loop records each token's log-probability in the
+distribution the strategy would have drawn it from. So joint-KL measures exactly the code that
+generates, with every option of it: `group` (ADJUST's grouped draws), `unroll` ("fast": the
+path's remaining positions are the ones a fast step keeps, then its usual picks), and `cache`.
+
+With `block_length` (semi-autoregressive decoding), a step stays in the state's current block,
+the block of that size (counted from the generation start) holding the leftmost masked
+position; a row whose block runs out of masks writes no more tokens in that step (for the truth
+and both approximations alike). With `cache` "prefix" or "dual" (needs `block_length`), the
+approximations run with that cache: ADJUST's sampler keys/values of the whole canvas come once
+per step and each unroll computes only the block's rows. The state's full pass is a fresh one
+either way (a cache is refreshed at a block start), so prefix and dual give the same joint-KL:
+it measures the sampler side of the cache; the base side (stale keys/values in later passes of
+a block) shows in NLL and task validity.
 """
 
 from __future__ import annotations
@@ -44,24 +52,32 @@ from ..batching import group_by_length
 from ..distill.rollouts import Rollouts
 from ..errors import AdjustError
 from ..provenance import code_version
-from ..sampling import order_scores
+from ..sampling import SamplingConfig, row_seed
 from ..splits import held_out_split
+from ..strategies import make_strategy
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def joint_kl(base, sampler, rollouts: Rollouts, k: int, num_states: int = 64, draws: int = 4,
              order: str = "entropy", seed: int = 0, batch_size: int = 16, states: list | None = None,
-             progress: bool = False, block_length: int | None = None, cache: str = "none") -> dict:
-    """Per-step KL of parallel and ADJUST against the true K-token joint (nats per K-token step)."""
+             progress: bool = False, block_length: int | None = None, cache: str = "none", unroll: str = "full",
+             group: int = 1) -> dict:
+    """Per-step KL of parallel and ADJUST against the true K-token joint (nats per K-token step).
+
+    `unroll`, `group` (ADJUST's draws of min(group, K) tokens) and `cache` as in decoding."""
     _check_k(k, rollouts)
-    from ..decode import check_cache
+    from ..decode import check_cache, unroll_plan
 
     check_cache(base, cache, block_length, None)
+    unroll_plan(unroll)
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise AdjustError(f"--group must be a positive integer, got {group!r}")
     if block_length is not None and block_length < 1:
         raise AdjustError(f"--block-length must be at least 1, got {block_length}")
     G = rollouts.gen_length
     if order == "random":
         raise AdjustError("joint-kl needs a deterministic order rule (entropy, confidence or margin)")
+    sampling = SamplingConfig(order=order)  # untempered: the joint of the base itself
     g = torch.Generator().manual_seed(seed)
     if states is None:
         pool = held_out_split(len(rollouts))[1]  # the rollouts distill held out
@@ -71,26 +87,35 @@ def joint_kl(base, sampler, rollouts: Rollouts, k: int, num_states: int = 64, dr
     if draws < 1 or not states:
         raise AdjustError(f"joint-kl needs at least one state and one draw, got {len(states)} states, {draws} draws")
     cluster = {state: i for i, state in enumerate(dict.fromkeys((int(n), int(t)) for n, t in states))}
-    jobs = [(cluster[(int(n), int(t))], n, t) for n, t in states for _ in range(draws)]
+    # each draw has its own generator: a function of the seed, the state and the draw's index
+    jobs = [(cluster[(int(n), int(t))], int(n), int(t), row_seed(seed, [int(n), int(t)], d))
+            for n, t in states for d in range(draws)]
     gaps = {"parallel": [], "adjust": []}
     job_state: list[int] = []
-    device = base.device
+    strategies = [("parallel", make_strategy("parallel", tokens_per_pass=k), None, "full")]
+    if sampler is not None:
+        strategies.append(("adjust", make_strategy("adjust", tokens_per_pass=k, group=min(group, k)), sampler, unroll))
     bar = tqdm(total=len(jobs), desc=f"joint-kl K={k}", disable=not progress, leave=False)
     for lo in range(0, len(jobs), batch_size):
         chunk = jobs[lo:lo + batch_size]
-        for items in group_by_length(chunk, lambda job: len(rollouts.prompts[job[1]])):
-            x = rollouts.states([n for _, n, _ in items], [t for _, _, t in items], base.mask_id).to(device)
-            job_state += [s for s, _, _ in items]
+        for items in group_by_length(chunk, lambda job: len(rollouts.prompts[job[1]])):  # no padding
+            states_x = rollouts.states([n for _, n, _, _ in items], [t for _, _, t, _ in items], base.mask_id)
             start = len(rollouts.prompts[items[0][1]])
-            lp, lpar, ladj = _one_batch(base, sampler, x, k, order, g, block_length, start, cache)
-            gaps["parallel"] += (lp - lpar).tolist()
-            if ladj is not None:
-                gaps["adjust"] += (lp - ladj).tolist()
+            for rows in _sharing_a_block(states_x, start, base.mask_id, block_length, cache):
+                x, seeds = states_x[rows], [items[i][3] for i in rows]
+                job_state += [items[i][0] for i in rows]
+                truth, path, tokens = _true_path(base, x, start, k, sampling, block_length, seeds)
+                for name, strategy, s_sampler, s_unroll in strategies:
+                    approx = _forced_logp(base, strategy, s_sampler, x, start, path, tokens, sampling, block_length,
+                                          cache, s_unroll, seeds)
+                    gaps[name] += (truth - approx).tolist()
         bar.update(len(chunk))
     bar.close()
     out = {"tokens_per_pass": k, "num_states": len(states), "distinct_states": len(cluster), "draws_per_state": draws}
     if block_length is not None:
         out.update(block_length=block_length, cache=cache)
+    if sampler is not None and (unroll != "full" or group != 1):
+        out.update(unroll=unroll, group=min(group, k))
     per_state = {name: _state_means(vals, job_state, len(cluster)) for name, vals in gaps.items() if vals}
     out.update(summarize(per_state["parallel"], per_state.get("adjust")))
     return out
@@ -143,7 +168,7 @@ def summarize(par: torch.Tensor, adj: torch.Tensor | None = None) -> dict:
 def joint_kl_report(base, sampler, rollouts: Rollouts, ks, num_states: int = 64, draws: int = 4,
                     order: str = "entropy", seed: int = 0, rollouts_source: str | None = None,
                     sampler_source: str | None = None, progress: bool = False, block_length: int | None = None,
-                    cache: str = "none") -> dict:
+                    cache: str = "none", unroll: str = "full", group: int = 1) -> dict:
     """`joint_kl` at each K of `ks` (same seed, order, states and draws per K) as one report:
     {"rows": [one per K], "settings", "base", "code_version"}; see markdown_table."""
     ks = list(ks)
@@ -152,12 +177,14 @@ def joint_kl_report(base, sampler, rollouts: Rollouts, ks, num_states: int = 64,
     for k in ks:  # every K checked before any is computed
         _check_k(k, rollouts)
     rows = [joint_kl(base, sampler, rollouts, k, num_states=num_states, draws=draws, order=order, seed=seed,
-                     progress=progress, block_length=block_length, cache=cache) for k in ks]
+                     progress=progress, block_length=block_length, cache=cache, unroll=unroll, group=group)
+            for k in ks]
     return {"rows": rows,
             "settings": {"tokens_per_pass": ks, "num_states": num_states, "draws_per_state": draws, "order": order,
                          "seed": seed, "rollouts": rollouts_source, "rollouts_count": len(rollouts),
                          "held_out_pool": len(held_out_split(len(rollouts))[1]), "gen_length": rollouts.gen_length,
-                         "sampler": sampler_source, "block_length": block_length, "cache": cache, "units": "nats per K-token step",
+                         "sampler": sampler_source, "block_length": block_length, "cache": cache, "unroll": unroll,
+                         "group": group, "units": "nats per K-token step",
                          "stderr": "over distinct states (each state's draws averaged first); ratio by the delta method"},
             "base": getattr(base, "name", None), "code_version": code_version()}
 
@@ -225,68 +252,64 @@ def write_report(result: dict, out_dir) -> dict:
     return write(result, out_dir, "joint_kl", markdown_table, plot)
 
 
-def _gather(logp_full: torch.Tensor, pos: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-    return logp_full[torch.arange(len(pos)), pos, tok]
+def _sharing_a_block(x: torch.Tensor, start: int, mask_id: int, block_length: int | None, cache: str) -> list:
+    """Row index lists of `x` to run together: all rows, or with a key/value cache (whose block all rows of a
+    decoding share) the rows of each current block (the block holding the leftmost masked position)."""
+    if block_length is None or cache == "none":
+        return [list(range(x.shape[0]))]
+    block = ((x[:, start:] == mask_id).long().argmax(1) // block_length).tolist()
+    return [[i for i, b in enumerate(block) if b == v] for v in dict.fromkeys(block)]
 
 
-def _blocks(x: torch.Tensor, mask_id: int, block_length: int | None, start: int) -> tuple:
-    """(lo, hi) per row (B,): the current block, holding the leftmost masked position (the whole canvas without
-    blocks)."""
-    B, L = x.shape
+def _path_length(x: torch.Tensor, start: int, k: int, mask_id: int, block_length: int | None) -> torch.Tensor:
+    """(B,) tokens of the K-token step at each state: K, or fewer where the current block has fewer masks."""
+    masked = x[:, start:] == mask_id
     if block_length is None:
-        return torch.zeros(B, dtype=torch.long, device=x.device), torch.full((B,), L, device=x.device)
-    first = (x == mask_id).long().argmax(-1)  # the leftmost masked position (every state has one)
-    lo = start + (first - start) // block_length * block_length
-    return lo, torch.clamp(lo + block_length, max=L)
+        return masked.sum(1).clamp(max=k)
+    first = masked.long().argmax(1) // block_length * block_length  # the current block's start
+    cols = torch.arange(masked.shape[1])[None]
+    in_block = (cols >= first[:, None]) & (cols < first[:, None] + block_length)
+    return (masked & in_block).sum(1).clamp(max=k)
 
 
-def _cached_unroll(base, sampler, cur, prior, kv, lo, hi):
-    """The decoding loop's cached unroll: only each row's block rows, against the step's sampler keys/values."""
-    out = prior.clone()
-    for a in lo.unique().tolist():
-        rows = (lo == a).nonzero(as_tuple=True)[0]
-        b = int(hi[rows[0]])
-        sub_kv = (kv[0][rows], kv[1][rows])
-        out[rows, a:b] = sampler.forward_span(base, cur[rows], prior[rows], None, sub_kv, a, b)
-    return out
+def _true_path(base, x, start, k, sampling, block_length, seeds):
+    """The truth from each state: K steps of `exact` through the decoding loop. (log p of the path (B,) float64,
+    its generation-relative columns (B, K) and tokens (B, K); -1 pads a path cut short by its block's end)."""
+    from ..decode import Decoding
 
-
-def _one_batch(base, sampler, x: torch.Tensor, k: int, order: str, g: torch.Generator,
-               block_length: int | None = None, start: int = 0, cache: str = "none"):
+    n = _path_length(x, start, k, base.mask_id, block_length)
+    run = Decoding(base, make_strategy("exact"), sampling, x.shape[1] - start, block_length, logprobs=0)
+    run.start_from(x, start, seeds)
     B = x.shape[0]
-    rows = torch.arange(B, device=x.device)
-    lo, hi = _blocks(x, base.mask_id, block_length, start)
-    cols = torch.arange(x.shape[1], device=x.device)[None]
-    in_block = (cols >= lo[:, None]) & (cols < hi[:, None])
-    kv = None
-    h0 = base.hidden_states(x)
-    logp0 = torch.log_softmax(base.logits(h0), -1)  # (B, L, V), the one full pass
-    lp = torch.zeros(B, dtype=torch.float64)
-    lpar, ladj = lp.clone(), lp.clone()
-    prior, q = h0, logp0
-    cur, logp_true = x.clone(), logp0
+    path = torch.full((B, k), -1, dtype=torch.long)
+    tokens = torch.zeros((B, k), dtype=torch.long)
     for j in range(k):
-        masked = (cur == base.mask_id) & in_block
-        live = masked.any(-1).cpu()  # rows whose block still has a mask (all rows without blocks)
-        scores = order_scores(logp_true.reshape(-1, logp_true.shape[-1]), order).view(B, -1).double()
-        pos = scores.masked_fill(~masked, float("-inf")).argmax(-1)  # (B,)
-        here = logp_true[rows, pos].double()  # (B, V)
-        gumbel = -torch.log(-torch.log(torch.rand(here.shape, generator=g, dtype=torch.float64)
-                                       .clamp(1e-300, 1 - 1e-16))).to(here.device)
-        tok = (here + gumbel).argmax(-1)
-        lp += torch.where(live, here[rows, tok].cpu(), 0.0)
-        lpar += torch.where(live, _gather(logp0, pos, tok).double().cpu(), 0.0)
-        if sampler is not None:
-            ladj += torch.where(live, _gather(q, pos, tok).double().cpu(), 0.0)
-        cur[rows, pos] = torch.where(live.to(cur.device), tok, cur[rows, pos])
-        if j + 1 < k:
-            logp_true = torch.log_softmax(base.logits(base.hidden_states(cur)), -1)
-            if sampler is not None:
-                if cache == "none":
-                    prior = sampler(base, cur, prior)
-                else:
-                    if kv is None:  # once per step, after its first token, from the full pass's states
-                        kv = sampler.keys_values(base, cur, h0)
-                    prior = _cached_unroll(base, sampler, cur, prior, kv, lo, hi)
-                q = torch.log_softmax(base.logits(prior), -1)
-    return lp, lpar, (ladj if sampler is not None else None)
+        before = run.loop.x.clone()
+        if not run.step():
+            break
+        rows, cols = (run.loop.x != before).nonzero(as_tuple=True)
+        rows, cols = rows.cpu(), cols.cpu()
+        take = j < n[rows]  # a row's writes after its block ran out are not part of this step
+        path[rows[take], j] = cols[take] - start
+        tokens[rows[take], j] = run.loop.x[rows[take], cols[take]].cpu()
+    return _path_logp(run, path, start), path, tokens
+
+
+def _forced_logp(base, strategy, sampler, x, start, path, tokens, sampling, block_length, cache, unroll, seeds):
+    """log q of each path (B,) float64: one step of `strategy` from the state, forced along the path."""
+    from ..decode import Decoding
+
+    run = Decoding(base, strategy, sampling, x.shape[1] - start, block_length, sampler=sampler, cache=cache,
+                   unroll=unroll, logprobs=0)
+    run.start_from(x, start, seeds)
+    run.force(path, tokens)
+    run.step()
+    return _path_logp(run, path, start)
+
+
+def _path_logp(run, path: torch.Tensor, start: int) -> torch.Tensor:
+    """Sum of the recorded log-probabilities at each row's path positions (B,) float64."""
+    B = path.shape[0]
+    on = path >= 0
+    logp = run.loop.token_logp.cpu()[torch.arange(B)[:, None].expand_as(path)[on], (path + start)[on]].double()
+    return torch.zeros(B, dtype=torch.float64).index_add_(0, torch.arange(B)[:, None].expand_as(path)[on], logp)
