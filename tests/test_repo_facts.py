@@ -94,3 +94,17 @@ def test_results_frontier_rows_are_the_reports_rows():
     assert all(row in report for row in rows), [row for row in rows if row not in report]
     version = json.loads((ROOT / "results" / "frontier_tasks" / "frontier.json").read_text())["code_version"]
     assert version["dirty"] is False and len(version["commit"]) == 40
+
+
+def test_commit_subjects_fit_72_characters():
+    """Every commit since the rule was set (bbb687f) has a subject of at most 72 characters, detail in the body."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    run = subprocess.run(["git", "log", "--format=%h %s", "bbb687f..HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if run.returncode != 0:
+        pytest.skip("history before bbb687f is not in this clone")
+    long = [line for line in run.stdout.splitlines() if len(line.split(" ", 1)[1]) > 72]
+    assert not long, long
