@@ -3,6 +3,7 @@ docstrings cite, and every results table against the file its command wrote."""
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -108,3 +109,61 @@ def test_commit_subjects_fit_72_characters():
         pytest.skip("history before bbb687f is not in this clone")
     long = [line for line in run.stdout.splitlines() if len(line.split(" ", 1)[1]) > 72]
     assert not long, long
+
+
+def _leaves(obj):
+    """Every number in a JSON document."""
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _leaves(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _leaves(v)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield float(obj)
+
+
+def _named_files(text: str) -> list[Path]:
+    """The files of results/ and models/ a text names (`results/x_{a,b}.json` expands; a directory gives its
+    .json and .md files)."""
+    import itertools
+
+    out = []
+    for name in re.findall(r"(?:results|models)/[\w./{},-]+", text):
+        name = name.rstrip(".,)`")
+        parts = re.split(r"\{([^}]*)\}", name)
+        for combo in itertools.product(*[p.split(",") if i % 2 else [p] for i, p in enumerate(parts)]):
+            path = ROOT / "".join(combo)
+            out += sorted(path.glob("*.json")) + sorted(path.glob("*.md")) if path.is_dir() else [path]
+    return [p for p in out if p.is_file() and p.suffix in (".json", ".md")]
+
+
+def test_every_results_table_figure_is_in_the_files_it_cites():
+    """Each figure of each table of docs/results.md is in a file its section names above the table (or the
+    table itself links): verbatim in a text file, or a number of a JSON file rounded as printed."""
+    lines = (ROOT / "docs" / "results.md").read_text().splitlines()
+    number = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?")
+    checked, missing, i = 0, [], 0
+    while i < len(lines):
+        if not lines[i].startswith("| "):
+            i += 1
+            continue
+        end = i
+        while end < len(lines) and lines[end].startswith("|"):
+            end += 1
+        section = i
+        while section > 0 and not lines[section].startswith("## "):
+            section -= 1
+        files = _named_files("\n".join(lines[section:end]))
+        assert files, f"the table at docs/results.md:{i + 1} names no results file"
+        texts = [f.read_text() for f in files]
+        numbers = [n for f, t in zip(files, texts) if f.suffix == ".json" for n in _leaves(json.loads(t))]
+        for row in lines[i + 2:end]:
+            for token in number.findall(row):
+                value = float(token.replace(",", ""))
+                half = 0.5 * 10 ** -len(token.split(".")[1]) if "." in token else 0.5
+                checked += 1
+                if not (any(token in t for t in texts) or any(abs(n - value) <= half + 1e-9 for n in numbers)):
+                    missing.append(f"docs/results.md:{i + 1}: {token}")
+        i = end
+    assert checked > 500 and not missing, missing
