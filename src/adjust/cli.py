@@ -106,11 +106,6 @@ def _refuse_unused_flags(args, strategy) -> None:
         raise_bad("--cache-refresh refreshes a key/value cache; there is none with --cache none")
 
 
-def _sampler_need(strategy) -> str:
-    """How `loader.load_models` looks for a sampler for `strategy`: required, optional (used if present) or none."""
-    return "required" if strategy.uses_sampler else "optional" if strategy.takes_sampler else "none"
-
-
 def cmd_generate(args) -> None:
     from .decode import check_cache, generate_texts, unroll_plan
 
@@ -120,7 +115,9 @@ def cmd_generate(args) -> None:
     prompts = _read_prompts(args)  # bad prompts fail before a model loads
     check_cache(None, args.cache, args.block_length, args.cache_refresh)
     unroll_plan(args.unroll)
-    base, sampler = _load(args, _sampler_need(strategy))
+    from .strategies import sampler_need
+
+    base, sampler = _load(args, sampler_need(strategy))
     samples, stats = generate_texts(base, prompts, strategy, sampling, gen_length=args.gen_length,
                                     num_samples=args.num_samples, batch_size=args.batch_size,
                                     block_length=args.block_length, seed=args.seed, sampler=sampler,

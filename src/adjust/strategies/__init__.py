@@ -13,6 +13,7 @@ STRATEGIES: dict[str, type] = {}
 # server and the lm-eval model read (each strategy refuses the ones it does not take).
 STRATEGY_PARAMS = ("tokens_per_pass", "tau", "gamma", "factor", "max_tokens_per_pass", "group", "depth", "drafter")
 INT_PARAMS = ("tokens_per_pass", "max_tokens_per_pass", "group", "depth")
+STR_PARAMS = ("drafter",)  # those that are strings (the others are numbers)
 
 
 def register(name: str):
@@ -92,6 +93,12 @@ def unused_setting(strategy: Strategy, spell=cli_flag, *, order: bool = False, u
     if sampler and not (strategy.uses_sampler or strategy.takes_sampler):
         return "sampler", f"strategy {strategy.name!r} uses no joint sampler; drop {spell('sampler')}"
     return None
+
+
+def sampler_need(strategy: Strategy) -> str:
+    """How `loader.load_models` looks for a joint sampler for `strategy`: "required", "optional" (used if one is
+    given or beside the base) or "none"."""
+    return "required" if strategy.uses_sampler else "optional" if strategy.takes_sampler else "none"
 
 
 def make_strategy(name: str, /, **params) -> Strategy:
