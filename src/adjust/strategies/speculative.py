@@ -103,7 +103,8 @@ class Speculative(Strategy):
         lo, hi = (t[sub] for t in loop.bounds())
         region = (torch.arange(L, device=x.device)[None] >= lo[:, None]) & (torch.arange(L, device=x.device)[None]
                                                                            < hi[:, None])
-        noise = loop.rng.fork(sub.tolist())  # the draws the target will make next, not consumed here
+        draws = sampling.order == "random" or sampling.temperature > 0
+        noise = loop.rng.fork(sub.tolist()) if draws else None  # the target's next draws, not consumed here
         alive = torch.ones(len(sub), dtype=torch.bool, device=x.device)
         canvases, owners = [], []
         for j in range(D):
