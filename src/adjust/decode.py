@@ -472,6 +472,46 @@ class _Loop:
         stats.refresh_seconds += _elapsed(t0, x.device)
         return hidden
 
+    def refreshes_next(self) -> bool:
+        """Whether the next `full_pass` runs the whole canvas to refresh the key/value cache (False without one)."""
+        return self.cache != "none" and (self._kv is None or (self.cache_refresh is not None
+                                                              and self._since >= self.cache_refresh))
+
+    def full_pass_with(self, extra: torch.Tensor, owners: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`full_pass`, computing in the same base call the canvases `extra` (n, L) as more batch rows, row i a
+        variant of sequence owners[i]'s canvas (it takes that sequence's attention mask and, with a cache, its
+        keys/values): (the canvas's hidden states (B, L, H), theirs (n, L, H)). A row's output does not depend on
+        the batch, so each equals a pass on that canvas alone. With a cache, not on a pass that refreshes it
+        (`refreshes_next`): the extra rows are computed on the same span, keeping their sequence's hidden states
+        elsewhere, as `full_pass` does."""
+        if not len(owners):
+            hidden = self.full_pass()
+            return hidden, hidden[:0]
+        x, mask, L, stats = self.x, self.attention_mask, self.x.shape[1], self.stats
+        B = x.shape[0]
+        rows_mask = None if mask is None else torch.cat([mask, mask[owners]])
+        t0 = time.perf_counter()
+        if self.cache == "none":
+            out = self.base.hidden_states(torch.cat([x, extra]), rows_mask)
+            self._since += 1
+            stats.refresh_passes += 1
+            stats.positions += L
+            stats.refresh_seconds += _elapsed(t0, x.device)
+            return out[:B], out[B:]
+        if self.refreshes_next():
+            raise RuntimeError("extra rows cannot be computed on a pass that refreshes the key/value cache")
+        lo, hi = self.block
+        end = hi if self.cache == "dual" else L
+        idx = torch.cat([torch.arange(B, device=owners.device), owners])
+        span = self.base.span_hidden(torch.cat([x, extra]), rows_mask, _rows_of(self._kv, idx), lo, end)
+        self._hidden[:, lo:end] = span[:B]
+        more = self._hidden[owners].clone()
+        more[:, lo:end] = span[B:]
+        stats.positions += end - lo
+        stats.span_seconds += _elapsed(t0, x.device)
+        self._since += 1
+        return self._hidden, more
+
     def candidates(self):
         if self._cand is None:
             lo, hi = self.bounds()

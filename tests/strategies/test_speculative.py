@@ -140,11 +140,29 @@ def test_bad_parameters_are_refused():
         make_strategy("exact", depth=2)
 
 
-def test_drafter_sampler_needs_a_sampler_and_cache_is_refused(tiny_base):
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_same_tokens_as_exact_with_a_key_value_cache(shakespeare, task, cache, temperature):
+    """Drafted rows take their sequence's cache and the canvas's span: exact's tokens with the same cache mode."""
+    base, sampler = shakespeare
+    prompts = [base.encode(p) for p in ("ROMEO:", "KING:")]
+    for drafter in ("sampler", "self"):
+        st, ex = same_as_exact(base, sampler, prompts, spec(4, drafter), temperature, 24, block_length=8,
+                               cache=cache)
+        assert st.full_passes < ex.full_passes and st.drafts_accepted > 0
+        assert st.refresh_passes == ex.refresh_passes == 3  # one per block start
+        assert st.positions_per_full_pass < base.max_length  # the cached passes computed only a span
+    base, sampler = task
+    st, ex = same_as_exact(base, sampler, task_prompts(base, 1), spec(3), temperature, 10, block_length=5,
+                           cache=cache, early_exit=True)
+    assert st.full_passes <= ex.full_passes  # blocks of 5 in lockstep: the batch waits for its slowest row
+
+
+def test_drafter_sampler_needs_a_sampler_and_cache_refresh_is_refused(tiny_base):
     with pytest.raises(AdjustError, match="needs a joint sampler"):
         generate(tiny_base, [[5, 6]], spec(2, "sampler"), gen_length=4)
-    with pytest.raises(AdjustError, match="without a key/value cache"):
-        generate(tiny_base, [[5, 6]], spec(2, "self"), gen_length=4, block_length=2, cache="prefix")
+    with pytest.raises(AdjustError, match="--cache-refresh"):
+        generate(tiny_base, [[5, 6]], spec(2, "self"), gen_length=4, block_length=2, cache="prefix", cache_refresh=2)
 
 
 def test_cli_generate_json_and_bad_flags(capsys):

@@ -7,12 +7,9 @@ target then walks them, with its own draws, and keeps a drafted row's output whe
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ..batching import per_row_table
-from ..decode import _elapsed
 from ..errors import AdjustError
 from ..sampling import log_probs, order_scores
 from . import Strategy, register
@@ -23,6 +20,9 @@ DRAFTERS = ("sampler", "self")
 @register("speculative")
 class Speculative(Strategy):
     """Lossless: the tokens `exact` writes with the same seed, between 1 and depth + 1 per full pass.
+
+    With a key/value cache (prefix or dual) the drafted rows take their sequence's cache and are computed on the
+    span the canvas is; a pass that refreshes the cache (each block's first) carries no draft.
 
     Rule (coupled draws). A sequence's state is its canvas. After a step, its canvas s0 is not yet computed by the
     base; the drafter proposes the writes w1..wD that the target would make from s0, s1 = s0 + w1, ...: the
@@ -39,7 +39,7 @@ class Speculative(Strategy):
 
     `depth` D: drafts per sequence and step (rows per pass up to D + 1 per sequence). `drafter`: "sampler" (needs a
     joint sampler), "self", or None: the sampler when one is given, else self. The first step of a sequence has no
-    draft (no base output to draft from yet). Without a key/value cache (`--cache none`) only.
+    draft (no base output to draft from yet).
     """
 
     adaptive = True  # the tokens per pass vary with the drafts accepted
@@ -62,25 +62,15 @@ class Speculative(Strategy):
 
     # --- the step's pass: the canvas and the drafted canvases -------------------------------------------------
     def full_pass(self, loop):
-        if loop.cache != "none":
-            raise AdjustError(f"strategy 'speculative' runs without a key/value cache; drop --cache {loop.cache}")
-        x, mask, stats = loop.x, loop.attention_mask, loop.stats
-        B, L = x.shape
+        if loop.cache_refresh is not None:
+            raise AdjustError("strategy 'speculative' refreshes the key/value cache only at block starts (exact's "
+                              "refreshes every N passes fall elsewhere in fewer passes); drop --cache-refresh")
         canvases, owners, drafts = self._draft(loop)
-        n = len(owners)
-        t0 = time.perf_counter()
-        if n:
-            rows_mask = None if mask is None else torch.cat([mask, mask[owners]])
-            hidden = loop.base.hidden_states(torch.cat([x, canvases]), rows_mask)
-        else:
-            hidden = loop.base.hidden_states(x, mask)
-        stats.refresh_passes += 1
-        stats.positions += L
-        stats.base_rows += n
-        stats.drafts_proposed += n
-        stats.refresh_seconds += _elapsed(t0, x.device)
-        loop.drafted = (hidden[B:], drafts)
-        return hidden[:B]
+        hidden, more = loop.full_pass_with(canvases, owners)
+        loop.stats.base_rows += len(owners)
+        loop.stats.drafts_proposed += len(owners)
+        loop.drafted = (more, drafts)
+        return hidden
 
     def _draft(self, loop):
         """(canvases (n, L), owners (n,), (positions, tokens, rows) (B, D) each, -1 where none): the drafted canvases
@@ -93,7 +83,7 @@ class Speculative(Strategy):
         busy = torch.bincount(loop.candidates()[0], minlength=B) > 0
         sub = (busy & has).nonzero(as_tuple=True)[0] if has is not None else busy[:0].nonzero(as_tuple=True)[0]
         empty = (x.new_zeros((0, L)), sub[:0], (pos, tok, at))
-        if len(sub) == 0:
+        if len(sub) == 0 or loop.refreshes_next():  # a refresh pass: the cache is of this canvas, none to draft on
             return empty
         use_sampler = self._drafter(loop) == "sampler"
         if use_sampler and loop.sampler is None:
