@@ -5,8 +5,8 @@ For each shipped model (its held-out prompts: the task model's eval prompts of e
 character cues), temperature 0 and 1, the `exact` target and `speculative` with both drafters at each depth:
 every prompt decoded alone (batch 1, the setting of the wall-clock target), one thread. Reports tokens per full
 pass (base calls), base rows per pass, the drafts' acceptance, wall-clock tokens/s and the ratios to exact; checks
-each speculative run wrote exactly exact's tokens. Optional caches (`--caches none,dual`) run each config with a
-block length; the speculative strategy refuses a cache for now, so those rows are exact only.
+each speculative run wrote exactly exact's tokens. `--dual-models` (default the Shakespeare model) also run with
+the dual key/value cache and `--dual-block` blocks, at depth 4 (exact with the same cache is the reference).
 
   python benchmarks/speculative.py --out results/speculative        # writes .json and .md, ~5 min
 """
@@ -33,7 +33,8 @@ def prompts_for(name: str, base, n: int) -> list[list[int]]:
     return [base.encode(p) for p in SHAKESPEARE_PROMPTS[:n]]
 
 
-def run_config(base, sampler, prompts, strategy, temperature: float, gen_length: int) -> tuple[dict, list]:
+def run_config(base, sampler, prompts, strategy, temperature: float, gen_length: int,
+               cache: str = "none", block_length: int | None = None) -> tuple[dict, list]:
     from adjust.decode import generate
     from adjust.sampling import SamplingConfig
 
@@ -41,7 +42,8 @@ def run_config(base, sampler, prompts, strategy, temperature: float, gen_length:
     tokens, agg = [], dict(passes=0, rows=0, proposed=0, accepted=0, unrolls=0, tokens=0, seconds=0.0)
     for i, p in enumerate(prompts):
         t0 = time.perf_counter()
-        out = generate(base, [p], strategy, sampling, gen_length=gen_length, seed=i,
+        out = generate(base, [p], strategy, sampling, gen_length=gen_length, seed=i, cache=cache,
+                       block_length=block_length,
                        sampler=sampler if strategy.takes_sampler or strategy.uses_sampler else None)
         agg["seconds"] += time.perf_counter() - t0
         s = out.stats
@@ -53,6 +55,7 @@ def run_config(base, sampler, prompts, strategy, temperature: float, gen_length:
         agg["tokens"] += gen_length
         tokens.append(out.tokens[0].tolist())
     return {"strategy": strategy.describe(), "temperature": temperature, "prompts": len(prompts),
+            "cache": cache if cache == "none" else f"{cache}, blocks of {block_length}",
             "gen_length": gen_length, "full_passes": agg["passes"], "sampler_passes": agg["unrolls"],
             "tokens_per_full_pass": round(agg["tokens"] / agg["passes"], 3),
             "rows_per_full_pass": round(agg["rows"] / agg["passes"], 2),
@@ -62,7 +65,7 @@ def run_config(base, sampler, prompts, strategy, temperature: float, gen_length:
 
 
 def measure(models: list[str], depths: list[int], temperatures: list[float], n_prompts: int,
-            gen_lengths: dict) -> list[dict]:
+            gen_lengths: dict, dual_models: list[str], dual_block: int) -> list[dict]:
     from adjust.base import load_base
     from adjust.sampler import JointSampler
     from adjust.strategies import make_strategy
@@ -72,24 +75,25 @@ def measure(models: list[str], depths: list[int], temperatures: list[float], n_p
         base = load_base(ROOT / "models" / name)
         sampler = JointSampler.load(ROOT / "models" / name / "sampler", base)
         prompts, gen = prompts_for(name, base, n_prompts), gen_lengths[name]
-        for t in temperatures:
-            ref, ref_tokens = run_config(base, sampler, prompts, make_strategy("exact"), t, gen)
+        settings = [("none", None, depths)] + ([("dual", dual_block, [4])] if name in dual_models else [])
+        for (cache, block, ds), t in ((c, t) for c in settings for t in temperatures):
+            ref, ref_tokens = run_config(base, sampler, prompts, make_strategy("exact"), t, gen, cache, block)
             ref.update(model=name, identical=True)
             rows.append(ref)
             by = {}
-            for d in depths:
+            for d in ds:
                 for drafter in ("sampler", "self"):
                     r, toks = run_config(base, sampler, prompts, make_strategy("speculative", depth=d, drafter=drafter),
-                                         t, gen)
+                                         t, gen, cache, block)
                     r.update(model=name, identical=toks == ref_tokens,
                              passes_vs_exact=round(ref["full_passes"] / r["full_passes"], 3),
                              speed_vs_exact=round(r["tokens_per_second"] / ref["tokens_per_second"], 3))
                     by[(d, drafter)] = r
                     rows.append(r)
-                    print(f"{name} T={t} {r['strategy']}: {r['tokens_per_full_pass']} tokens/pass, "
+                    print(f"{name} T={t} cache {r['cache']} {r['strategy']}: {r['tokens_per_full_pass']} tokens/pass, "
                           f"{r['passes_vs_exact']}x fewer passes, {r['speed_vs_exact']}x tokens/s, "
                           f"identical {r['identical']}", file=sys.stderr, flush=True)
-            for d in depths:
+            for d in ds:
                 s, f = by[(d, "sampler")], by[(d, "self")]
                 s["passes_vs_self"] = round(f["full_passes"] / s["full_passes"], 3)
     return rows
@@ -100,11 +104,11 @@ def markdown(report: dict) -> str:
     lines = [f"# Speculative ADJUST vs exact, CPU, batch 1 ({v.get('commit', 'no commit')[:12]}"
              f"{', dirty' if v.get('dirty') else ''})", "",
              f"Prompts decoded alone, one thread; {report['note']}", "",
-             "| model | T | strategy | tokens / full pass | rows / pass | acceptance | passes vs exact | "
+             "| model | cache | T | strategy | tokens / full pass | rows / pass | acceptance | passes vs exact | "
              "passes vs self | tokens/s | speed vs exact | identical |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        lines.append(f"| {r['model']} (gen {r['gen_length']}) | {r['temperature']:g} | {r['strategy']} | "
+        lines.append(f"| {r['model']} (gen {r['gen_length']}) | {r['cache']} | {r['temperature']:g} | {r['strategy']} | "
                      f"{r['tokens_per_full_pass']} | {r['rows_per_full_pass']} | {r['acceptance'] or '-'} | "
                      f"{r.get('passes_vs_exact', 1.0)}x | "
                      f"{str(r['passes_vs_self']) + 'x' if 'passes_vs_self' in r else '-'} | "
@@ -120,6 +124,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=6, help="prompts per model, each decoded alone")
     p.add_argument("--gen-shakespeare", type=int, default=64)
     p.add_argument("--gen-task", type=int, default=10)
+    p.add_argument("--dual-models", default="shakespeare-base", help="models also run with the dual cache")
+    p.add_argument("--dual-block", type=int, default=16, help="block length of the dual-cache runs")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md (e.g. results/speculative)")
     args = p.parse_args(argv)
@@ -135,7 +141,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     with torch.inference_mode():
         rows = measure(args.models.split(","), depths, temps, args.prompts,
-                       {"shakespeare-base": args.gen_shakespeare, "task-base": args.gen_task})
+                       {"shakespeare-base": args.gen_shakespeare, "task-base": args.gen_task},
+                       [m for m in args.dual_models.split(",") if m], args.dual_block)
     report = {"code_version": code_version(), "threads": args.threads, "rows": rows,
               "note": "full passes = calls of the base (a speculative pass computes its drafted rows too); "
                       "speed = wall-clock tokens/s over exact's; passes vs self = self drafter's passes over the "
