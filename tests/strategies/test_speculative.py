@@ -17,12 +17,12 @@ from adjust.base import load_base
 from adjust.cli import main
 from adjust.decode import Decoding, generate
 from adjust.errors import AdjustError
-from adjust.sampler import JointSampler, SamplerConfig
+from adjust.sampler import JointSampler
 from adjust.sampling import SamplingConfig, log_probs, order_scores
 from adjust.strategies import make_strategy
 
 from conftest import make_tiny_base
-from test_threshold_adjust import task_prompts, tiny_sampler  # noqa: F401  (fixtures)
+from test_threshold_adjust import random_sampler, task_prompts, tiny_sampler  # noqa: F401  (fixtures)
 
 stats = pytest.importorskip("scipy.stats")
 
@@ -252,13 +252,7 @@ def chi_square_p(base, sampler, strategy, n=3000) -> float:
 
 @pytest.fixture(scope="module")
 def micro_sampler(micro):
-    torch.manual_seed(3)
-    s = JointSampler(SamplerConfig.for_base(micro)).eval()
-    with torch.no_grad():
-        for p in s.parameters():
-            if p.dim() == 2:
-                p.mul_(10)
-    return s
+    return random_sampler(micro)
 
 
 @pytest.mark.parametrize("drafter", ["sampler", "self"])
