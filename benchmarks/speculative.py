@@ -108,7 +108,8 @@ def markdown(report: dict) -> str:
              "passes vs self | tokens/s | speed vs exact | identical |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        lines.append(f"| {r['model']} (gen {r['gen_length']}) | {r['cache']} | {r['temperature']:g} | {r['strategy']} | "
+        lines.append(f"| {r['model']} (gen {r['gen_length']}) | {r['cache']} | {r['temperature']:g} | "
+                     f"{r['strategy']} | "
                      f"{r['tokens_per_full_pass']} | {r['rows_per_full_pass']} | {r['acceptance'] or '-'} | "
                      f"{r.get('passes_vs_exact', 1.0)}x | "
                      f"{str(r['passes_vs_self']) + 'x' if 'passes_vs_self' in r else '-'} | "

@@ -98,7 +98,7 @@ class Stats:
     span_seconds: float = 0.0  # time in cached base passes (block, or block and right of it)
     unroll_seconds: float = 0.0  # time in sampler unrolls (with a cache or fast: the step's sampler keys/values included)
     unroll: str = "full"  # how unrolls were computed: "full", "fast" (or a FastUnroll's name)
-    base_rows: int = 0  # canvases (batch rows) the base computed, summed over full passes (speculative: drafted ones too)
+    base_rows: int = 0  # canvases (batch rows) the base computed, summed over full passes (with drafted ones)
     drafts_proposed: int = 0  # speculative: drafted writes the base verified (summed over sequences)
     drafts_accepted: int = 0  # speculative: of those, the ones equal to the target's own write
 

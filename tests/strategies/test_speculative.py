@@ -246,7 +246,8 @@ def chi_square_p(base, sampler, strategy, n=3000) -> float:
     obs_c = [obs[i] for i in big] + ([sum(obs[i] for i in small)] if small else [])
     assert len(big) >= 10
     p = float(stats.chisquare(obs_c, [e * sum(obs_c) / sum(exp_c) for e in exp_c]).pvalue)
-    print(f"chi-square {strategy.describe()}: p = {p:.3g}, {len(obs_c)} cells, {out.stats.drafts_accepted} drafts accepted")
+    print(f"chi-square {strategy.describe()}: p = {p:.3g}, {len(obs_c)} cells, "
+          f"{out.stats.drafts_accepted} drafts accepted")
     return p
 
 
