@@ -140,11 +140,12 @@ def main(argv=None) -> int:
         print(f"adjust: error: --out {args.out}: its folder does not exist", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    version = code_version()  # of the code that runs (read before, not after, the minutes of measuring)
     with torch.inference_mode():
         rows = measure(args.models.split(","), depths, temps, args.prompts,
                        {"shakespeare-base": args.gen_shakespeare, "task-base": args.gen_task},
                        [m for m in args.dual_models.split(",") if m], args.dual_block)
-    report = {"code_version": code_version(), "threads": args.threads, "rows": rows,
+    report = {"code_version": version, "threads": args.threads, "rows": rows,
               "note": "full passes = calls of the base (a speculative pass computes its drafted rows too); "
                       "speed = wall-clock tokens/s over exact's; passes vs self = self drafter's passes over the "
                       "sampler drafter's at the same depth (the same row budget)."}
