@@ -7,6 +7,8 @@ every prompt decoded alone (batch 1, the setting of the wall-clock target), one 
 pass (base calls), base rows per pass, the drafts' acceptance, wall-clock tokens/s and the ratios to exact; checks
 each speculative run wrote exactly exact's tokens. `--dual-models` (default the Shakespeare model) also run with
 the dual key/value cache and `--dual-block` blocks, at depth 4 (exact with the same cache is the reference).
+`--branched` (default 4:1,3:2) adds depth:branch points without a cache: alternative first drafts, compared with
+the chains of about the same rows per pass (depth 5).
 
   python benchmarks/speculative.py --out results/speculative        # writes .json and .md, ~5 min
 """
@@ -65,7 +67,7 @@ def run_config(base, sampler, prompts, strategy, temperature: float, gen_length:
 
 
 def measure(models: list[str], depths: list[int], temperatures: list[float], n_prompts: int,
-            gen_lengths: dict, dual_models: list[str], dual_block: int) -> list[dict]:
+            gen_lengths: dict, dual_models: list[str], dual_block: int, branched=()) -> list[dict]:
     from adjust.base import load_base
     from adjust.sampler import JointSampler
     from adjust.strategies import make_strategy
@@ -75,26 +77,27 @@ def measure(models: list[str], depths: list[int], temperatures: list[float], n_p
         base = load_base(ROOT / "models" / name)
         sampler = JointSampler.load(ROOT / "models" / name / "sampler", base)
         prompts, gen = prompts_for(name, base, n_prompts), gen_lengths[name]
-        settings = [("none", None, depths)] + ([("dual", dual_block, [4])] if name in dual_models else [])
+        chains = [(d, 0) for d in depths] + [(d, b) for d, b in branched]
+        settings = [("none", None, chains)] + ([("dual", dual_block, [(4, 0)])] if name in dual_models else [])
         for (cache, block, ds), t in ((c, t) for c in settings for t in temperatures):
             ref, ref_tokens = run_config(base, sampler, prompts, make_strategy("exact"), t, gen, cache, block)
             ref.update(model=name, identical=True)
             rows.append(ref)
             by = {}
-            for d in ds:
+            for d, b in ds:
                 for drafter in ("sampler", "self"):
-                    r, toks = run_config(base, sampler, prompts, make_strategy("speculative", depth=d, drafter=drafter),
-                                         t, gen, cache, block)
+                    strategy = make_strategy("speculative", depth=d, drafter=drafter, branch=b)
+                    r, toks = run_config(base, sampler, prompts, strategy, t, gen, cache, block)
                     r.update(model=name, identical=toks == ref_tokens,
                              passes_vs_exact=round(ref["full_passes"] / r["full_passes"], 3),
                              speed_vs_exact=round(r["tokens_per_second"] / ref["tokens_per_second"], 3))
-                    by[(d, drafter)] = r
+                    by[(d, b, drafter)] = r
                     rows.append(r)
                     print(f"{name} T={t} cache {r['cache']} {r['strategy']}: {r['tokens_per_full_pass']} tokens/pass, "
                           f"{r['passes_vs_exact']}x fewer passes, {r['speed_vs_exact']}x tokens/s, "
                           f"identical {r['identical']}", file=sys.stderr, flush=True)
-            for d in ds:
-                s, f = by[(d, "sampler")], by[(d, "self")]
+            for d, b in ds:
+                s, f = by[(d, b, "sampler")], by[(d, b, "self")]
                 s["passes_vs_self"] = round(f["full_passes"] / s["full_passes"], 3)
     return rows
 
@@ -120,11 +123,12 @@ def markdown(report: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="shakespeare-base,task-base")
-    p.add_argument("--depths", default="2,4,8")
+    p.add_argument("--depths", default="2,4,5,8")
     p.add_argument("--temperatures", default="0,1")
     p.add_argument("--prompts", type=int, default=6, help="prompts per model, each decoded alone")
     p.add_argument("--gen-shakespeare", type=int, default=64)
     p.add_argument("--gen-task", type=int, default=10)
+    p.add_argument("--branched", default="4:1,3:2", help="depth:branch points also run without a cache")
     p.add_argument("--dual-models", default="shakespeare-base", help="models also run with the dual cache")
     p.add_argument("--dual-block", type=int, default=16, help="block length of the dual-cache runs")
     p.add_argument("--threads", type=int, default=1)
@@ -144,7 +148,8 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         rows = measure(args.models.split(","), depths, temps, args.prompts,
                        {"shakespeare-base": args.gen_shakespeare, "task-base": args.gen_task},
-                       [m for m in args.dual_models.split(",") if m], args.dual_block)
+                       [m for m in args.dual_models.split(",") if m], args.dual_block,
+                       [tuple(int(v) for v in x.split(":")) for x in args.branched.split(",") if x])
     report = {"code_version": version, "threads": args.threads, "rows": rows,
               "note": "full passes = calls of the base (a speculative pass computes its drafted rows too); "
                       "speed = wall-clock tokens/s over exact's; passes vs self = self drafter's passes over the "

@@ -887,6 +887,8 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
                    help="speculative: drafted states per sequence and full pass (default 4; docs/speculative.md)")
     p.add_argument("--drafter", default=None, help="speculative: sampler | self, what drafts the states the base "
                    "verifies (default: sampler when one is given or beside the base, else self)")
+    p.add_argument("--branch", type=int, default=None, help="speculative: alternative first drafts per sequence "
+                   "and pass, the drafter's next-best positions, one row each (default 0)")
     p.add_argument("--sampler", default=None, help="joint sampler directory (default: <base>/sampler)")
     p.add_argument("--gen-length", type=int, default=64, help="tokens to generate per sequence")
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")

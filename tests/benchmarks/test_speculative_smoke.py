@@ -11,10 +11,11 @@ def test_task_model_one_depth(tmp_path, capsys):
     bench = load_benchmark("speculative")
     out = tmp_path / "spec"
     assert bench.main(["--models", "task-base", "--depths", "2", "--prompts", "2", "--temperatures", "0",
-                       "--gen-task", "6", "--dual-models", "", "--out", str(out)]) == 0
+                       "--gen-task", "6", "--dual-models", "", "--branched", "1:1", "--out", str(out)]) == 0
     got = json.loads((tmp_path / "spec.json").read_text())
     rows = {r["strategy"]: r for r in got["rows"]}
-    assert set(rows) == {"exact(K=1)", "speculative(D=2,drafter=sampler)", "speculative(D=2,drafter=self)"}
+    assert set(rows) == {"exact(K=1)", "speculative(D=2,drafter=sampler)", "speculative(D=2,drafter=self)",
+                         "speculative(D=1,drafter=sampler,branch=1)", "speculative(D=1,drafter=self,branch=1)"}
     assert all(r["identical"] for r in rows.values())
     assert rows["exact(K=1)"]["full_passes"] == 12  # 2 prompts x 6 tokens, one per pass
     spec = rows["speculative(D=2,drafter=sampler)"]

@@ -29,8 +29,8 @@ stats = pytest.importorskip("scipy.stats")
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
-def spec(depth=4, drafter=None):
-    return make_strategy("speculative", depth=depth, drafter=drafter)
+def spec(depth=4, drafter=None, branch=0):
+    return make_strategy("speculative", depth=depth, drafter=drafter, branch=branch)
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +72,24 @@ def test_same_tokens_as_exact_on_the_shipped_models_alone_and_in_a_batch(shakesp
 
 @pytest.mark.parametrize("sampling", [dict(order="random"), dict(top_p=0.8), dict(top_k=5, order="margin"),
                                       dict(order="confidence")])
-@pytest.mark.parametrize("depth", [1, 3])
-def test_same_tokens_as_exact_for_every_order_rule_and_filter(tiny_base, tiny_sampler, sampling, depth):  # noqa: F811
+@pytest.mark.parametrize("depth,branch", [(1, 0), (3, 0), (2, 2)])
+def test_same_tokens_as_exact_for_every_order_rule_and_filter(tiny_base, tiny_sampler, sampling, depth,
+                                                              branch):  # noqa: F811
     prompts = [[5, 6, 7], [8, 9, 10], [11, 12, 13, 14]]
     for drafter in ("sampler", "self"):
-        same_as_exact(tiny_base, tiny_sampler, prompts, spec(depth, drafter), 1.0, 12, sampling=sampling)
+        same_as_exact(tiny_base, tiny_sampler, prompts, spec(depth, drafter, branch), 1.0, 12, sampling=sampling)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_alternative_first_drafts_are_verified_too(shakespeare, temperature):
+    """--branch: alternative first drafts, one row each; exact's tokens, and (here) fewer passes than the chain."""
+    base, sampler = shakespeare
+    prompts = [base.encode(p) for p in ("ROMEO:", "KING:")]
+    for drafter in ("sampler", "self"):
+        st, _ = same_as_exact(base, sampler, prompts, spec(3, drafter, 2), temperature, 32)
+        chain, _ = same_as_exact(base, sampler, prompts, spec(3, drafter), temperature, 32)
+        assert st.base_rows - st.full_passes * 2 > chain.base_rows - chain.full_passes * 2  # the alternatives' rows
+        assert st.full_passes < chain.full_passes  # some first writes matched an alternative
 
 
 def test_same_tokens_as_exact_with_blocks_and_early_exit(task):
@@ -133,7 +146,8 @@ def test_stats_count_passes_rows_and_drafts(task):
 
 
 def test_bad_parameters_are_refused():
-    for kw, flag in [(dict(depth=0), "--depth"), (dict(depth=True), "--depth"), (dict(drafter="peer"), "--drafter")]:
+    for kw, flag in [(dict(depth=0), "--depth"), (dict(depth=True), "--depth"), (dict(drafter="peer"), "--drafter"),
+                     (dict(branch=-1), "--branch")]:
         with pytest.raises(AdjustError, match=flag):
             make_strategy("speculative", **kw)
     with pytest.raises(AdjustError, match="takes no --depth"):

@@ -37,7 +37,10 @@ class Speculative(Strategy):
     write that differs (or the write after wD) ends the step. Every write is the target's own, from the base's
     output of the true state, with its own draws in its own order: the same tokens as `exact`, at any temperature.
 
-    `depth` D: drafts per sequence and step (rows per pass up to D + 1 per sequence). `drafter`: "sampler" (needs a
+    `depth` D: drafts per sequence and step (rows per pass up to D + 1 per sequence). `branch` A (default 0): A
+    alternative first drafts per sequence, each one more row: the drafter's next-best positions by the order rule,
+    with their tokens from the same coupled noise; when the target's first write equals one, that row serves the
+    next write (and the step ends after it). `drafter`: "sampler" (needs a
     joint sampler), "self", or None: the sampler when one is given, else self. The first step of a sequence has no
     draft (no base output to draft from yet).
     """
@@ -45,17 +48,20 @@ class Speculative(Strategy):
     adaptive = True  # the tokens per pass vary with the drafts accepted
     takes_sampler = True
 
-    def __init__(self, depth: int = 4, drafter: str | None = None):
+    def __init__(self, depth: int = 4, drafter: str | None = None, branch: int = 0):
         super().__init__(1)
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise AdjustError(f"--depth must be a positive integer, got {depth!r}")
+        if isinstance(branch, bool) or not isinstance(branch, int) or branch < 0:
+            raise AdjustError(f"--branch must be an integer >= 0, got {branch!r}")
         if drafter is not None and drafter not in DRAFTERS:
             raise AdjustError(f"unknown --drafter {drafter!r}; choose one of {', '.join(DRAFTERS)}")
-        self.depth, self.drafter = depth, drafter
+        self.depth, self.drafter, self.branch = depth, drafter, branch
         self.uses_sampler = drafter == "sampler"
 
     def describe(self) -> str:
-        return f"{self.name}(D={self.depth},drafter={self.drafter or 'auto'})"
+        return (f"{self.name}(D={self.depth},drafter={self.drafter or 'auto'}"
+                + (f",branch={self.branch})" if self.branch else ")"))
 
     def _drafter(self, loop) -> str:
         return self.drafter or ("sampler" if loop.sampler is not None else "self")
@@ -73,11 +79,12 @@ class Speculative(Strategy):
         return hidden
 
     def _draft(self, loop):
-        """(canvases (n, L), owners (n,), (positions, tokens, rows) (B, D) each, -1 where none): the drafted canvases
-        s1..sj of each sequence with a base output to draft from, and its drafted writes."""
+        """(canvases (n, L), owners (n,), (positions, tokens, rows) (B, D + A) each, -1 where none): the drafted
+        canvases s1..sj of each sequence with a base output to draft from (then its alternative first drafts), and
+        its drafted writes (columns D.. : the alternatives to the first)."""
         x, base, sampling, D = loop.x, loop.base, loop.sampling, self.depth
         B, L = x.shape
-        pos = torch.full((B, D), -1, dtype=torch.long, device=x.device)
+        pos = torch.full((B, D + self.branch), -1, dtype=torch.long, device=x.device)
         tok, at = pos.clone(), pos.clone()
         prior, has = loop.kept.get("spec_prior"), loop.kept.get("spec_has")
         busy = torch.bincount(loop.candidates()[0], minlength=B) > 0
@@ -114,13 +121,33 @@ class Speculative(Strategy):
                 for r in rows.unique().tolist():
                     u[rows == r] = noise.uniform(r, int((rows == r).sum()))
             table, starts, _ = per_row_table(order_scores(logp, sampling.order, u), rows, len(sub), float("-inf"))
-            pick = (starts + table.argmax(1))[alive]  # the first of the best: the target's tie rule
+            ranked = table.sort(dim=1, descending=True, stable=True)  # the first of the best: the target's tie rule
+            pick = (starts + ranked.indices[:, 0])[alive]
             r, c, lp = rows[pick], cols[pick], logp[pick]
+            g = None
             if sampling.temperature == 0:
                 t = lp.argmax(-1)
             else:
-                g = torch.stack([noise.gumbel(int(i), (1, lp.shape[-1]))[0] for i in r.tolist()])
-                t = (lp.double() + g).argmax(-1)
+                g = torch.zeros((len(sub), lp.shape[-1]), dtype=torch.float64, device=x.device)
+                for i in r.tolist():
+                    g[i] = noise.gumbel(i, (1, lp.shape[-1]))[0]
+                t = (lp.double() + g[r]).argmax(-1)
+            if j == 0:
+                for a in range(1, min(1 + self.branch, ranked.indices.shape[1])):  # alternatives to the first draft
+                    ok = alive & torch.isfinite(ranked.values[:, a])
+                    k = (starts + ranked.indices[:, a])[ok]
+                    ra, ca, lpa = rows[k], cols[k], logp[k]
+                    ta = lpa.argmax(-1) if g is None else (lpa.double() + g[ra]).argmax(-1)
+                    if loop.stops is not None:
+                        keep = ~torch.isin(ta, loop.stops)
+                        ra, ca, ta = ra[keep], ca[keep], ta[keep]
+                    alt = x[sub[ra]].clone()
+                    alt[torch.arange(len(ra), device=x.device), ca] = ta
+                    owner = sub[ra]
+                    pos[owner, D + a - 1], tok[owner, D + a - 1] = ca, ta
+                    at[owner, D + a - 1] = torch.arange(len(ra), device=x.device) + sum(len(o) for o in owners)
+                    canvases.append(alt)
+                    owners.append(owner)
             if loop.stops is not None:  # a stop token fills the canvas after it: the chain ends before it
                 ok = ~torch.isin(t, loop.stops)
                 alive[r[~ok]] = False
@@ -145,6 +172,8 @@ class Speculative(Strategy):
         state = ctx.hidden.clone()  # per sequence: the base's output of its current (true) state
         last = state.clone()  # the state each sequence's last write was drawn at
         walking = torch.ones(B, dtype=torch.bool, device=ctx.x.device)
+        branched = torch.zeros_like(walking)  # on an alternative first draft: no deeper draft
+        D = self.depth
         for j in range(self.depth + 1):
             rows, cols = ctx.candidates()
             sel = walking[rows]
@@ -158,11 +187,19 @@ class Speculative(Strategy):
             wr, wc = rows[entries], cols[entries]
             last[wr] = state[wr]
             walking = torch.zeros_like(walking)
-            if j < self.depth:
-                walking[wr] = (pos[wr, j] == wc) & (tok[wr, j] == tokens) & (at[wr, j] >= 0)
+            if j < D:
+                walking[wr] = (pos[wr, j] == wc) & (tok[wr, j] == tokens) & (at[wr, j] >= 0) & ~branched[wr]
+                state[walking] = drafted[at[walking, j]]
+            if j == 0 and self.branch:  # the first write equal to an alternative first draft
+                hit = ((pos[wr, D:] == wc[:, None]) & (tok[wr, D:] == tokens[:, None]) & (at[wr, D:] >= 0)
+                       & ~walking[wr, None])
+                on = hit.any(1)
+                if on.any():
+                    hr = wr[on]
+                    state[hr] = drafted[at[hr, D + hit[on].long().argmax(1)]]
+                    walking[hr] = branched[hr] = True
             if not walking.any():
                 break
             loop.stats.drafts_accepted += int(walking.sum())
-            state[walking] = drafted[at[walking, j]]
         loop.kept["spec_prior"] = last
         loop.kept["spec_has"] = torch.ones(B, dtype=torch.bool, device=ctx.x.device)
