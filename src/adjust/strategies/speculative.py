@@ -21,9 +21,6 @@ DRAFTERS = ("sampler", "self")
 class Speculative(Strategy):
     """Lossless: the tokens `exact` writes with the same seed, between 1 and depth + 1 per full pass.
 
-    With a key/value cache (prefix or dual) the drafted rows take their sequence's cache and are computed on the
-    span the canvas is; a pass that refreshes the cache (each block's first) carries no draft.
-
     Rule (coupled draws). A sequence's state is its canvas. After a step, its canvas s0 is not yet computed by the
     base; the drafter proposes the writes w1..wD that the target would make from s0, s1 = s0 + w1, ...: the
     `sampler` drafter by D unrolls of the joint sampler (the first from the base's hidden states of the state the
@@ -40,9 +37,10 @@ class Speculative(Strategy):
     `depth` D: drafts per sequence and step (rows per pass up to D + 1 per sequence). `branch` A (default 0): A
     alternative first drafts per sequence, each one more row: the drafter's next-best positions by the order rule,
     with their tokens from the same coupled noise; when the target's first write equals one, that row serves the
-    next write (and the step ends after it). `drafter`: "sampler" (needs a
-    joint sampler), "self", or None: the sampler when one is given, else self. The first step of a sequence has no
-    draft (no base output to draft from yet).
+    next write (and the step ends after it). `drafter`: "sampler" (needs a joint sampler), "self", or None: the
+    sampler when one is given, else self. The first step of a sequence has no draft (no base output to draft from
+    yet). With a key/value cache (prefix or dual) the drafted rows take their sequence's cache and are computed on
+    the span the canvas is; a pass that refreshes the cache (each block's first) carries no draft.
     """
 
     adaptive = True  # the tokens per pass vary with the drafts accepted
