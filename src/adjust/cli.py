@@ -115,7 +115,9 @@ def cmd_generate(args) -> None:
     prompts = _read_prompts(args)  # bad prompts fail before a model loads
     check_cache(None, args.cache, args.block_length, args.cache_refresh)
     unroll_plan(args.unroll)
-    base, sampler = _load(args, "required" if strategy.uses_sampler else "none")
+    from .strategies import sampler_need
+
+    base, sampler = _load(args, sampler_need(strategy))
     samples, stats = generate_texts(base, prompts, strategy, sampling, gen_length=args.gen_length,
                                     num_samples=args.num_samples, batch_size=args.batch_size,
                                     block_length=args.block_length, seed=args.seed, sampler=sampler,
@@ -881,7 +883,7 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     from .sampling import ORDERS
 
     p.add_argument("--strategy", default="exact", help="exact | parallel | adjust | threshold | factor | "
-                   "entropy-bound | adjust-threshold | threshold-adjust (default: exact)")
+                   "entropy-bound | adjust-threshold | threshold-adjust | speculative (default: exact)")
     p.add_argument("--tokens-per-pass", "-K", type=int, default=None,
                    help="K, tokens unmasked per full pass (default: 1 for exact, 4 otherwise); threshold-adjust: "
                    "its confident tokens (or one), then at most K - 1 sampler unrolls")
@@ -893,6 +895,12 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", type=int, default=None,
                    help="adjust: tokens written at once per draw, the full pass's and each unroll's (default 1; "
                    "K / group draws per full pass; group = K is parallel)")
+    p.add_argument("--depth", type=int, default=None,
+                   help="speculative: drafted states per sequence and full pass (default 4; docs/speculative.md)")
+    p.add_argument("--drafter", default=None, help="speculative: sampler | self, what drafts the states the base "
+                   "verifies (default: sampler when one is given or beside the base, else self)")
+    p.add_argument("--branch", type=int, default=None, help="speculative: alternative first drafts per sequence "
+                   "and pass, the drafter's next-best positions, one row each (default 0)")
     p.add_argument("--sampler", default=None, help="joint sampler directory (default: <base>/sampler)")
     p.add_argument("--gen-length", type=int, default=64, help="tokens to generate per sequence")
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")

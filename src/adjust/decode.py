@@ -98,6 +98,9 @@ class Stats:
     span_seconds: float = 0.0  # time in cached base passes (block, or block and right of it)
     unroll_seconds: float = 0.0  # time in sampler unrolls (with a cache or fast: the step's sampler keys/values included)
     unroll: str = "full"  # how unrolls were computed: "full", "fast" (or a FastUnroll's name)
+    base_rows: int = 0  # canvases (batch rows) the base computed, summed over full passes (with drafted ones)
+    drafts_proposed: int = 0  # speculative: drafted writes the base verified (summed over sequences)
+    drafts_accepted: int = 0  # speculative: of those, the ones equal to the target's own write
 
     @property
     def decoded_tokens(self) -> float:
@@ -108,6 +111,11 @@ class Stats:
     def tokens_per_full_pass(self) -> float:
         """Tokens a sequence decoded per full pass it took part in (the achieved K)."""
         return self.decoded_tokens / max(1, self.row_passes)
+
+    @property
+    def tokens_per_full_pass_with_eos(self) -> float:
+        """As `tokens_per_full_pass`, counting the positions early exit filled with EOS as written."""
+        return self.new_tokens * self.sequences / max(1, self.row_passes)
 
     @property
     def tokens_per_second(self) -> float:
@@ -141,7 +149,7 @@ class Stats:
         return Stats(add("full_passes"), add("row_passes"), add("sampler_passes"), avg(self.new_tokens, other.new_tokens),
                      n, add("seconds"), add("eos_filled"), self.cache, add("refresh_passes"), add("positions"),
                      add("sampler_positions"), add("refresh_seconds"), add("span_seconds"), add("unroll_seconds"),
-                     self.unroll)
+                     self.unroll, add("base_rows"), add("drafts_proposed"), add("drafts_accepted"))
 
     def to_dict(self) -> dict:
         cost = self.unroll_cost
@@ -154,7 +162,10 @@ class Stats:
                 "refresh_passes": self.refresh_passes,
                 "positions_per_full_pass": round(self.positions_per_full_pass, 2),
                 "positions_per_unroll": round(self.positions_per_unroll, 2),
-                "unroll_cost": None if cost is None else round(cost, 4)}
+                "unroll_cost": None if cost is None else round(cost, 4),
+                "base_rows": self.base_rows, "rows_per_full_pass": round(self.base_rows / max(1, self.full_passes), 2),
+                "tokens_per_full_pass_with_eos": round(self.tokens_per_full_pass_with_eos, 4),
+                "drafts_proposed": self.drafts_proposed, "drafts_accepted": self.drafts_accepted}
 
 
 @dataclass
@@ -352,6 +363,8 @@ class _Loop:
         self.cache, self.cache_refresh = cache, cache_refresh
         self._kv, self._hidden, self._since = None, None, 0  # the base's cache, its hidden states, passes since
         self.forced = None  # teacher forcing (Decoding.force): (columns (B, n), tokens (B, n), next index (B,))
+        # per-sequence tensors (batch first) a strategy keeps from one step to the next; joining rows get zeros
+        self.kept: dict[str, torch.Tensor] = {}
         # logprobs (None: off; N >= 0): each written token's log-probability in the distribution it was drawn from
         # (the full pass's or, for ADJUST, the sampler's), and the N most likely tokens there with theirs
         self.logprobs = logprobs
@@ -444,6 +457,7 @@ class _Loop:
                       "top_logp": self.top_logp.new_full((n, *self.top_logp.shape[1:]), float("nan"))}
         for name in self._per_row():
             setattr(self, name, torch.cat([getattr(self, name), fresh[name]]))
+        self.kept = {k: torch.cat([v, v.new_zeros((n, *v.shape[1:]))]) for k, v in self.kept.items()}
         self.rng.add(seeds)
         if self.history is not None:
             self.history += [[] for _ in range(x.shape[0])]
@@ -462,6 +476,7 @@ class _Loop:
             self.history = [self.history[i] for i in idx.tolist()]
         self._kv, self._hidden = _rows_of(self._kv, idx), _rows_of(self._hidden, idx)
         self.forced = _rows_of(self.forced, idx)
+        self.kept = {k: v[idx] for k, v in self.kept.items()}
         self._cand = None
 
     def full_pass(self) -> torch.Tensor:
@@ -472,7 +487,7 @@ class _Loop:
         t0 = self.timer.start()
         if self.cache == "none":
             hidden = self.base.hidden_states(x, mask)
-        elif self._kv is None or (self.cache_refresh is not None and self._since >= self.cache_refresh):
+        elif self.refreshes_next():
             self._hidden, self._kv = self.base.cache_pass(x, mask)
             hidden, self._since = self._hidden, 0
         else:
@@ -489,6 +504,46 @@ class _Loop:
         stats.positions += L
         self.timer.stop("refresh_seconds", t0)
         return hidden
+
+    def refreshes_next(self) -> bool:
+        """Whether the next `full_pass` runs the whole canvas to refresh the key/value cache (False without one)."""
+        return self.cache != "none" and (self._kv is None or (self.cache_refresh is not None
+                                                              and self._since >= self.cache_refresh))
+
+    def full_pass_with(self, extra: torch.Tensor, owners: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`full_pass`, computing in the same base call the canvases `extra` (n, L) as more batch rows, row i a
+        variant of sequence owners[i]'s canvas (it takes that sequence's attention mask and, with a cache, its
+        keys/values): (the canvas's hidden states (B, L, H), theirs (n, L, H)). A row's output does not depend on
+        the batch, so each equals a pass on that canvas alone. With a cache, not on a pass that refreshes it
+        (`refreshes_next`): the extra rows are computed on the same span, keeping their sequence's hidden states
+        elsewhere, as `full_pass` does."""
+        if not len(owners):
+            hidden = self.full_pass()
+            return hidden, hidden[:0]
+        x, mask, L, stats = self.x, self.attention_mask, self.x.shape[1], self.stats
+        B = x.shape[0]
+        rows_mask = None if mask is None else torch.cat([mask, mask[owners]])
+        t0 = self.timer.start()
+        if self.cache == "none":
+            out = self.base.hidden_states(torch.cat([x, extra]), rows_mask)
+            self._since += 1
+            stats.refresh_passes += 1
+            stats.positions += L
+            self.timer.stop("refresh_seconds", t0)
+            return out[:B], out[B:]
+        if self.refreshes_next():
+            raise RuntimeError("extra rows cannot be computed on a pass that refreshes the key/value cache")
+        lo, hi = self.block
+        end = hi if self.cache == "dual" else L
+        idx = torch.cat([torch.arange(B, device=owners.device), owners])
+        span = self.base.span_hidden(torch.cat([x, extra]), rows_mask, _rows_of(self._kv, idx), lo, end)
+        self._hidden[:, lo:end] = span[:B]
+        more = self._hidden[owners].clone()
+        more[:, lo:end] = span[B:]
+        stats.positions += end - lo
+        self.timer.stop("span_seconds", t0)
+        self._since += 1
+        return self._hidden, more
 
     def candidates(self):
         if self._cand is None:
@@ -636,7 +691,7 @@ class Decoding:
             raise AdjustError(f"--tokens-per-pass {strategy.k} is larger than --gen-length {gen_length}")
         if strategy.uses_sampler and sampler is None:
             raise AdjustError(f"strategy {strategy.name!r} needs a joint sampler; pass --sampler DIR")
-        if strategy.uses_sampler:
+        if strategy.uses_sampler or (strategy.takes_sampler and sampler is not None):
             sampler.check_base(base)
             sampler.check_decoding(sampling, block_length if block_length and block_length < gen_length else None)
         self.base, self.strategy, self.sampling, self.sampler = base, strategy, sampling, sampler
@@ -742,8 +797,9 @@ class Decoding:
         rows_before = torch.bincount(loop.candidates()[0], minlength=B)
         before = loop.x.clone() if on_step is not None else None
         unrolls = loop.stats.sampler_passes
-        hidden = loop.full_pass()
+        hidden = self.strategy.full_pass(loop)  # loop.full_pass() but for a strategy that adds rows to the pass
         loop.stats.full_passes += 1
+        loop.stats.base_rows += B
         loop.stats.row_passes += int((rows_before > 0).sum())
         self.strategy.step(StepContext(loop, hidden, self.steps))
         rows_after = torch.bincount(loop.candidates()[0], minlength=B)

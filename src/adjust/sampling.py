@@ -116,6 +116,16 @@ class RowRNG:
         """Keep only the generators of `rows`, in that order (the others' sequences left the batch)."""
         self.gens = [self.gens[r] for r in rows]
 
+    def fork(self, rows: list[int]) -> "RowRNG":
+        """Copies of the generators of `rows` (in that order) at their current state: drawing from the copy gives the
+        draws the originals will give next, and leaves the originals as they are (speculative drafts peek at them)."""
+        out = RowRNG([], self.device)
+        for r in rows:
+            g = torch.Generator(device=self.device)
+            g.set_state(self.gens[r].get_state())
+            out.gens.append(g)
+        return out
+
     def uniform(self, row: int, n: int) -> torch.Tensor:
         return torch.rand(n, generator=self.gens[row], device=self.device, dtype=torch.float64)
 

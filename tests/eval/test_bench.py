@@ -47,6 +47,11 @@ def test_bench_json_structure_and_ratios(capsys, tiny_model_dir):
         assert c["flop_ratio"] == pytest.approx(c["unroll_flops"] / c["full_pass_flops"], rel=1e-3)
     # a sampler strategy with adaptive tokens per pass is skipped with an untrained sampler (if registered)
     assert all(s["strategy"] != "adjust" for s in report["skipped"])
+    # speculative: the self drafter runs (the base verifies drafted rows), the sampler drafter needs a trained one
+    assert any(s["strategy"] == "speculative:depth=4;drafter=sampler" for s in report["skipped"])
+    spec = next(r for r in report["results"] if r["strategy"] == "speculative:depth=4;drafter=self")
+    assert spec["rows_per_full_pass"] > 1 and spec["drafts_proposed"] >= spec["drafts_accepted"]
+    assert spec["full_passes"] <= 8 and rows["exact"]["rows_per_full_pass"] == 2 and rows["exact"]["drafts_proposed"] == 0
 
 
 def test_bench_without_sampler_skips_adjust(capsys, tiny_model_dir):

@@ -271,3 +271,13 @@ def test_cache_reaches_the_decoding_loop():
     want, stats = generate_texts(cached.base, [p], make_strategy("exact"), SamplingConfig(), gen_length=16,
                                  block_length=8, cache="dual")
     assert out == want[0]["text"] and stats.to_dict()["cache"] == "dual"
+
+
+def test_speculative_gives_exact_answers_with_the_sampler_beside_the_base():
+    """model args strategy=speculative,depth=3: exact's text for the same seed; the sampler beside the base drafts."""
+    p = "list: cat dog sun ="
+    spec = AdjustLM(base=str(TASK_BASE), strategy="speculative", depth=3, seed=2)
+    assert spec.sampler is not None  # optional for it: loaded when present
+    (out,) = spec.generate_until([_gen(spec, p, max_gen_toks=16, until=[])])
+    want, _ = generate_texts(spec.base, [p], make_strategy("exact"), SamplingConfig(), gen_length=16, seed=2)
+    assert out == want[0]["text"]

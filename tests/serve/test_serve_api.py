@@ -101,6 +101,20 @@ def test_server_gives_the_cli_tokens(client, capsys):
     assert [c.text for c in r.choices] == cli
 
 
+def test_speculative_request_gives_exact_tokens_in_fewer_passes(client):
+    """strategy "speculative" (its depth and drafter as fields): exact's texts for the same seed, fewer passes."""
+    kw = dict(model="shakespeare-base", prompt=PROMPT, max_tokens=24, seed=5, n=2, temperature=1.0)
+    ex = client.completions.create(**kw, extra_body={"strategy": "exact"})
+    for drafter in ("sampler", "self"):
+        sp = client.completions.create(**kw, extra_body={"strategy": "speculative", "depth": 4, "drafter": drafter})
+        assert [c.text for c in sp.choices] == [c.text for c in ex.choices]
+        st = sp.model_extra["adjust_stats"]
+        assert st["strategy"] == f"speculative(D=4,drafter={drafter})"
+        assert st["full_passes"] < ex.model_extra["adjust_stats"]["full_passes"]
+    with pytest.raises(openai.BadRequestError, match="drafter"):
+        client.completions.create(**kw, extra_body={"strategy": "speculative", "drafter": 3})
+
+
 def test_cache_reaches_the_decoding_loop(client, capsys):
     """The request field cache (with block_length) decodes as `adjust generate --cache` does."""
     from adjust.cli import main

@@ -149,16 +149,21 @@ def task_prompts(base, n=3):
     return [base.encode(e.prompt) for task in T.TASKS for e in T.examples(task, n, seed=1, split="eval")]
 
 
-@pytest.fixture(scope="module")
-def tiny_sampler(tiny_base):
-    """A random JointSampler for the tiny base, weights x10 so unrolls move the distributions."""
+def random_sampler(base):
+    """A random JointSampler for `base`, weights x10 so unrolls move the distributions."""
     torch.manual_seed(3)
-    s = JointSampler(SamplerConfig.for_base(tiny_base)).eval()
+    s = JointSampler(SamplerConfig.for_base(base)).eval()
     with torch.no_grad():
         for p in s.parameters():
             if p.dim() == 2:
                 p.mul_(10)
     return s
+
+
+@pytest.fixture(scope="module")
+def tiny_sampler(tiny_base):
+    """A random JointSampler for the tiny base, weights x10 so unrolls move the distributions."""
+    return random_sampler(tiny_base)
 
 
 def test_k1_is_threshold_on_hand_made_logits(dummy_base):

@@ -57,7 +57,8 @@ ADAPTIVE = ("threshold", "entropy-bound", "adjust-threshold", "threshold-adjust"
 
 
 def default_specs(ks=(2, 4, 8), with_sampler: bool = True, trained_sampler: bool = True) -> tuple[list, list]:
-    """([(name, params)], [skipped]): exact, parallel:K, adjust:K, and the adaptive ones registered."""
+    """([(name, params)], [skipped]): exact, parallel:K, adjust:K, the adaptive ones registered, and speculative at
+    depth 4 with each drafter (the sampler's only with a trained sampler: an untrained one's drafts mean nothing)."""
     from ..strategies import STRATEGIES, strategy_names
 
     names = strategy_names()
@@ -74,6 +75,12 @@ def default_specs(ks=(2, 4, 8), with_sampler: bool = True, trained_sampler: bool
             skipped.append({"strategy": name, "reason": "needs a trained joint sampler"})
         else:
             specs.append((name, {}))
+    if "speculative" in names:
+        specs.append(("speculative", {"depth": 4, "drafter": "self"}))
+        if with_sampler and trained_sampler:
+            specs.append(("speculative", {"depth": 4, "drafter": "sampler"}))
+        else:
+            skipped.append({"strategy": "speculative:depth=4;drafter=sampler", "reason": "needs a trained joint sampler"})
     return specs, skipped
 
 
@@ -308,6 +315,9 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
                 "full_passes": _median([st.full_passes for st in stats]),
                 "sampler_passes": _median([st.sampler_passes for st in stats]),
                 "positions_per_full_pass": round(_median([st.positions_per_full_pass for st in stats]), 2),
+                "rows_per_full_pass": round(_median([st.base_rows / max(1, st.full_passes) for st in stats]), 2),
+                "drafts_proposed": _median([st.drafts_proposed for st in stats]),
+                "drafts_accepted": _median([st.drafts_accepted for st in stats]),
                 "seconds": [round(st.seconds, 5) for st in stats],
             }
             if s.uses_sampler:

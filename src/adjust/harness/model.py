@@ -25,7 +25,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from ..errors import AdjustError
-from ..strategies import INT_PARAMS, STRATEGY_PARAMS
+from ..strategies import INT_PARAMS, STRATEGY_PARAMS, sampler_need
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class AdjustLM(LM):
                          remote_code=_bool("remote_code", a["remote_code"]),
                          sampler=None if a["sampler"] is None else str(a["sampler"]))
         check_cache(None, self.cache, self.block_length, None)  # a bad cache setting fails before loading
-        self.base, self.sampler = load_models(spec, "required" if self.strategy.uses_sampler else "none")
+        self.base, self.sampler = load_models(spec, sampler_need(self.strategy))
         check_cache(self.base, self.cache, self.block_length, None)
         self._device = self.base.device
         if self.chat:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from ..errors import AdjustError
 from ..sampling import SamplingConfig
-from ..strategies import INT_PARAMS, STRATEGY_PARAMS, make_strategy, strategy_names, unused_setting
+from ..strategies import INT_PARAMS, STR_PARAMS, STRATEGY_PARAMS, make_strategy, strategy_names, unused_setting
 from .batching import DecodeSettings
 from .errors import ApiError
 from .limits import Limits
@@ -312,7 +312,7 @@ def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults:
                        "invalid_value")
     params = {}
     for f in STRATEGY_FIELDS:
-        v = get_int(body, f) if f in INT_PARAMS else get_number(body, f)
+        v = get_int(body, f) if f in INT_PARAMS else get_str(body, f) if f in STR_PARAMS else get_number(body, f)
         if v is not None:
             params[f] = v
     if "tokens_per_pass" not in params and defaults.get("tokens_per_pass") and name != "exact":

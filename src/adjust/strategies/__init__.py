@@ -11,8 +11,10 @@ from ..errors import AdjustError
 STRATEGIES: dict[str, type] = {}
 # Every keyword parameter of any strategy, and those that are integers: the one list the command line, the
 # server and the lm-eval model read (each strategy refuses the ones it does not take).
-STRATEGY_PARAMS = ("tokens_per_pass", "tau", "gamma", "factor", "max_tokens_per_pass", "group")
-INT_PARAMS = ("tokens_per_pass", "max_tokens_per_pass", "group")
+STRATEGY_PARAMS = ("tokens_per_pass", "tau", "gamma", "factor", "max_tokens_per_pass", "group", "depth", "drafter",
+                   "branch")
+INT_PARAMS = ("tokens_per_pass", "max_tokens_per_pass", "group", "depth", "branch")
+STR_PARAMS = ("drafter",)  # those that are strings (the others are numbers)
 
 
 def register(name: str):
@@ -29,6 +31,11 @@ class Strategy:
     uses_sampler = False  # True if it needs a trained joint sampler
     adaptive = False  # True if the tokens per full pass vary with the model's confidence
     uses_order = True  # False if it ranks positions by its own rule, never by the order rule (--order)
+    takes_sampler = False  # True if it uses a joint sampler when one is given, and runs without one too
+
+    def full_pass(self, loop):
+        """The step's pass of the base: the canvas's hidden states (B, L, H). A strategy may compute more rows in it."""
+        return loop.full_pass()
 
     def __init__(self, tokens_per_pass: int = 1):
         if not isinstance(tokens_per_pass, int) or tokens_per_pass < 1:
@@ -84,9 +91,15 @@ def unused_setting(strategy: Strategy, spell=cli_flag, *, order: bool = False, u
     if unroll != "full" and not strategy.uses_sampler:
         return "unroll", (f"{spell('unroll')} {unroll} changes ADJUST's sampler unrolls; strategy {strategy.name!r} "
                           "has none")
-    if sampler and not strategy.uses_sampler:
+    if sampler and not (strategy.uses_sampler or strategy.takes_sampler):
         return "sampler", f"strategy {strategy.name!r} uses no joint sampler; drop {spell('sampler')}"
     return None
+
+
+def sampler_need(strategy: Strategy) -> str:
+    """How `loader.load_models` looks for a joint sampler for `strategy`: "required", "optional" (used if one is
+    given or beside the base) or "none"."""
+    return "required" if strategy.uses_sampler else "optional" if strategy.takes_sampler else "none"
 
 
 def make_strategy(name: str, /, **params) -> Strategy:
@@ -95,6 +108,6 @@ def make_strategy(name: str, /, **params) -> Strategy:
 
 
 def strategy_names() -> list[str]:
-    from . import adaptive, adjust, fixed  # noqa: F401
+    from . import adaptive, adjust, fixed, speculative  # noqa: F401
 
     return sorted(STRATEGIES)

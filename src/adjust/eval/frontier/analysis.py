@@ -9,7 +9,9 @@ the fastest ADJUST-family point that dominates it (quality at least as good, tok
 from __future__ import annotations
 
 PEER_FAMILIES = ("parallel", "threshold", "factor", "entropy-bound")
-ADJUST_FAMILIES = ("adjust", "adjust-threshold", "threshold-adjust")
+# speculative is lossless (exact's tokens at fewer passes); with the sampler drafting it is ADJUST's, and its
+# --drafter self points (the base's own marginals, as the lossless peers draft) sit in the same family
+ADJUST_FAMILIES = ("adjust", "adjust-threshold", "threshold-adjust", "speculative")
 ANCHORED = ("parallel", "adjust")  # exact is their K = 1 point
 
 

@@ -84,7 +84,8 @@ def markdown_table(result: dict) -> str:
 
 FAMILY_STYLE = {"exact": ("black", "*"), "parallel": ("tab:gray", "v"), "threshold": ("tab:orange", "s"),
                 "factor": ("tab:brown", "D"), "entropy-bound": ("tab:purple", "P"), "adjust": ("tab:blue", "o"),
-                "adjust-threshold": ("tab:green", "^"), "threshold-adjust": ("tab:red", "X")}
+                "adjust-threshold": ("tab:green", "^"), "threshold-adjust": ("tab:red", "X"),
+                "speculative": ("tab:cyan", "h")}
 
 
 def plot(result: dict, path) -> None:

@@ -36,6 +36,7 @@ import torch
 from ...errors import AdjustError
 from ...provenance import code_version
 from ...sampling import SamplingConfig
+from ...strategies import STR_PARAMS
 from ..bench import _median, interleaved_runs, paired_ratio
 from ..specs import K_ALIASES, _value, build_strategy, spec_key, spec_label
 from .analysis import analyse, side
@@ -51,6 +52,7 @@ DEFAULT_GRIDS: dict[str, str] = {
     "entropy-bound": "entropy-bound:gamma=0.01,0.1,0.5,1,2",
     "adjust-threshold": "adjust-threshold:tau=0.95,0.9,0.8,0.7,0.5;max_tokens_per_pass=8",
     "threshold-adjust": "threshold-adjust:tau=0.9,0.7,0.5;K=2,4",
+    "speculative": "speculative:depth=2,4,8;drafter=sampler,self",  # lossless: exact's tokens, at fewer passes
 }
 QUALITY_MODES = ("auto", "validity", "nll")
 
@@ -76,7 +78,8 @@ def parse_families(text: str | None) -> list[str] | None:
 def parse_grid(text: str) -> tuple[str, list[dict]]:
     """"threshold-adjust:tau=0.9,0.7;K=2,4" -> ("threshold-adjust", [{"tau": 0.9, "tokens_per_pass": 2}, ...]).
 
-    The family is a strategy name; each key takes a comma-separated list of numbers; the points are
+    The family is a strategy name; each key takes a comma-separated list of numbers (of words for a string
+    parameter: speculative's drafter); the points are
     every combination. `K` (or `k`) is tokens_per_pass, as in --strategies specs. Several such sets
     joined by "|" give the union of their points, in order ("adjust:K=2,4|K=8;group=2,4").
     """
@@ -111,7 +114,8 @@ def _grid_points(text: str, family: str, rest: str) -> list[dict]:
         for v in values.split(","):
             v = v.strip()
             x = _value(v)
-            if not v or isinstance(x, str) or not math.isfinite(x):
+            if not v or (isinstance(x, str) and key not in STR_PARAMS) or (not isinstance(x, str)
+                                                                            and not math.isfinite(x)):
                 raise AdjustError(f"--grid {text!r}: {spec_key(key)}={v!r} is not a number")
             if x not in vals:
                 vals.append(x)
@@ -168,6 +172,11 @@ def plan_points(families: list[str] | None = None, grids: list[str] | None = Non
                 raise AdjustError(f"--grid point {label}: {e}") from None
             except AdjustError as e:
                 raise AdjustError(f"grid point {label}: {e}") from None
+            if strategy.uses_sampler and not with_sampler:  # a point whose parameters ask for the sampler
+                if family in overrides:
+                    raise AdjustError(f"grid point {label} needs a joint sampler; pass --sampler DIR")
+                notes.append(f"skipped {label}: needs a joint sampler (--sampler)")
+                continue
             if gen_length is not None and not strategy.adaptive and strategy.k > gen_length:
                 if family in overrides:
                     raise AdjustError(f"grid point {label}: K = {strategy.k} is larger than --gen-length {gen_length}")
