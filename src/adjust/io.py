@@ -48,16 +48,21 @@ def _fsync_tree(root: Path) -> None:
 
 
 # how a full disk or a file-size limit (ulimit -f) shows through libraries that hide the OSError
-_FULL = {"unexpected pos": errno.ENOSPC, "file write failed": errno.ENOSPC, "code: 28": errno.ENOSPC,
-         "code: 27": errno.EFBIG, "code: 122": errno.EDQUOT}
+# (torch.save's PytorchStreamWriter does not say which: -1)
+_FULL = {"unexpected pos": -1, "file write failed": -1, "os error 28": errno.ENOSPC,
+         "os error 27": errno.EFBIG, "os error 122": errno.EDQUOT}
 
 
 def disk_full_message(err: int, path) -> str | None:
-    """The one line for a write that failed for lack of room, or None for another errno."""
+    """The one line for a write that failed for lack of room (errno ENOSPC, EDQUOT, EFBIG, or -1: one of them),
+    or None for another errno."""
     if err in (errno.ENOSPC, errno.EDQUOT):
         return f"no space left on device writing {path}; free some space and rerun the same command"
     if err == errno.EFBIG:
         return f"file too large writing {path} (a file-size limit, see ulimit -f); raise it and rerun the same command"
+    if err == -1:  # one of the two
+        return (f"no space left on device or a file-size limit reached writing {path}; free some space (or raise "
+                "ulimit -f) and rerun the same command")
     return None
 
 
@@ -74,8 +79,8 @@ def _write_errors(path: Path) -> Iterator[None]:
             raise
         raise AdjustError(message) from None
     except Exception as e:  # torch.save (PytorchStreamWriter) and safetensors report it in their own words
-        err = next((n for key, n in _FULL.items() if key in str(e)), None)
-        if err is None or isinstance(e, AdjustError):
+        err = next((n for key, n in _FULL.items() if key in str(e)), 0)
+        if err == 0 or isinstance(e, AdjustError):
             raise
         raise AdjustError(disk_full_message(err, path)) from None
 

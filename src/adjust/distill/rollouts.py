@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from ..batching import group_by_length
 from ..decode import check_request, generate
 from ..errors import AdjustError
-from ..io import (changed_settings, check_digest, check_output_dir, load_weights, read_json, save_tensors, sealed,
-                  write_json)
+from ..io import (changed_settings, check_digest, check_output_dir, content_digest, load_weights, read_json,
+                  save_tensors, sealed, write_json)
 from ..lock import output_lock
 from ..sampling import SamplingConfig
 from ..strategies import make_strategy
@@ -82,7 +82,20 @@ def shard_name(lo: int, hi: int) -> str:
 # what each recorded setting is called on the command line (for "made with other settings")
 SETTING_FLAGS = {"base": "--base", "gen_length": "--gen-length", "seed": "--seed", "shard_size": "--shard-size",
                  "sampling": "--order/--temperature/--top-p/--top-k", "prompts": "--prompt/--prompts",
-                 "dtype": "--dtype"}
+                 "dtype": "--dtype", "base_digest": "--base (its weights or config.json changed)"}
+
+
+def base_digest(base) -> str:
+    """The digest of a base's weights (at its loaded dtype) and configuration: a resumed set refuses a base
+    whose weights or config.json changed since (the embedding fingerprint sees only a slice)."""
+    from dataclasses import asdict, is_dataclass
+
+    cfg = getattr(base, "cfg", None)
+    cfg = asdict(cfg) if is_dataclass(cfg) else getattr(getattr(getattr(base, "model", None), "config", None),
+                                                         "to_dict", dict)()
+    cfg = {k: v for k, v in sorted(cfg.items()) if not k.startswith("_")  # where it was loaded from, and when
+           and k not in ("name_or_path", "torch_dtype", "dtype", "transformers_version")}
+    return content_digest({"config": repr(cfg), "weights": base.state_dict()})[:32]
 
 
 def _check_meta(meta: dict, path: Path) -> dict:
@@ -231,7 +244,7 @@ def make_rollouts(base, out: str | Path, num_samples: int, gen_length: int, samp
     check_request(base, prompt_ids, gen_length, None)  # every setting is checked before anything is written
     meta = {"base": base.identity(), "gen_length": gen_length, "seed": seed, "num_samples": num_samples,
             "sampling": sampling.__dict__, "prompts": prompt_ids, "shard_size": shard_size,
-            "dtype": str(base.dtype).removeprefix("torch.")}
+            "dtype": str(base.dtype).removeprefix("torch."), "base_digest": base_digest(base)}
     ranges = shard_ranges(num_samples, shard_size)
     wait = barrier or (lambda: None)
     with output_lock(out, take=rank == 0):
@@ -264,7 +277,8 @@ def _check_rerun(out: Path, meta: dict) -> None:
     """Refuse a rerun into `out` with other settings or fewer samples; a new set's metadata is written now."""
     if (out / META).is_file():
         old = read_meta(out)
-        recorded = {"dtype": meta["dtype"], **old}  # sets from before --dtype was recorded: not compared
+        # sets from before --dtype and the base's digest were recorded: those are not compared
+        recorded = {"dtype": meta["dtype"], "base_digest": meta["base_digest"], **old}
         changed = changed_settings(recorded, meta, ignore=("num_samples",))
         if changed:
             raise AdjustError(f"{out} holds rollouts made with other settings "
