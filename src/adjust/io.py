@@ -247,12 +247,12 @@ def sealed(obj: dict) -> dict:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict) -> None:
-    """A safetensors file written atomically, with the digest of its tensors in its header's metadata."""
+    """A safetensors file written atomically, with the digest of its tensors in its header's metadata (its one
+    entry: safetensors writes several in a random order, and the same content must give the same bytes)."""
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", DIGEST_KEY: content_digest(
-            {k: tensors[k] for k in sorted(tensors)})})
+        save_file(tensors, str(tmp), metadata={DIGEST_KEY: content_digest({k: tensors[k] for k in sorted(tensors)})})
 
 
 def load_weights(path: str | os.PathLike, what: str = "weights", remedy: str = "delete it and rerun") -> dict:

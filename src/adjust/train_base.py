@@ -233,7 +233,7 @@ def _train_base(data, out: Path, cfg: TrainConfig, model_cfg, tokenizer_dir, nam
 
     base = TinyBase(model_cfg, tokenizer, name=name or out.name)
     opt = torch.optim.AdamW(base.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    step, elapsed, history = 0, 0.0, []
+    step, elapsed, history, loss_ema = 0, 0.0, [], None
     data_sha = _sha256(Path(data))
     settings = {**asdict(cfg), "data_sha256": data_sha, "schedule_steps": cfg.steps,
                 "vocab_size": None if tokenizer_dir is not None else requested_vocab}
@@ -262,6 +262,7 @@ def _train_base(data, out: Path, cfg: TrainConfig, model_cfg, tokenizer_dir, nam
         load_state(base.model, state["model"], state_path, "model weights")
         opt.load_state_dict(state["optimizer"])
         step, elapsed, history = state["step"], state["elapsed"], state["history"]
+        loss_ema = state.get("loss_ema")  # the logged train_loss goes on as in an uninterrupted run
         print(f"resuming from step {step} in {out}", file=sys.stderr)
 
     val_g_seed = cfg.seed + 1
@@ -278,7 +279,7 @@ def _train_base(data, out: Path, cfg: TrainConfig, model_cfg, tokenizer_dir, nam
         # the resume state first (the truth); a resume rewrites the model files from it (`export`)
         save_state(state_path, {"model": base.model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                 "elapsed": elapsed, "history": history, "model_config": asdict(model_cfg),
-                                "settings": settings})
+                                "settings": settings, "loss_ema": loss_ema})
         export(val_loss)
 
     def export(val_loss: float | None):
@@ -290,7 +291,6 @@ def _train_base(data, out: Path, cfg: TrainConfig, model_cfg, tokenizer_dir, nam
 
     base.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="train-base", disable=not progress, dynamic_ncols=True)
-    loss_ema = None
     t0 = time.time() - elapsed
     plan = schedule(cfg, settings["schedule_steps"])
     while step < cfg.steps:
@@ -315,7 +315,7 @@ def _train_base(data, out: Path, cfg: TrainConfig, model_cfg, tokenizer_dir, nam
             history.append({"step": step, "train_loss": round(loss_ema, 4), "val_loss": round(val, 4),
                             "elapsed_s": round(elapsed, 1)})
             bar.write(json.dumps(history[-1]), file=sys.stderr)
-            checkpoint(val)
+            checkpoint(history[-1]["val_loss"])  # rounded, as a resume re-exports it
     bar.close()
     final = history[-1] if history else {"step": step}
     return {**final, "params": sum(p.numel() for p in base.parameters()), "train_tokens": n_train_tokens,
