@@ -26,14 +26,14 @@ import tempfile
 import time
 from pathlib import Path
 
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog. The dog sleeps in the sun all day long.",
-    "A cat sat on the mat and looked at the bird in the tree. The bird sang a short song.",
-    "Once upon a time there was a little house by the river, and in the house lived an old man.",
-    "She walked to the market in the morning to buy bread, milk, apples and a small basket of eggs.",
-    "It was a dark and stormy night; the rain fell in torrents, and the wind blew hard over the hills.",
-    "We hold these truths to be plain: that rivers run to the sea and that the sea is never full.",
-] * 8
+def corpus(n: int = 48, seed: int = 0) -> str:
+    """A small made-up text (no download): sentences of common words from a seeded draw."""
+    words = ("the a river house market dog cat bird sun rain wind hill man woman child bread milk song "
+             "walks sleeps sings runs looks buys sees finds holds over under by in to and with at").split()
+    rng = random.Random(seed)
+    return "\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(12, 24))).capitalize() + "."
+                     for _ in range(n))
+
 
 SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
 EXPECTED_RC = {signal.SIGKILL: -9, signal.SIGTERM: 143, signal.SIGINT: 130}
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     work = Path(args.work or tempfile.mkdtemp(prefix="fault-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
-    (work / "data.txt").write_text("\n".join(CORPUS))
+    (work / "data.txt").write_text(corpus())
     src = Path(__file__).resolve().parents[1] / "src"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))}

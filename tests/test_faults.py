@@ -30,7 +30,7 @@ from adjust.lock import LOCK_FILE, acquire, release
 from adjust.train_base import STATE_FILE, TrainConfig, train_base
 
 from conftest import CORPUS
-from test_cli import cli
+from test_cli import assert_one_error_line, cli
 
 G = 8
 ROLL = ["--gen-length", G, "--shard-size", 4, "--batch-size", 4, "--seed", 1, "--quiet"]
@@ -55,12 +55,11 @@ def wait_for(check, proc: subprocess.Popen, what: str, timeout: float = 60.0) ->
 
 
 def one_error(rc, err, *words) -> str:
+    """The one `adjust: error:` line (exit 2), holding every one of `words`."""
     assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("adjust: error:"), err
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
+    assert_one_error_line(rc, err)
+    assert all(w in err for w in words), (words, err)
+    return err.strip()
 
 
 def rollouts(capsys, base_dir, out, n, *extra):
