@@ -100,9 +100,9 @@ def tree(d: Path) -> dict[str, str]:
             for p in sorted(d.rglob("*")) if p.is_file() and p.name != ".adjust.lock"}
 
 
-def interrupted(argv: list[str], env: dict, rng: random.Random, max_delay: float) -> dict:
-    """Start `argv`, send a random signal after a random delay; returns what happened."""
-    name = rng.choice(list(SIGNALS))
+def interrupted(argv: list[str], env: dict, rng: random.Random, max_delay: float, signals: list[str]) -> dict:
+    """Start `argv`, send a random one of `signals` after a random delay; returns what happened."""
+    name = rng.choice(signals)
     delay = rng.uniform(0.2, max_delay)  # (a signal before Python has started is Python's, not ours)
     proc = subprocess.Popen([sys.executable, "-m", "adjust.cli", *argv], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -113,7 +113,7 @@ def interrupted(argv: list[str], env: dict, rng: random.Random, max_delay: float
     out, err = proc.communicate(timeout=300)
     # a signal that lands after the command finished its work (during the interpreter's shutdown, which
     # restores the default handlers) kills it silently: fine, its output is complete
-    finished = proc.returncode == -SIGNALS[name] and out.strip()
+    finished = proc.returncode == -SIGNALS[name] and bool(out.strip())
     ok = (proc.returncode in (0, EXPECTED_RC[SIGNALS[name]]) or finished) and "Traceback" not in err
     return {"signal": name, "after_s": round(delay, 2), "rc": proc.returncode, "ok": ok,
             **({} if ok else {"stderr": err[-1500:]})}
@@ -125,6 +125,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=None, help="working directory (default: a temporary one, removed)")
     p.add_argument("--stages", default="train-base,rollouts,distill")
+    p.add_argument("--signals", default="kill,term,int", help="the signals to draw from (default kill,term,int)")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
     work = Path(args.work or tempfile.mkdtemp(prefix="fault-sweep-"))
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
         events, reruns = [], 0
         out = work / "runs" / stage
         for _ in range(args.kills):
-            events.append(interrupted(fill(out), env, rng, max_delay=straight * 1.1))
+            events.append(interrupted(fill(out), env, rng, max_delay=straight * 1.1, signals=args.signals.split(",")))
         while True:  # the same command until it finishes
             reruns += 1
             final = run(fill(out), env)

@@ -918,8 +918,14 @@ class Terminated(BaseException):
     """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt (atomic writes clean up)."""
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated
+_signalled: list[int] = []  # the signals this process got (a library may wrap the exception one raised)
+
+
+def _on_signal(signum, frame):
+    import signal
+
+    _signalled.append(signum)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def _quiet_exit(code: int, message: str | None) -> int:
@@ -942,24 +948,37 @@ def main(argv=None) -> int:
     """Run one command: exit 0; 2 with one `adjust: error:` line for bad input, a full disk or a file-size
     limit; 130 on Ctrl-C and 143 on SIGTERM (one line each, at any moment after start-up); 141, silently,
     when stdout is a pipe that closed (`adjust generate | head`)."""
+    import os
     import signal
     import threading
 
-    from .errors import AdjustError
-
     handlers = None
+    _signalled.clear()
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        for sig in handlers:
+            signal.signal(sig, _on_signal)
     try:
-        return _main(argv)
+        code = _main(argv)
     finally:
         if handlers and argv is not None:  # called from Python (tests): leave the handlers as they were
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+    if argv is None and code in (130, 143):
+        # the program was stopped: its files are cleaned up; skip the interpreter's shutdown, which an
+        # interrupted import can turn into a second report (CPython re-raises SIGINT it saw in C code)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    return code
 
 
 def _main(argv) -> int:
+    import signal
+
     from .errors import AdjustError
 
     try:
@@ -973,25 +992,26 @@ def _main(argv) -> int:
         args = parser.parse_args(argv)
         args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
-    except AdjustError as e:
-        _close_progress_bars()  # the message gets a line of its own, not the end of a bar's
-        print(f"adjust: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        from .io import disk_full_message
-
+    except (Exception, KeyboardInterrupt, Terminated) as e:
+        # a signal first: an import interrupted by Ctrl-C may turn the KeyboardInterrupt into another error
+        if _signalled or isinstance(e, (KeyboardInterrupt, Terminated)):
+            term = (_signalled[0] if _signalled else None) == signal.SIGTERM or isinstance(e, Terminated)
+            return _quiet_exit(143, "adjust: terminated") if term else _quiet_exit(130, "adjust: interrupted")
+        if isinstance(e, AdjustError):
+            _close_progress_bars()  # the message gets a line of its own, not the end of a bar's
+            print(f"adjust: error: {e}", file=sys.stderr)
+            return 2
         if isinstance(e, BrokenPipeError):
             return _quiet_exit(141, None)
-        message = disk_full_message(e.errno, e.filename or "a file")
-        if message is None:
-            raise
-        _close_progress_bars()
-        print(f"adjust: error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return _quiet_exit(130, "adjust: interrupted")
-    except Terminated:
-        return _quiet_exit(143, "adjust: terminated")
+        if isinstance(e, OSError):
+            from .io import disk_full_message
+
+            message = disk_full_message(e.errno, e.filename or "a file")
+            if message is not None:
+                _close_progress_bars()
+                print(f"adjust: error: {message}", file=sys.stderr)
+                return 2
+        raise
     return 0
 
 

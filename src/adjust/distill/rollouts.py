@@ -133,8 +133,8 @@ def shard_range(name: str) -> tuple[int, int] | None:
 
 def read_shard(shard: Path, G: int) -> dict:
     """One shard's index, tokens and order, checked: its checksum, its tensors' shapes, every order row a
-    permutation of 0..G-1, and (for a file named by its range) that it holds exactly the samples of its range.
-    Every failure is one AdjustError naming the shard."""
+    permutation of 0..G-1 (whether it holds the samples its name says is the caller's check). Every failure
+    is one AdjustError naming the shard and what to do."""
     part = load_weights(shard, "rollout shard", SHARD_REMEDY)
     if set(part) != {"index", "tokens", "order"}:
         raise AdjustError(f"corrupt rollout shard {shard}: holds {sorted(part)}, not index, tokens, order; "
