@@ -1,8 +1,9 @@
 """One writer per output directory, and no writer outliving its launcher.
 
 `output_lock(out)` holds an advisory lock (fcntl.flock) on `out/.adjust.lock` for the duration of
-a run; the file holds the holder's PID. The operating system releases the lock when the holder
-dies, however it dies (kill -9 included), so a stale lock file never blocks a rerun. A second
+a run; the file holds the holder's PID, and is removed when the run ends. The operating system
+releases the lock when the holder dies, however it dies (kill -9 included), so the stale lock
+file a killed run leaves never blocks a rerun. A second
 writer gets one line naming the holder's PID. Locks are counted per process: the CLI takes the
 lock before loading anything, the library function it calls takes it again at no cost.
 
@@ -91,14 +92,13 @@ def release(out: str | os.PathLike) -> None:
     if entry[1] == 0:
         del _held[key]
         fd, _, path, created = entry
-        if created and {p.name for p in path.iterdir()} == {LOCK_FILE}:
-            # a run that failed before writing anything leaves no directory behind
-            try:
-                os.unlink(path / LOCK_FILE)
-                for d in created:  # the directory, then the parents made for it
+        try:  # removed while still held: a process that opened it meanwhile sees it is gone and retries
+            os.unlink(path / LOCK_FILE)
+            if created and not any(path.iterdir()):  # a run that failed before writing anything leaves no
+                for d in created:  # directory behind (nor the parents made for it)
                     d.rmdir()
-            except OSError:
-                pass
+        except OSError:
+            pass
         os.close(fd)  # closing the descriptor releases the flock
 
 
@@ -119,7 +119,9 @@ def clean_temporaries(out: Path) -> list[str]:
     """Remove what interrupted atomic writes left in `out` (call only holding its lock); returns the names."""
     gone = []
     for p in out.iterdir():
-        if p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
+        # a `.NAME.old` directory is the previous NAME while `atomic_dir` swaps it: removed only once NAME is back
+        old = p.name.startswith(".") and p.name.endswith(".old") and (out / p.name[1:-4]).exists()
+        if p.name.startswith(".") and (p.name.endswith(".tmp") or old):
             try:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
                 gone.append(p.name)
