@@ -166,7 +166,9 @@ def main(argv=None) -> int:
                           "identical": same, "differ": differ, "temporaries_left": left, "bad_interruptions": bad[:5],
                           "final_rc": final.returncode, **({} if final.returncode == 0 else
                                                            {"stderr": final.stderr[-1500:]}),
-                          "signals": {s: sum(e["signal"] == s for e in events) for s in SIGNALS}}), flush=True)
+                          "signals": {s: sum(e["signal"] == s for e in events) for s in SIGNALS},
+                          "exit_codes": {str(rc): sum(e["rc"] == rc for e in events)
+                                         for rc in sorted({e["rc"] for e in events})}}), flush=True)
         shutil.rmtree(out, ignore_errors=True)
     print(json.dumps({"failures": failures}))
     if args.work is None:

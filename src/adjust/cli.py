@@ -964,6 +964,9 @@ def main(argv=None) -> int:
         if handlers and argv is not None:  # called from Python (tests): leave the handlers as they were
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+    if argv is None and handlers:  # the work is done and reported: a late signal does not change the outcome
+        for sig in handlers:
+            signal.signal(sig, signal.SIG_IGN)
     if argv is None and code in (130, 143):
         # the program was stopped: its files are cleaned up; skip the interpreter's shutdown, which an
         # interrupted import can turn into a second report (CPython re-raises SIGINT it saw in C code)
