@@ -73,3 +73,14 @@ def test_train_default_smoke_rebuilds_and_compares(tmp_path):
     assert lines[-1].startswith("sampler: weights differ") and "val_kl" in lines[-1]
     assert (repo / "runs/shakespeare-smoke/base/sampler/model.safetensors").is_file()
     assert {p: p.read_bytes() for p in (repo / "models").rglob("*") if p.is_file()} == shipped
+
+
+@pytest.mark.slow
+def test_fault_sweep_smoke():
+    """scripts/fault_sweep.py with one interruption per stage: every output equals the uninterrupted run's."""
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "fault_sweep.py"), "--kills", "1"], capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["stage"] for r in lines[:-1]] == ["train-base", "rollouts", "distill"]
+    assert all(r["identical"] and not r["temporaries_left"] for r in lines[:-1]) and lines[-1] == {"failures": 0}

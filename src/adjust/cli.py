@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .lock import output_lock  # the standard library only: `adjust --help` stays fast
+
 
 def _add_base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None, help="base model directory (default: the shipped models/shakespeare-base)")
@@ -192,26 +194,25 @@ def cmd_rollouts(args) -> None:
     if state is not None and args.device != "cpu":
         args.device = str(state.device)
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
-    base = _load_base(args)
-    prompts = _read_prompts(args) if (args.prompt or args.prompts) else None
-    out = make_rollouts(base, args.out, args.num_samples, args.gen_length, _sampling_from_args(args), prompts,
-                        seed=args.seed, batch_size=args.batch_size, shard_size=args.shard_size,
-                        progress=not args.quiet and rank == 0, rank=rank, world=world)
-    if state is not None:
-        state.wait_for_everyone()  # every process has written its shards
-        if not state.is_main_process:
+    with output_lock(args.out, take=rank == 0):  # one run per --out, before the base loads
+        base = _load_base(args)
+        prompts = _read_prompts(args) if (args.prompt or args.prompts) else None
+        out = make_rollouts(base, args.out, args.num_samples, args.gen_length, _sampling_from_args(args), prompts,
+                            seed=args.seed, batch_size=args.batch_size, shard_size=args.shard_size,
+                            progress=not args.quiet and rank == 0, rank=rank, world=world,
+                            barrier=state.wait_for_everyone if state is not None else None)
+        if rank != 0:
             return
-    check_complete(out, args.num_samples)  # one process or several: the set holds each sample exactly once
+        check_complete(out, args.num_samples)  # one process or several: the set holds each sample exactly once
     print(f"rollouts in {out}")
 
 
 def cmd_distill(args) -> None:
-    from .distill.rollouts import load_rollouts
-    from .distill.train import DistillConfig, distill
+    from .distill.train import DistillConfig
     from .io import check_output_dir
 
     check_output_dir(args.out)
-    from .sampler import SAMPLER_ARCHS, SamplerConfig
+    from .sampler import SAMPLER_ARCHS
 
     if args.sampler_arch not in SAMPLER_ARCHS:
         raise_bad(f"unknown --sampler-arch {args.sampler_arch!r}; choose one of {', '.join(SAMPLER_ARCHS)}")
@@ -222,8 +223,18 @@ def cmd_distill(args) -> None:
     _at_least_one({"--steps": cfg.steps, "--batch-size": cfg.batch_size, "--eval-every": cfg.eval_every})
     if not cfg.lr > 0:
         raise_bad(f"--lr must be positive, got {cfg.lr}")
+    state = _launched_state()
+    with output_lock(args.out, take=state is None or state.is_main_process):  # one run per --out, before loading
+        _distill_launched(args, cfg, state)
+
+
+def _distill_launched(args, cfg, state) -> None:
+    from .distill.rollouts import load_rollouts
+    from .distill.train import distill
+    from .sampler import SamplerConfig
+
     accelerator = None
-    if _launched_state() is not None:  # DDP over the processes for the sampler
+    if state is not None:  # DDP over the processes for the sampler
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=_accelerate_cpu())
@@ -923,20 +934,107 @@ def _close_progress_bars() -> None:
     sys.stderr.flush()
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt (atomic writes clean up)."""
+
+
+_signalled: list[int] = []  # the signals this process got (a library may wrap the exception one raised)
+
+
+def _on_signal(signum, frame):
+    import signal
+
+    _signalled.append(signum)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+def _quiet_exit(code: int, message: str | None) -> int:
+    """End after a signal or a closed pipe: further signals are ignored, one line (if any), `code`."""
+    import os
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    if message:
+        _close_progress_bars()
+        print(message, file=sys.stderr)
+    if code == 141:  # stdout is a closed pipe: point it at /dev/null so the interpreter's last flush is quiet
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return code
+
+
 def main(argv=None) -> int:
+    """Run one command: exit 0; 2 with one `adjust: error:` line for bad input, a full disk or a file-size
+    limit; 130 on Ctrl-C and 143 on SIGTERM (one line each, at any moment after start-up); 141, silently,
+    when stdout is a pipe that closed (`adjust generate | head`)."""
+    import os
+    import signal
+    import threading
+
+    handlers = None
+    _signalled.clear()
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in handlers:
+            signal.signal(sig, _on_signal)
+    try:
+        code = _main(argv)
+    finally:
+        if handlers and argv is not None:  # called from Python (tests): leave the handlers as they were
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+    if argv is None and handlers:  # the work is done and reported: a late signal does not change the outcome
+        for sig in handlers:
+            signal.signal(sig, signal.SIG_IGN)
+    if argv is None and code in (130, 143):
+        # the program was stopped: its files are cleaned up; skip the interpreter's shutdown, which an
+        # interrupted import can turn into a second report (CPython re-raises SIGINT it saw in C code)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    return code
+
+
+def _main(argv) -> int:
+    import signal
+
     from .errors import AdjustError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        import os
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a process of `accelerate launch`: not its orphan
+            from .lock import die_with_parent
+
+            die_with_parent()
+        parser = build_parser()
+        args = parser.parse_args(argv)
         args.func(args)
-    except AdjustError as e:
-        _close_progress_bars()  # the message gets a line of its own, not the end of a bar's
-        print(f"adjust: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("adjust: interrupted", file=sys.stderr)
-        return 130
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+    except (Exception, KeyboardInterrupt, Terminated) as e:
+        # a signal first: an import interrupted by Ctrl-C may turn the KeyboardInterrupt into another error
+        if _signalled or isinstance(e, (KeyboardInterrupt, Terminated)):
+            term = (_signalled[0] if _signalled else None) == signal.SIGTERM or isinstance(e, Terminated)
+            return _quiet_exit(143, "adjust: terminated") if term else _quiet_exit(130, "adjust: interrupted")
+        if isinstance(e, AdjustError):
+            _close_progress_bars()  # the message gets a line of its own, not the end of a bar's
+            print(f"adjust: error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, BrokenPipeError):
+            return _quiet_exit(141, None)
+        if isinstance(e, OSError):
+            from .io import disk_full_message
+
+            message = disk_full_message(e.errno, e.filename or "a file")
+            if message is not None:
+                _close_progress_bars()
+                print(f"adjust: error: {message}", file=sys.stderr)
+                return 2
+        raise
     return 0
 
 

@@ -7,6 +7,8 @@ either the old or the new content, never an empty or partial file.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -45,6 +47,44 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(dirpath)
 
 
+# how a full disk or a file-size limit (ulimit -f) shows through libraries that hide the OSError
+# (torch.save's PytorchStreamWriter does not say which: -1)
+_FULL = {"unexpected pos": -1, "file write failed": -1, "os error 28": errno.ENOSPC,
+         "os error 27": errno.EFBIG, "os error 122": errno.EDQUOT}
+
+
+def disk_full_message(err: int, path) -> str | None:
+    """The one line for a write that failed for lack of room (errno ENOSPC, EDQUOT, EFBIG, or -1: one of them),
+    or None for another errno."""
+    if err in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on device writing {path}; free some space and rerun the same command"
+    if err == errno.EFBIG:
+        return f"file too large writing {path} (a file-size limit, see ulimit -f); raise it and rerun the same command"
+    if err == -1:  # one of the two
+        return (f"no space left on device or a file-size limit reached writing {path}; free some space (or raise "
+                "ulimit -f) and rerun the same command")
+    return None
+
+
+@contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """A full disk or a file-size limit while writing `path`: one AdjustError naming it (not a traceback)."""
+    from .errors import AdjustError
+
+    try:
+        yield
+    except OSError as e:
+        message = disk_full_message(e.errno, path)
+        if message is None:
+            raise
+        raise AdjustError(message) from None
+    except Exception as e:  # torch.save (PytorchStreamWriter) and safetensors report it in their own words
+        err = next((n for key, n in _FULL.items() if key in str(e)), 0)
+        if err == 0 or isinstance(e, AdjustError):
+            raise
+        raise AdjustError(disk_full_message(err, path)) from None
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
@@ -53,13 +93,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
-        _fsync_file(tmp)  # the data is on disk before the rename makes it visible
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)  # and the rename itself is on disk
+        with _write_errors(path):
+            yield Path(tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
+            _fsync_file(tmp)  # the data is on disk before the rename makes it visible
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)  # and the rename itself is on disk
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -154,19 +195,86 @@ def config_from_json(cls, raw: dict, path, what: str):
     return cls(**{n: raw[n] for n in fields if n in raw})
 
 
-def load_weights(path: str | os.PathLike, what: str = "weights") -> dict:
-    """A safetensors state dict, or one clear error if the file is missing, unreadable or corrupt."""
+DIGEST_KEY = "adjust_sha256"  # where a state, a tensor file or a JSON record keeps the checksum of its content
+
+
+def content_digest(obj) -> str:
+    """sha256 of a state's content: tensors (dtype, shape, bytes), numbers, strings, None, and lists, tuples
+    and dicts of them, walked in order. Computed from what was written and from what was read back, it
+    catches any change a load does not (a flipped byte in a weight, an edited field)."""
+    import torch
+
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}".encode())
+            for k, v in x.items():
+                walk(k)
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                walk(v)
+        else:
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def check_digest(obj: dict, path, what: str, remedy: str) -> dict:
+    """`obj` without its recorded digest, after checking it (an object written before digests were recorded
+    has none and is taken as it is); a mismatch is one AdjustError naming the file and `remedy`."""
+    from .errors import AdjustError
+
+    if DIGEST_KEY not in obj:
+        return obj
+    rest = {k: v for k, v in obj.items() if k != DIGEST_KEY}
+    if content_digest(rest) != obj[DIGEST_KEY]:
+        raise AdjustError(f"{what} {path} fails its checksum (the file was damaged or edited); {remedy}")
+    return rest
+
+
+def sealed(obj: dict) -> dict:
+    """`obj` with the digest of its content recorded in it (see `check_digest`)."""
+    rest = {k: v for k, v in obj.items() if k != DIGEST_KEY}
+    return {**rest, DIGEST_KEY: content_digest(rest)}
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict) -> None:
+    """A safetensors file written atomically, with the digest of its tensors in its header's metadata (its one
+    entry: safetensors writes several in a random order, and the same content must give the same bytes)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={DIGEST_KEY: content_digest({k: tensors[k] for k in sorted(tensors)})})
+
+
+def load_weights(path: str | os.PathLike, what: str = "weights", remedy: str = "delete it and rerun") -> dict:
+    """A safetensors state dict, or one clear error if the file is missing, unreadable, corrupt or fails the
+    checksum `save_tensors` recorded (`remedy` says what to do then)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from .errors import AdjustError
 
     path = readable_file(path, what)
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            recorded = (f.metadata() or {}).get(DIGEST_KEY)
     except OSError as e:
         raise AdjustError(f"cannot read {what} {path}: {e.strerror or e}") from None
     except Exception as e:  # safetensors raises its own (non-exported) error type on corrupt files
-        raise AdjustError(f"corrupt {what} file {path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        raise AdjustError(f"corrupt {what} file {path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}; {remedy}") from None
+    if recorded is not None and content_digest({k: tensors[k] for k in sorted(tensors)}) != recorded:
+        raise AdjustError(f"{what} {path} fails its checksum (the file was damaged); {remedy}")
+    return tensors
 
 
 def _names(names: list[str], most: int = 4) -> str:
@@ -210,11 +318,12 @@ def check_output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
 
 
 def save_state(path: str | os.PathLike, state: dict) -> None:
-    """A resume state (tensors, numbers, strings, lists and dicts of them), written atomically."""
+    """A resume state (tensors, numbers, strings, lists and dicts of them), written atomically with the digest
+    of its content (checked by `load_state_file`)."""
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        torch.save(sealed(state), tmp)
 
 
 def load_state_file(path: str | os.PathLike, what: str, keys: tuple = ()) -> dict:
@@ -232,6 +341,8 @@ def load_state_file(path: str | os.PathLike, what: str, keys: tuple = ()) -> dic
     except Exception as e:  # a truncated or foreign file: PytorchStreamReader / UnpicklingError / EOFError ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AdjustError(f"corrupt {what} {path} ({first}); delete it to start over") from None
+    if isinstance(state, dict):
+        state = check_digest(state, path, what, "delete it to start over")
     missing = [k for k in keys if not isinstance(state, dict) or k not in state]
     if missing:
         raise AdjustError(f"{what} {path} lacks {', '.join(missing)} (written by another version of adjust, or "

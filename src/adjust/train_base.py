@@ -33,6 +33,7 @@ from .base.tiny import EOS, MASK, PAD, SPECIAL_TOKENS, TinyBase, TinyConfig, loa
 from .data import read_examples
 from .errors import AdjustError
 from .io import changed_settings, check_output_dir, load_state, load_state_file, save_state
+from .lock import output_lock
 from .likelihood import estimate_nll, masked_diffusion_nll
 
 STATE_FILE = "trainer_state.pt"
@@ -88,6 +89,27 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def schedule(cfg, schedule_steps: int):
+    """The config whose --steps shapes the learning-rate schedule (and distill's unroll curriculum): that of
+    the run's first start. A run extended with a larger --steps keeps it, so its first steps are exactly those
+    of the shorter run, and the steps past it run at the schedule's final value."""
+    from dataclasses import replace
+
+    return replace(cfg, steps=schedule_steps)
+
+
+def check_steps(steps: int, saved_step: int, schedule_steps: int, out) -> None:
+    """Refuse a --steps that would hand back a later checkpoint (below the saved step) or change the
+    schedule of the steps still to come (below the --steps the run started with)."""
+    if steps < saved_step:
+        raise AdjustError(f"{out} holds a run at step {saved_step}; --steps {steps} is below it: ask for at "
+                          f"least {saved_step}, or use a new --out")
+    if steps < schedule_steps:
+        raise AdjustError(f"{out} holds a run started with --steps {schedule_steps}; --steps {steps} would cut "
+                          f"its schedule short: ask for at least {schedule_steps} (more extends the run at the "
+                          "schedule's final value), or use a new --out")
 
 
 def windows(stream: torch.Tensor, batch: int, length: int, g: torch.Generator) -> torch.Tensor:
@@ -148,13 +170,27 @@ def train_base(data: str | Path, out: str | Path, cfg: TrainConfig, model_cfg: T
 
     The resume state (trainer_state.pt: weights, optimizer, step, history, settings) is read with
     torch.load(weights_only=True); a resume with other settings (any but --steps and --eval-every,
-    the model configuration, the data file) is refused, naming them."""
+    the model configuration, the data file) is refused, naming them. --steps may be raised to extend
+    a run (see `schedule`), never lowered below the saved step.
+
+    One process at a time writes `out` (`adjust.lock.output_lock`)."""
     out = check_output_dir(out)
+    with output_lock(out):
+        return _train_base(data, out, cfg, model_cfg, tokenizer_dir, name, progress, save_dtype)
+
+
+def _train_base(data, out: Path, cfg: TrainConfig, model_cfg, tokenizer_dir, name, progress, save_dtype) -> dict:
     examples = read_examples(data)
     docs = [prompt + completion for prompt, completion in examples]
     torch.manual_seed(cfg.seed)
     state_path = out / STATE_FILE
     resume = state_path.is_file()
+    if resume and not (out / "tokenizer.json").is_file():
+        # a kill inside the first checkpoint, after the state and before the tokenizer: nothing to resume
+        print(f"{state_path} has no tokenizer beside it (a first checkpoint cut short); starting over",
+              file=sys.stderr)
+        resume = False
+    requested_vocab = (model_cfg or TinyConfig()).tokenizer_size
     if resume:
         tokenizer = load_tokenizer(out)
     elif tokenizer_dir is not None:
@@ -197,15 +233,26 @@ def train_base(data: str | Path, out: str | Path, cfg: TrainConfig, model_cfg: T
 
     base = TinyBase(model_cfg, tokenizer, name=name or out.name)
     opt = torch.optim.AdamW(base.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    step, elapsed, history = 0, 0.0, []
+    step, elapsed, history, loss_ema = 0, 0.0, [], None
     data_sha = _sha256(Path(data))
-    settings = {**asdict(cfg), "data_sha256": data_sha}
+    settings = {**asdict(cfg), "data_sha256": data_sha, "schedule_steps": cfg.steps,
+                "vocab_size": None if tokenizer_dir is not None else requested_vocab}
     if resume:
         state = load_state_file(state_path, "trainer state", ("model", "optimizer", "step", "elapsed", "history",
                                                               "model_config", "settings"))
+        # settings recorded since: a state without them is compared on what it has
+        saved = {"vocab_size": settings["vocab_size"], "schedule_steps": state["settings"].get("steps"),
+                 **state["settings"]}
+        check_steps(cfg.steps, state["step"], saved["schedule_steps"], out)
+        settings["schedule_steps"] = saved["schedule_steps"]
+        if saved["vocab_size"] != settings["vocab_size"]:
+            raise AdjustError(f"{out} holds a train-base run with another vocabulary: --vocab-size was "
+                              f"{saved['vocab_size'] or 'that of --tokenizer'}, now "
+                              f"{settings['vocab_size'] or 'that of --tokenizer'}; rerun with the same settings "
+                              "or use a new --out")
         if state["model_config"] != asdict(model_cfg):
             raise AdjustError(f"{state_path} was written for another model configuration; use a new --out")
-        changed = changed_settings(state["settings"], settings, ignore=RESUMABLE)
+        changed = changed_settings(saved, settings, ignore=RESUMABLE)
         if changed:
             said = "; ".join("--data (another file)" if k == "data_sha256" else
                              f"--{k.replace('_', '-')} was {state['settings'].get(k)}, now {settings.get(k)}"
@@ -215,6 +262,7 @@ def train_base(data: str | Path, out: str | Path, cfg: TrainConfig, model_cfg: T
         load_state(base.model, state["model"], state_path, "model weights")
         opt.load_state_dict(state["optimizer"])
         step, elapsed, history = state["step"], state["elapsed"], state["history"]
+        loss_ema = state.get("loss_ema")  # the logged train_loss goes on as in an uninterrupted run
         print(f"resuming from step {step} in {out}", file=sys.stderr)
 
     val_g_seed = cfg.seed + 1
@@ -231,7 +279,7 @@ def train_base(data: str | Path, out: str | Path, cfg: TrainConfig, model_cfg: T
         # the resume state first (the truth); a resume rewrites the model files from it (`export`)
         save_state(state_path, {"model": base.model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                                 "elapsed": elapsed, "history": history, "model_config": asdict(model_cfg),
-                                "settings": settings})
+                                "settings": settings, "loss_ema": loss_ema})
         export(val_loss)
 
     def export(val_loss: float | None):
@@ -243,13 +291,13 @@ def train_base(data: str | Path, out: str | Path, cfg: TrainConfig, model_cfg: T
 
     base.train()
     bar = tqdm(total=cfg.steps, initial=step, desc="train-base", disable=not progress, dynamic_ncols=True)
-    loss_ema = None
     t0 = time.time() - elapsed
+    plan = schedule(cfg, settings["schedule_steps"])
     while step < cfg.steps:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)  # resume replays the same batches
         batch, eligible = train_batch(cfg.batch_size, g)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, plan)
         loss = masked_diffusion_nll(base, batch, eligible, generator=g).mean()
         if not torch.isfinite(loss):
             raise AdjustError(f"training diverged at step {step} (loss {loss.item()}); lower --lr")
@@ -260,14 +308,14 @@ def train_base(data: str | Path, out: str | Path, cfg: TrainConfig, model_cfg: T
         step += 1
         loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr_at(step, cfg):.2e}")
+        bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr_at(step, plan):.2e}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
             val = validate()
             elapsed = time.time() - t0
             history.append({"step": step, "train_loss": round(loss_ema, 4), "val_loss": round(val, 4),
                             "elapsed_s": round(elapsed, 1)})
             bar.write(json.dumps(history[-1]), file=sys.stderr)
-            checkpoint(val)
+            checkpoint(history[-1]["val_loss"])  # rounded, as a resume re-exports it
     bar.close()
     final = history[-1] if history else {"step": step}
     return {**final, "params": sum(p.numel() for p in base.parameters()), "train_tokens": n_train_tokens,

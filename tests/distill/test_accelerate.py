@@ -43,13 +43,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch2(*argv) -> subprocess.CompletedProcess:
-    """`accelerate launch` 2 CPU processes of `python -m adjust.cli argv...`."""
+def launch2_args(*argv) -> tuple[list[str], dict]:
+    """The command and environment of `accelerate launch` with 2 CPU processes of `python -m adjust.cli argv...`."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), "-m", "adjust.cli", *map(str, argv)]
+    return cmd, env
+
+
+def launch2(*argv) -> subprocess.CompletedProcess:
+    cmd, env = launch2_args(*argv)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
     return proc
@@ -139,3 +144,79 @@ def test_shard_base_needs_several_processes(tiny_model_dir, single_rollouts, tmp
                  str(tmp_path / "s"), "--shard-base", *DISTILL_ARGS]) == 2
     assert "--shard-base needs several processes" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def _descendants(pid: int) -> set[int]:
+    """The processes below `pid` (from /proc)."""
+    parents = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                parents[int(d)] = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = {c for c, pp in parents.items() if pp == p}
+        found |= kids
+        todo += kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers in /proc")
+def test_a_launched_run_holds_the_lock_and_its_workers_die_with_the_launcher(capsys, tiny_model_dir, tmp_path):
+    """Issue 28.1 and 28.9: a second run on the --out of a 2-process launch is refused, naming the main worker's
+    PID; after kill -9 of the launcher its workers exit (none keeps writing), and the lock is free again."""
+    import signal
+    import time
+
+    from adjust.lock import LOCK_FILE, acquire, release
+    from test_cli import cli
+
+    out = tmp_path / "r"
+    cmd, env = launch2_args("rollouts", "--base", tiny_model_dir, "--out", out, "--num-samples", 100000,
+                            *ROLLOUT_ARGS[2:])
+    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    workers = set()
+    try:
+        end = time.time() + 180
+        while len(list(out.glob("shard-*"))) < 2:  # both workers are writing
+            assert launcher.poll() is None and time.time() < end, launcher.stderr.read()[-3000:]
+            time.sleep(0.1)
+        workers = _descendants(launcher.pid)
+        holder = int((out / LOCK_FILE).read_text())
+        assert holder in workers
+        rc, _, err = cli(capsys, "rollouts", "--base", tiny_model_dir, "--out", out, *ROLLOUT_ARGS, "--prompt", "x")
+        assert rc == 2 and f"PID {holder}" in err, err
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        end = time.time() + 20
+        while any(_alive(p) for p in workers) and time.time() < end:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in workers), [p for p in workers if _alive(p)]
+    finally:
+        launcher.kill()
+        launcher.wait()
+        for p in workers | _descendants(launcher.pid):
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+    from adjust.errors import AdjustError
+
+    end = time.time() + 20  # the lock is free once the dying workers' last threads are gone
+    while True:
+        try:
+            acquire(out)
+            break
+        except AdjustError:
+            assert time.time() < end, "the lock outlived the launcher's workers"
+            time.sleep(0.1)
+    release(out)

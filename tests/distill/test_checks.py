@@ -145,12 +145,16 @@ def test_load_rollouts_refuses_repeats_and_gaps(made, tmp_path, tiny_base):
         load_rollouts(gap)
 
 
-def test_single_process_rollouts_check_the_set_is_complete(capsys, tiny_model_dir, made, tmp_path):
+def test_single_process_rollouts_check_the_set_is_complete(capsys, tiny_model_dir, made, tmp_path, tiny_base):
     bad = tmp_path / "bad"
     shutil.copytree(made, bad)
-    # a shard under the right name holding the wrong samples: resume skips it, the final check does not
+    # a shard under the right name holding the wrong samples: loading names it, a rerun recomputes it
     shutil.copy(bad / "shard-00000000-00000004.safetensors", bad / "shard-00000004-00000008.safetensors")
-    one_error(*rollouts(capsys, tiny_model_dir, bad, 12)[::2], "incomplete", "4 of 12 samples missing", "4 repeated")
+    with pytest.raises(AdjustError, match="4 repeated.*other samples than its name says: shard-00000004-00000008"):
+        load_rollouts(bad, tiny_base)
+    rc, _, err = rollouts(capsys, tiny_model_dir, bad, 12)
+    assert rc == 0 and "shard-00000004-00000008.safetensors holds other samples than its name says; recomputing" in err
+    assert torch.equal(load_rollouts(bad, tiny_base).tokens, load_rollouts(made, tiny_base).tokens)
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,7 +37,11 @@ atomically first, then the sampler's model.safetensors and config.json, both nam
 A resume reads only the state and rewrites the sampler files from it, so an interruption
 between files is repaired; `JointSampler.load` refuses a pair from different steps. A resume
 with other settings (any but --steps and --eval-every, the rollouts, --dtype) is refused,
-naming them; with the same settings it gives the sampler of an uninterrupted run.
+naming them; with the same settings it gives the sampler of an uninterrupted run. --steps may
+be raised to extend a run: the learning-rate schedule and the unroll curriculum keep the shape
+of the --steps the run started with, and the steps past it run at their final values; a
+--steps below the saved step, or below the one the run started with, is refused. The state
+records the digest of its content, checked on resume (`adjust.io.save_state`).
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ from ..errors import AdjustError
 from ..io import changed_settings, check_output_dir, load_state, load_state_file, save_state
 from ..sampler import JointSampler, SamplerConfig
 from ..splits import HELD_OUT_FRACTION, held_out_split
-from ..train_base import lr_at
+from ..lock import output_lock
+from ..train_base import check_steps, lr_at, schedule
 from .loss import kl_per_position
 from .rollouts import Rollouts
 
@@ -242,8 +247,17 @@ def example_loss(base, sampler, rollouts: Rollouts, ns, ts, u: int, chunk: int,
 
 def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampler_cfg: SamplerConfig | None = None,
             progress: bool = True, accelerator=None) -> dict:
-    """Train (or resume) a sampler for `base` into `out`. Returns the final metrics."""
+    """Train (or resume) a sampler for `base` into `out`. Returns the final metrics.
+
+    One run at a time writes `out`: the main process holds its lock (`adjust.lock.output_lock`)."""
     out = check_output_dir(out)
+    with output_lock(out, take=accelerator is None or accelerator.is_main_process):
+        if accelerator is not None:
+            accelerator.wait_for_everyone()  # the others start once the main process holds the lock
+        return _distill(base, rollouts, out, cfg, sampler_cfg, progress, accelerator)
+
+
+def _distill(base, rollouts: Rollouts, out: Path, cfg: DistillConfig, sampler_cfg, progress, accelerator) -> dict:
     if rollouts.meta["base"]["fingerprint"] != base.identity()["fingerprint"]:
         raise AdjustError(f"these rollouts came from base {rollouts.meta['base'].get('name')!r}, not {base.name!r}")
     if cfg.max_unrolls < 1 or cfg.max_unrolls > rollouts.gen_length - 1:
@@ -264,12 +278,14 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
     opt = torch.optim.AdamW(sampler.parameters(), lr=cfg.lr, weight_decay=0.0)  # paper: no weight decay
     step, elapsed, history, ema, extra = 0, 0.0, [], None, None
     settings = {**asdict(cfg), "rollouts": rollouts.meta, "dtype": str(base.dtype).removeprefix("torch."),
-                "sampler_config": asdict(sampler_cfg)}
+                "sampler_config": asdict(sampler_cfg), "schedule_steps": cfg.steps}
     state_path = out / STATE_FILE
     if state_path.is_file():
         state = load_state_file(state_path, "distill state", ("sampler", "optimizer", "step", "elapsed", "history",
                                                               "settings", "ema", "extra"))
-        saved = dict(state["settings"])
+        saved = {"schedule_steps": state["settings"].get("steps"), **state["settings"]}  # recorded since
+        check_steps(cfg.steps, state["step"], saved["schedule_steps"], out)
+        settings["schedule_steps"] = saved["schedule_steps"]
         if isinstance(saved.get("sampler_config"), dict):  # a state from before a field existed: its default
             import dataclasses
 
@@ -344,17 +360,18 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
     bar = tqdm(total=cfg.steps, initial=step, desc="distill", dynamic_ncols=True,
                disable=not progress or rank != 0)
     t0 = time.time() - elapsed
+    plan = schedule(cfg, settings["schedule_steps"])  # a raised --steps extends at the schedule's end
     while step < cfg.steps:
         # every process draws the same global batch and takes its own slice: the same data as one process
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        u_max = current_u_max(step, cfg)
+        u_max = current_u_max(step, plan)
         u = int(torch.multinomial(unroll_probs(u_max), 1, generator=g)) + 1
         if step_h is None:
             ns_all, ts_all = draw_examples(rollouts, train_ids, cfg.batch_size, u, g)
         else:
             ns_all, ts_all = draw_weighted(rollouts, train_ids, cfg.batch_size, train_weights[u], g)
         ns, ts = ns_all[rank::world], ts_all[rank::world]
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, plan)
         for group in optim.param_groups:
             group["lr"] = lr
         if world == 1:
