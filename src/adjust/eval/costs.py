@@ -78,9 +78,9 @@ def _table(obj, where: str) -> dict[int, float]:
     return out
 
 
-def read_pass_cost(path, model: str | None = None) -> PassCost:
-    """The cost tables of `model` (a key of the report's "pass_cost"; any key if the report has one only) in the
-    pass-cost report at `path`; AdjustError naming the file and what is wrong with it."""
+def read_pass_costs(path) -> dict[str, PassCost]:
+    """Every model's cost tables in the pass-cost report at `path`, all checked; AdjustError naming the file and
+    what is wrong with it."""
     from ..io import read_json
 
     obj = read_json(path, "--pass-cost report")
@@ -88,20 +88,30 @@ def read_pass_cost(path, model: str | None = None) -> PassCost:
     if not isinstance(models, dict) or not models:
         raise AdjustError(f"--pass-cost {path}: no \"pass_cost\" object of model -> tables "
                           "(write one with benchmarks/pass_cost.py or benchmarks/gpu_bench.py)")
-    if model in models:
-        name = model
-    elif len(models) == 1:
-        name = next(iter(models))
-    else:
-        raise AdjustError(f"--pass-cost {path}: no table for model {model!r}; it has {', '.join(sorted(models))}")
-    entry = models[name]
-    if not isinstance(entry, dict) or "full" not in entry:
-        raise AdjustError(f"--pass-cost {path}: model {name!r} has no \"full\" table")
-    tables = {k: _table(entry[k], f"--pass-cost {path}: {name}.{k}") for k in KINDS if k in entry}
-    c = entry.get("unroll_cost")
-    if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0):
-        raise AdjustError(f"--pass-cost {path}: {name}.unroll_cost must be a number >= 0, got {c!r}")
-    return PassCost(tables, None if c is None else float(c), f"{path} ({name})")
+    out = {}
+    for name, entry in models.items():
+        if not isinstance(entry, dict) or "full" not in entry:
+            raise AdjustError(f"--pass-cost {path}: model {name!r} has no \"full\" table")
+        tables = {k: _table(entry[k], f"--pass-cost {path}: {name}.{k}") for k in KINDS if k in entry}
+        c = entry.get("unroll_cost")
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0):
+            raise AdjustError(f"--pass-cost {path}: {name}.unroll_cost must be a number >= 0, got {c!r}")
+        out[name] = PassCost(tables, None if c is None else float(c), f"{path} ({name})")
+    return out
+
+
+def pick_pass_cost(costs: dict[str, PassCost], model: str | None, path) -> PassCost:
+    """The tables of `model` (the base's name), or the only ones of a one-model report."""
+    if model in costs:
+        return costs[model]
+    if len(costs) == 1:
+        return next(iter(costs.values()))
+    raise AdjustError(f"--pass-cost {path}: no table for model {model!r}; it has {', '.join(sorted(costs))}")
+
+
+def read_pass_cost(path, model: str | None = None) -> PassCost:
+    """`pick_pass_cost(read_pass_costs(path), model, path)`."""
+    return pick_pass_cost(read_pass_costs(path), model, path)
 
 
 def check_unroll_cost(c) -> float | None:
