@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
     from adjust.eval.costs import cost_table_markdown, measure_pass_cost
-    from adjust.io import atomic_path, write_json
+    from adjust.eval.report import print_and_write
     from adjust.loader import ModelSpec, load_models
     from adjust.provenance import code_version
 
@@ -81,11 +81,7 @@ def main(argv=None) -> int:
         cost_table_markdown(tables), "",
         *[f"- {n}: canvas {t['canvas']} positions, block {t['block']}, one sampler unroll = "
           f"{t.get('unroll_cost', float('nan')):.3f} of a one-row full pass" for n, t in tables.items()], ""])
-    print(md)
-    if args.out:
-        write_json(Path(args.out + ".json"), report)
-        with atomic_path(Path(args.out + ".md")) as tmp:
-            tmp.write_text(md)
+    print_and_write(report, md, args.out)
     return 0
 
 
