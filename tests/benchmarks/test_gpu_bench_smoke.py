@@ -34,9 +34,9 @@ def test_tiny_size_on_cpu(gpu_bench, tmp_path, capsys):
         rows = {r["strategy"]: r for r in report["throughput"] if r["batch_size"] == B}
         spec = {"speculative:4:self", "speculative:4:sampler"} if B == 1 else set()  # batch 1 only
         assert set(rows) == {"exact", "parallel:4", "adjust:4"} | spec
-        for label in spec:  # exact's tokens, 1 to 5 per full pass, drafted rows computed
+        for label in spec:  # 1 to 5 tokens per full pass (the last pass may pass the 8 timed), drafted rows computed
             r = rows[label]
-            assert r["tokens"] == 8 and 2 <= r["full_passes"] <= 8 and r["base_rows"] >= r["full_passes"]
+            assert 8 <= r["tokens"] <= 12 and 2 <= r["full_passes"] <= 8 and r["base_rows"] >= r["full_passes"]
         assert rows["exact"]["base_rows"] == 8 * B
         assert rows["exact"]["ratio_to_exact"] == 1.0
         for r in rows.values():  # only the first 8 tokens of the 16-token generation are timed
