@@ -38,6 +38,19 @@ after a PROMPT-token prompt (default 256 + 256 = a 512-token canvas):
      python benchmarks/gpu_bench.py --size 7b --prompt-length 512 --gen-length 256 --block-length 32 \
          --max-tokens 64 --cache none,prefix,dual --json results/gpu_bench_7b_cache.json
 
+4. the cost of one base pass of r rows (--pass-rows, default 1,2,4,8,16) relative to one row, at batch 1's
+   canvas (adjust.eval.costs.measure_pass_cost): "full" = the whole canvas; with the native Dream (--native or
+   --cache) also "refresh" = the whole canvas keeping its keys/values and "span" = the active block only
+   (--block-length, default 32, after the prompt) with the cache; and one sampler unroll relative to one
+   one-row full pass. Stored under "pass_cost", so the JSON is a `--pass-cost` report for `adjust bench` and
+   `adjust eval frontier` (tokens per pass-equivalent at this shape; docs/speculative.md).
+5. speculative (--spec-depth D, default 4; 0 = none) with each drafter, at batch 1 only, beside exact. With
+   random weights and an untrained sampler few drafts are accepted: the figure is what its rows and unrolls
+   cost, not its speedup (combine the pass cost with the acceptance measured on trained models). The issue-26
+   configuration (one H100/H200, ~5 min):
+     python benchmarks/gpu_bench.py --size 7b --native --batch-sizes 1 --block-length 32 --cache none,dual \
+         --json results/gpu_bench_7b_pass_cost.json
+
 Usage:
   python benchmarks/gpu_bench.py --size 7b --json results/gpu_bench_7b.json     # on one GPU, bf16
   python benchmarks/gpu_bench.py --size tiny --device cpu                        # seconds on a CPU (CI smoke)
@@ -171,9 +184,9 @@ class StopAfterTokens:
     working tensor, updated in place, so the tokens written so far can be read back after a stop.
     """
 
-    def __init__(self, base, prompt_length: int, max_tokens: int):
-        self._base, self._p, self._max = base, prompt_length, max_tokens
-        self.canvas, self.passes = None, 0
+    def __init__(self, base, prompt_length: int, max_tokens: int, batch: int | None = None):
+        self._base, self._p, self._max, self._batch = base, prompt_length, max_tokens, batch
+        self.canvas, self.passes, self.rows = None, 0, 0
 
     def __getattr__(self, name):
         return getattr(self._base, name)
@@ -182,10 +195,11 @@ class StopAfterTokens:
         return (self.canvas[:, self._p:] != self._base.mask_id).sum(1)
 
     def _before_pass(self, input_ids):
-        self.canvas = input_ids
+        self.canvas = input_ids[:self._batch]  # the batch's canvases (a speculative pass appends drafted rows)
         if self._max and int(self.written().min()) >= self._max:
             raise _Stop
         self.passes += 1
+        self.rows += input_ids.shape[0]
 
     def hidden_states(self, input_ids, attention_mask=None):
         self._before_pass(input_ids)
@@ -206,7 +220,7 @@ def timed_generation(base, sampler, strategy, prompt: list[int], batch: int, gen
     from adjust.eval.bench import time_call
     from adjust.sampling import SamplingConfig
 
-    proxy = StopAfterTokens(base, len(prompt), max_tokens)
+    proxy = StopAfterTokens(base, len(prompt), max_tokens, batch)
     unrolls = [0]
     hook = sampler.register_forward_hook(lambda *a: unrolls.__setitem__(0, unrolls[0] + 1))
     span = sampler.forward_span
@@ -231,6 +245,7 @@ def timed_generation(base, sampler, strategy, prompt: list[int], batch: int, gen
         del sampler.forward_span
     tokens = int(proxy.written().sum())
     return {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds, "full_passes": proxy.passes,
+            "base_rows": proxy.rows,
             "sampler_passes": unrolls[0]}
 
 
@@ -253,12 +268,16 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default="none", help="comma-separated key/value cache modes, e.g. none,prefix,dual "
                     "(prefix/dual need --block-length and use the native Dream)")
     ap.add_argument("--native", action="store_true", help="our native Dream instead of the transformers stand-in")
+    ap.add_argument("--pass-rows", default="1,2,4,8,16", help="rows r of the pass-cost measurement")
+    ap.add_argument("--spec-depth", type=int, default=4, help="depth D of the speculative runs (batch 1, both "
+                    "drafters; 0: none)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--json", default=None, help="write the report to this JSON file")
     args = ap.parse_args(argv)
 
     from adjust.base import resolve_device, resolve_dtype
     from adjust.eval.bench import ideal_speedup, pass_vs_unroll
+    from adjust.eval.costs import measure_pass_cost
     from adjust.io import write_json
     from adjust.provenance import code_version
     from adjust.strategies import make_strategy
@@ -283,6 +302,14 @@ def main(argv=None) -> int:
     if any(c != "none" for c in caches) and not args.block_length:
         ap.error("--cache prefix/dual needs --block-length")
     native = args.native or any(c != "none" for c in caches)
+    try:
+        pass_rows = sorted({int(r) for r in args.pass_rows.split(",") if r.strip()})
+    except ValueError:
+        ap.error(f"--pass-rows takes comma-separated integers, got {args.pass_rows!r}")
+    if not pass_rows or pass_rows[0] < 1:
+        ap.error(f"--pass-rows takes positive integers, got {args.pass_rows!r}")
+    if args.spec_depth < 0:
+        ap.error(f"--spec-depth must be at least 0, got {args.spec_depth}")
 
     t0 = time.perf_counter()
     log(f"building a random {args.size} {'native Dream' if native else 'Qwen2 (Dream stand-in)'} on {device} in {dtype}")
@@ -308,15 +335,33 @@ def main(argv=None) -> int:
               "max_tokens": M, "repeats": args.repeats, "warmup": args.warmup, "pass_vs_unroll": {},
               "base": "native Dream (adjust.base.dream)" if native else "transformers Qwen2 stand-in",
               "block_length": args.block_length, "caches": caches,
-              "throughput": [], "adjust_vs_ideal": [],
+              "throughput": [], "adjust_vs_ideal": [], "pass_cost": {},
               "notes": ("random weights; tokens/s over the first max_tokens tokens of each sequence (0 = all), "
-                        "timed with CUDA events on a GPU; ratio_to_exact = median over rounds of the paired ratio")}
+                        "timed with CUDA events on a GPU; ratio_to_exact = median over rounds of the paired ratio; "
+                        "speculative (batch 1): drafts from random weights and an untrained sampler are rarely "
+                        "accepted, so its tokens/s is the cost of its rows and unrolls, not a speedup; pass_cost: "
+                        "a --pass-cost report (adjust bench / eval frontier), cost of one base pass of r rows "
+                        "relative to one row: full = the whole canvas, refresh = the whole canvas keeping "
+                        "keys/values, span = the active block after a cache_pass (native Dream only)")}
+    block = args.block_length or 32
+    kinds = ("full", "refresh", "span") if native else ("full",)
+    x1 = torch.tensor(prompt + [base.mask_id] * G)
+    pc = measure_pass_cost(base, x1, (P, min(P + G, P + block)), pass_rows, repeats=args.pass_repeats, warmup=1,
+                           kinds=kinds, sampler=sampler)
+    report["pass_cost"][f"dream-7b-shape" if args.size == "7b" else args.size] = pc
+    log("pass of r rows / one row: " + "; ".join(
+        f"{k} " + " ".join(f"r={r}:{pc[k][str(r)]:.2f}" for r in pass_rows) for k in kinds)
+        + f"; unroll {pc['unroll_cost']:.3f} of a one-row full pass")
     plain = [("exact", make_strategy("exact")), (f"parallel:{K}", make_strategy("parallel", tokens_per_pass=K)),
              (f"adjust:{K}", make_strategy("adjust", tokens_per_pass=K))]
     # every strategy with every cache mode; the label names the cache unless it is the only mode, "none"
-    strategies = [(label if caches == ["none"] else f"{label} [{c}]", s, c) for label, s in plain for c in caches]
+    spec = ([(f"speculative:{args.spec_depth}:{d}", make_strategy("speculative", depth=args.spec_depth, drafter=d))
+             for d in ("self", "sampler")] if args.spec_depth else [])
+    strategies_all = [(label if caches == ["none"] else f"{label} [{c}]", s, c) for label, s in plain + spec
+                      for c in caches]
     ref = "exact" if caches == ["none"] else f"exact [{'none' if 'none' in caches else caches[0]}]"
     for B in batch_sizes:
+        strategies = [t for t in strategies_all if B == 1 or t[1].name != "speculative"]  # speculative: batch 1
         x = torch.tensor(prompt + [base.mask_id] * G)[None].repeat(B, 1)
         c = pass_vs_unroll(base, sampler, x, repeats=args.pass_repeats)
         report["pass_vs_unroll"][str(B)] = c
@@ -340,7 +385,8 @@ def main(argv=None) -> int:
                    "ratio_to_exact": 1.0 if label == ref else
                    round(statistics.median(t / e for t, e in zip(tps, exact)), 4),
                    "tokens": rs[0]["tokens"], "full_passes": rs[0]["full_passes"],
-                   "sampler_passes": rs[0]["sampler_passes"], "seconds": [round(run["seconds"], 4) for run in rs]}
+                   "sampler_passes": rs[0]["sampler_passes"], "base_rows": rs[0]["base_rows"],
+                   "seconds": [round(run["seconds"], 4) for run in rs]}
             if "none" in caches:
                 same = [run["tokens_per_second"] for run in runs[label.replace(f"[{cache}]", "[none]")]]
                 row["ratio_to_uncached"] = round(statistics.median(t / u for t, u in zip(tps, same)), 4)

@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md (e.g. results/speculative)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
-    from adjust.io import atomic_path, write_json
+    from adjust.eval.report import print_and_write
     from adjust.provenance import code_version
 
     depths = [int(d) for d in args.depths.split(",")]
@@ -154,12 +154,7 @@ def main(argv=None) -> int:
               "note": "full passes = calls of the base (a speculative pass computes its drafted rows too); "
                       "speed = wall-clock tokens/s over exact's; passes vs self = self drafter's passes over the "
                       "sampler drafter's at the same depth (the same row budget)."}
-    md = markdown(report)
-    print(md)
-    if args.out:
-        write_json(Path(args.out + ".json"), report)
-        with atomic_path(Path(args.out + ".md")) as tmp:
-            tmp.write_text(md)
+    print_and_write(report, markdown(report), args.out)
     return 0
 
 

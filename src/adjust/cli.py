@@ -320,6 +320,7 @@ def cmd_bench(args) -> None:
     unrolls = [u.strip() for u in args.unroll.split(",") if u.strip()]
     for u in unrolls:
         unroll_plan(u)
+    costs = _read_pass_costs(args)
     base, sampler = _load(args, "none" if args.fresh_sampler else "optional")
     source = None if sampler is None else str(args.sampler or "beside the base")
     if args.fresh_sampler:
@@ -334,8 +335,32 @@ def cmd_bench(args) -> None:
                        repeats=args.repeats, warmup=args.warmup, unroll_repeats=args.unroll_repeats, seed=args.seed,
                        sampling=_sampling_from_args(args), specs=specs, sampler_source=source,
                        progress=not args.json, prompt_length=args.prompt_length, block_length=args.block_length,
-                       caches=caches, unrolls=unrolls)
+                       caches=caches, unrolls=unrolls, pass_cost=_pick_pass_cost(args, costs, base),
+                       unroll_cost_given=args.unroll_cost)
     print(json.dumps(report) if args.json else format_table(report))
+
+
+def _read_pass_costs(args):
+    """--pass-cost's report (every table checked) and --unroll-cost, before anything is loaded."""
+    from .eval.costs import check_unroll_cost, read_pass_costs
+
+    check_unroll_cost(args.unroll_cost)
+    return None if args.pass_cost is None else read_pass_costs(args.pass_cost)
+
+
+def _pick_pass_cost(args, costs, base):
+    from .eval.costs import pick_pass_cost
+
+    return None if costs is None else pick_pass_cost(costs, base.name, args.pass_cost)
+
+
+def _add_cost_args(p) -> None:
+    p.add_argument("--pass-cost", default=None, metavar="FILE",
+                   help="a pass-cost report (benchmarks/pass_cost.py, benchmarks/gpu_bench.py): the cost of one base "
+                   "pass of r rows, for tokens per pass-equivalent (default: none, rows assumed free)")
+    p.add_argument("--unroll-cost", type=float, default=None, metavar="C",
+                   help="one sampler unroll's cost relative to one base pass (default: the --pass-cost report's, "
+                   "else 0)")
 
 
 def cmd_eval_quality(args) -> None:
@@ -425,6 +450,7 @@ def cmd_eval_frontier(args) -> None:
 
         prompts = read_prompt_file(args.prompts)
     needs = families is not None and any(STRATEGIES[name].uses_sampler for _, name, _ in plan)
+    costs = _read_pass_costs(args)
     base, sampler = _load(args, "required" if needs else "optional")
     result = run_frontier(base, sampler, prompts, families, args.grid, quality=args.quality,
                           num_samples=args.num_samples, gen_length=args.gen_length, seed=args.seed,
@@ -434,7 +460,8 @@ def cmd_eval_frontier(args) -> None:
                           unrolls=[u.strip() for u in args.unroll.split(",") if u.strip()],
                           nll_draws=args.nll_draws, out_dir=args.out_dir, progress=not args.json,
                           sampler_source=None if sampler is None else str(args.sampler or "beside the base"),
-                          prompts_source=args.prompts)
+                          prompts_source=args.prompts, pass_cost=_pick_pass_cost(args, costs, base),
+                          unroll_cost_given=args.unroll_cost)
     from .eval.frontier.report import markdown_table
 
     _print_report(result, args.json, markdown_table)
@@ -492,6 +519,7 @@ def _add_frontier_parser(ev) -> None:
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")
     p.add_argument("--nll-draws", type=int, default=4, help="Monte-Carlo draws of the base's bound per sample (free text)")
     _add_sampling_args(p)
+    _add_cost_args(p)
     p.add_argument("--json", action="store_true", help="print exactly one JSON object (also written to --out-dir)")
     p.set_defaults(func=cmd_eval_frontier)
 
@@ -827,6 +855,7 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    _add_cost_args(p)
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
     p.set_defaults(func=cmd_bench)
 

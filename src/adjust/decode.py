@@ -101,6 +101,10 @@ class Stats:
     base_rows: int = 0  # canvases (batch rows) the base computed, summed over full passes (with drafted ones)
     drafts_proposed: int = 0  # speculative: drafted writes the base verified (summed over sequences)
     drafts_accepted: int = 0  # speculative: of those, the ones equal to the target's own write
+    # the shape of every full pass, for the pass-equivalent cost (adjust.eval.costs): "kind canvases rows" ->
+    # decoding sequences summed over such passes; kind "full" (the whole canvas) or "span" (cached: the block)
+    pass_shapes: dict = field(default_factory=dict)
+    row_unrolls: int = 0  # sampler unrolls summed over the sequences decoding at each step (per sequence)
 
     @property
     def decoded_tokens(self) -> float:
@@ -149,7 +153,9 @@ class Stats:
         return Stats(add("full_passes"), add("row_passes"), add("sampler_passes"), avg(self.new_tokens, other.new_tokens),
                      n, add("seconds"), add("eos_filled"), self.cache, add("refresh_passes"), add("positions"),
                      add("sampler_positions"), add("refresh_seconds"), add("span_seconds"), add("unroll_seconds"),
-                     self.unroll, add("base_rows"), add("drafts_proposed"), add("drafts_accepted"))
+                     self.unroll, add("base_rows"), add("drafts_proposed"), add("drafts_accepted"),
+                     {k: self.pass_shapes.get(k, 0) + other.pass_shapes.get(k, 0)
+                      for k in {**self.pass_shapes, **other.pass_shapes}}, add("row_unrolls"))
 
     def to_dict(self) -> dict:
         cost = self.unroll_cost
@@ -165,7 +171,14 @@ class Stats:
                 "unroll_cost": None if cost is None else round(cost, 4),
                 "base_rows": self.base_rows, "rows_per_full_pass": round(self.base_rows / max(1, self.full_passes), 2),
                 "tokens_per_full_pass_with_eos": round(self.tokens_per_full_pass_with_eos, 4),
-                "drafts_proposed": self.drafts_proposed, "drafts_accepted": self.drafts_accepted}
+                "drafts_proposed": self.drafts_proposed, "drafts_accepted": self.drafts_accepted,
+                "pass_shapes": dict(sorted(self.pass_shapes.items())), "row_unrolls": self.row_unrolls}
+
+    def count_pass(self, kind: str, canvases: int, rows: int, sequences: int) -> None:
+        """Record one full pass: `kind` "full" or "span", `canvases` the batch's canvases, `rows` all the rows
+        the base computed (drafted ones included), `sequences` those of the canvases still decoding."""
+        key = f"{kind} {canvases} {rows}"
+        self.pass_shapes[key] = self.pass_shapes.get(key, 0) + sequences
 
 
 @dataclass
@@ -796,12 +809,16 @@ class Decoding:
         B = loop.x.shape[0]
         rows_before = torch.bincount(loop.candidates()[0], minlength=B)
         before = loop.x.clone() if on_step is not None else None
-        unrolls = loop.stats.sampler_passes
+        unrolls, rows0, refreshes = loop.stats.sampler_passes, loop.stats.base_rows, loop.stats.refresh_passes
         hidden = self.strategy.full_pass(loop)  # loop.full_pass() but for a strategy that adds rows to the pass
         loop.stats.full_passes += 1
         loop.stats.base_rows += B
-        loop.stats.row_passes += int((rows_before > 0).sum())
+        decoding = int((rows_before > 0).sum())
+        loop.stats.row_passes += decoding
+        loop.stats.count_pass("full" if loop.stats.refresh_passes > refreshes else "span", B,
+                              loop.stats.base_rows - rows0, decoding)
         self.strategy.step(StepContext(loop, hidden, self.steps))
+        loop.stats.row_unrolls += (loop.stats.sampler_passes - unrolls) * decoding
         rows_after = torch.bincount(loop.candidates()[0], minlength=B)
         stalled = (rows_before > 0) & (rows_after == rows_before)
         if stalled.any():

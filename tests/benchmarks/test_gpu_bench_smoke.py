@@ -32,7 +32,12 @@ def test_tiny_size_on_cpu(gpu_bench, tmp_path, capsys):
         c = report["pass_vs_unroll"][str(B)]
         assert c["full_pass_ms"] > 0 and c["unroll_ms"] > 0 and c["masked_positions"] == 16 * B
         rows = {r["strategy"]: r for r in report["throughput"] if r["batch_size"] == B}
-        assert set(rows) == {"exact", "parallel:4", "adjust:4"}
+        spec = {"speculative:4:self", "speculative:4:sampler"} if B == 1 else set()  # batch 1 only
+        assert set(rows) == {"exact", "parallel:4", "adjust:4"} | spec
+        for label in spec:  # 1 to 5 tokens per full pass (the last pass may pass the 8 timed), drafted rows computed
+            r = rows[label]
+            assert 8 <= r["tokens"] <= 12 and 2 <= r["full_passes"] <= 8 and r["base_rows"] >= r["full_passes"]
+        assert rows["exact"]["base_rows"] == 8 * B
         assert rows["exact"]["ratio_to_exact"] == 1.0
         for r in rows.values():  # only the first 8 tokens of the 16-token generation are timed
             assert r["tokens"] == 8 * B and r["tokens_per_second"] > 0 and r["ratio_to_exact"] > 0
@@ -40,6 +45,12 @@ def test_tiny_size_on_cpu(gpu_bench, tmp_path, capsys):
         assert (rows["parallel:4"]["full_passes"], rows["parallel:4"]["sampler_passes"]) == (2, 0)
         assert (rows["adjust:4"]["full_passes"], rows["adjust:4"]["sampler_passes"]) == (2, 6)
     assert [v["batch_size"] for v in report["adjust_vs_ideal"]] == [1, 2]
+    pc = report["pass_cost"]["tiny"]  # the transformers stand-in takes no cache: the whole canvas only
+    assert pc["rows"] == [1, 2, 4, 8, 16] and pc["full"]["1"] == 1.0 and "span" not in pc and pc["unroll_cost"] > 0
+    from adjust.eval.costs import read_pass_cost
+
+    cost = read_pass_cost(out, "anything")  # the report doubles as a --pass-cost report
+    assert cost.cost("full", 16) == pc["full"]["16"] and cost.unroll_cost == pc["unroll_cost"]
 
 
 def test_7b_config_has_dream_shape(gpu_bench):
@@ -61,7 +72,11 @@ def test_tiny_size_with_caches_on_cpu(gpu_bench, tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["base"].startswith("native Dream") and report["caches"] == ["none", "prefix", "dual"]
     rows = {r["strategy"]: r for r in report["throughput"]}
-    assert set(rows) == {f"{s} [{c}]" for s in ("exact", "parallel:4", "adjust:4") for c in ("none", "prefix", "dual")}
+    assert set(rows) == {f"{s} [{c}]" for s in ("exact", "parallel:4", "adjust:4", "speculative:4:self",
+                                                 "speculative:4:sampler") for c in ("none", "prefix", "dual")}
+    pc = report["pass_cost"]["tiny"]  # the native Dream: also the refresh pass and the cached block
+    assert pc["block"] == [8, 16] and all(pc[k]["1"] == 1.0 and set(pc[k]) == {"1", "2", "4", "8", "16"}
+                                          for k in ("full", "refresh", "span"))
     assert rows["exact [none]"]["ratio_to_exact"] == 1.0 and rows["exact [none]"]["ratio_to_uncached"] == 1.0
     for c in ("none", "prefix", "dual"):  # the first 8 tokens: one block of 8
         assert (rows[f"exact [{c}]"]["full_passes"], rows[f"exact [{c}]"]["tokens"]) == (8, 8)

@@ -219,6 +219,17 @@ def test_cli_end_to_end_on_task_prompts(capsys, tiny_model_dir, sampler_dir, tas
     assert points["exact"]["speed"]["1"]["ratio_to_exact"] == 1.0 and points["exact"]["tokens_per_full_pass"] == 1.0
     assert points["parallel:3"]["tokens_per_full_pass"] == pytest.approx(8 / 3, abs=1e-4)
     assert points["adjust:2"]["sampler_passes"] > 0
+    assert "tok/pass-eq B=1" in md and "rows assumed free" in md  # no --pass-cost: cost(r) = 1, said so
+    assert result["settings"]["pass_cost"]["source"].startswith("none")
+    for p in points.values():
+        sp = p["speed"]["1"]
+        assert sp["drafts_accepted"] <= sp["drafts_proposed"] and sp["rows_per_full_pass"] >= 1
+        if p["family"] != "speculative":
+            assert sp["drafts_proposed"] == 0 and sp["rows_per_full_pass"] == 1
+            if p["sampler_passes"] == 0:  # no unrolls, no extra rows: tokens per full pass
+                assert sp["tokens_per_pass_equivalent"] == sp["tokens_per_full_pass"]
+    spec = [p["speed"]["1"] for p in points.values() if p["family"] == "speculative"]
+    assert spec and all(sp["drafts_proposed"] > 0 and sp["rows_per_full_pass"] > 1 for sp in spec)
     for B in ("1", "2"):
         a = result["analysis"][B]["all"]
         assert set(a["fronts"]) == set(families)
@@ -336,6 +347,8 @@ def test_free_text_prompts_score_the_continuation(tiny_base):
     (["--batch-sizes", "1,x"], ["--batch-sizes", "'1,x'"]),
     (["--quality", "mauve"], ["--quality 'mauve'"]),
     (["--timing-prompts", "0"], ["--timing-prompts", "got 0"]),
+    (["--pass-cost", "nosuch.json"], ["--pass-cost", "nosuch.json"]),
+    (["--unroll-cost", "nan"], ["--unroll-cost", "nan"]),
 ])
 def test_bad_arguments_one_line_exit_2(capsys, tiny_model_dir, task_prompts, tmp_path, argv, names):
     rc, _, err = cli(capsys, "eval", "frontier", "--base", tiny_model_dir, "--prompts", task_prompts,

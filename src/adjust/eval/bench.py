@@ -248,8 +248,13 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
               warmup: int = 1, unroll_repeats: int = 30, seed: int = 0,
               sampling: SamplingConfig = SamplingConfig(), specs: list | None = None,
               sampler_source: str | None = None, progress: bool = False, prompt_length: int = 0,
-              block_length: int | None = None, caches=("none",), unrolls=("full",), unroll_k: int = 4) -> dict:
+              block_length: int | None = None, caches=("none",), unrolls=("full",), unroll_k: int = 4,
+              pass_cost=None, unroll_cost_given: float | None = None) -> dict:
+    """The report (see the module docstring). `pass_cost` (adjust.eval.costs.PassCost, default: rows free) and
+    `unroll_cost_given` (c; default the report's, else 0): each row's `tokens_per_pass_equivalent`."""
     from tqdm.auto import tqdm
+
+    from .costs import FREE, check_unroll_cost, tokens_per_pass_equivalent, unroll_cost_of
 
     from ..decode import check_cache, unroll_plan
     from .specs import build_strategy, spec_label
@@ -269,6 +274,8 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
     unrolls = list(dict.fromkeys(unrolls)) or ["full"]
     for u in unrolls:
         unroll_plan(u)
+    pass_cost = pass_cost or FREE
+    c_unroll = unroll_cost_of(pass_cost, check_unroll_cost(unroll_cost_given))
     skipped = []
     if specs is None:
         specs, skipped = default_specs(ks, sampler is not None, sampler_source not in (None, "fresh"))
@@ -318,6 +325,8 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
                 "rows_per_full_pass": round(_median([st.base_rows / max(1, st.full_passes) for st in stats]), 2),
                 "drafts_proposed": _median([st.drafts_proposed for st in stats]),
                 "drafts_accepted": _median([st.drafts_accepted for st in stats]),
+                "tokens_per_pass_equivalent": round(_median([tokens_per_pass_equivalent(st, pass_cost, c_unroll)
+                                                             for st in stats]), 4),
                 "seconds": [round(st.seconds, 5) for st in stats],
             }
             if s.uses_sampler:
@@ -350,6 +359,7 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
                      "order": sampling.order},
         "sampler": sampler_source, "results": results, "unroll_cost": cost, "adjust_vs_ideal": vs_ideal,
         "skipped": skipped, "code_version": code_version(),
+        "pass_cost": {"source": pass_cost.source, "unroll_cost": c_unroll, "note": pass_cost.describe(c_unroll)},
         "notes": ("tokens_per_second: median over repeats; ratio_to_exact: median over repeats of the paired "
                   "ratio to exact's tokens/s in the same repeat at the same batch size; ideal_speedup = "
                   "K / (1 + (K-1) * unroll_cost); flop_bound_speedup = K / (1 + (K-1) * flop_ratio), the "
@@ -370,15 +380,16 @@ def format_table(report: dict) -> str:
         lines.append("")
         lines.append(f"batch {B}")
         lines.append(f"  {'strategy':<26}{'cache':>7}{'unroll':>7}{'tokens/s':>12}{'x exact':>10}{'x uncached':>11}{'tok/pass':>10}"
-                     f"{'passes':>8}{'unrolls':>9}{'pos/pass':>9}")
+                     f"{'tok/eq':>8}{'passes':>8}{'unrolls':>9}{'pos/pass':>9}{'rows/pass':>10}")
         for row in report["results"]:
             if row["batch_size"] == B:
                 unc = row.get("ratio_to_uncached")
                 lines.append(f"  {row['strategy']:<26}{row.get('cache', 'none'):>7}{row.get('unroll', 'full'):>7}"
                              f"{row['tokens_per_second']:>12.1f}"
                              f"{row['ratio_to_exact']:>10.3f}{'' if unc is None else f'{unc:.3f}':>11}"
-                             f"{row['tokens_per_full_pass']:>10.2f}{row['full_passes']:>8g}{row['sampler_passes']:>9g}"
-                             f"{row.get('positions_per_full_pass', 0):>9g}")
+                             f"{row['tokens_per_full_pass']:>10.2f}{row.get('tokens_per_pass_equivalent', 0):>8.2f}"
+                             f"{row['full_passes']:>8g}{row['sampler_passes']:>9g}"
+                             f"{row.get('positions_per_full_pass', 0):>9g}{row.get('rows_per_full_pass', 0):>10g}")
         c = report["unroll_cost"].get(str(B))
         for mode, m in (c or {}).get("modes", {}).items():
             lines.append(f"  one full pass {c['full_pass_ms']:.3f} ms, one sampler unroll ({mode}) {m['unroll_ms']:.3f} ms "
@@ -389,6 +400,8 @@ def format_table(report: dict) -> str:
                 lines.append(f"  {v['strategy']:<10} {v.get('unroll', 'full'):>5} ideal {v['ideal_speedup']:.2f}x, achieved "
                              f"{v['achieved_speedup']:.2f}x = {100 * v['fraction_of_ideal']:.0f}% of ideal; "
                              f"{v['flop_bound_speedup']:.2f}x if time were proportional to FLOPs")
+    if report.get("pass_cost"):
+        lines.append(f"tok/eq: tokens per pass-equivalent; {report['pass_cost']['note']}")
     for s in report["skipped"]:
         lines.append(f"skipped {s['strategy']}: {s['reason']}")
     return "\n".join(lines)

@@ -22,6 +22,18 @@ def save_figure(fig, path) -> None:
     plt.close(fig)
 
 
+def print_and_write(report: dict, markdown: str, stem: str | None) -> None:
+    """A benchmark's end: its Markdown printed, and with `stem` written as <stem>.json and <stem>.md (each
+    atomically)."""
+    from ..io import write_json
+
+    print(markdown)
+    if stem:
+        write_json(Path(stem + ".json"), report)
+        with atomic_path(Path(stem + ".md")) as tmp:
+            tmp.write_text(markdown)
+
+
 def check_out_dir(out_dir) -> None:
     """Refuse an --out-dir that cannot hold a report (not a directory, or no plotting library for its plot),
     before any work is done."""

@@ -41,7 +41,9 @@ def markdown_table(result: dict) -> str:
         head += panels
     else:
         head += ["NLL"] + ([s["measure"]] if s["measure"] != "nll" else [])
-    head += ["tok/pass"] + [h for B in Bs for h in (f"tok/s B={B}", f"x exact B={B}")]
+    tb = str(s.get("target_batch_size", Bs[0]))
+    head += ["tok/pass", f"tok/pass-eq B={tb}", f"rows/pass B={tb}", f"drafts acc/prop B={tb}"]
+    head += [h for B in Bs for h in (f"tok/s B={B}", f"x exact B={B}")]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in result["points"]:
         row = [p["label"], p["family"], p["cache"]]
@@ -53,6 +55,9 @@ def markdown_table(result: dict) -> str:
                 q = p["quality"]["text"]
                 row.append(_f(q["value"]) + ("" if q["se"] is None else f" ± {q['se']:.3f}"))
         row.append(_f(p.get("tokens_per_full_pass"), 2))
+        sp = p["speed"].get(tb, {})
+        row += [_f(sp.get("tokens_per_pass_equivalent"), 2), _f(sp.get("rows_per_full_pass"), 2),
+                f"{sp['drafts_accepted']:g}/{sp['drafts_proposed']:g}" if sp.get("drafts_proposed") else "-"]
         for B in Bs:
             sp = p["speed"][str(B)]
             row += [_f(sp["tokens_per_second"], 1), _f(sp["ratio_to_exact"], 2)]
@@ -78,6 +83,9 @@ def markdown_table(result: dict) -> str:
     m = result["machine"]
     lines += [f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}, device {m['device']}"
               + (f" ({m['gpu']})" if m.get("gpu") else "") + f". Code version {result['code_version']}."]
+    if s.get("pass_cost"):
+        lines += [f"tok/pass-eq: tokens per pass-equivalent at batch {tb}; {s['pass_cost']['note']}; drafts "
+                  "acc/prop: speculative's drafted writes accepted / proposed (medians over the timed repeats)."]
     lines += [f"Note: {n}" for n in result.get("notes", [])]
     return "\n".join(lines) + "\n"
 

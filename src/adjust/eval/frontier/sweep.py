@@ -258,6 +258,15 @@ def _check_two_sided(d, label: str) -> dict:
     return out
 
 
+def _cost_columns(stats: list, pass_cost, c_unroll: float, tokens_per_pass_equivalent) -> dict:
+    """Medians over the timed repeats: tokens per pass-equivalent, base rows per full pass, drafts (speculative)."""
+    return {"tokens_per_pass_equivalent": round(_median([tokens_per_pass_equivalent(st, pass_cost, c_unroll)
+                                                         for st in stats]), 4),
+            "rows_per_full_pass": round(_median([st.base_rows / max(1, st.full_passes) for st in stats]), 3),
+            "drafts_proposed": _median([st.drafts_proposed for st in stats]),
+            "drafts_accepted": _median([st.drafts_accepted for st in stats])}
+
+
 def run_frontier(base, sampler=None, prompts: list[str] | None = None, families: list[str] | None = None,
                  grids: list[str] | None = None, quality: str = "auto", num_samples: int | None = None,
                  gen_length: int | None = None, seed: int = 0, sampling: SamplingConfig | None = None,
@@ -265,7 +274,8 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
                  warmup: int = 1, threads: int | None = 1, caches=("none",), block_length: int | None = None,
                  unrolls=("full",),
                  nll_draws: int = 4, two_sided: Callable | None = None, out_dir=None, progress: bool = True,
-                 sampler_source: str | None = None, prompts_source: str | None = None) -> dict:
+                 sampler_source: str | None = None, prompts_source: str | None = None, pass_cost=None,
+                 unroll_cost_given: float | None = None) -> dict:
     """Sweep, measure and analyse (see the module docstring); with `out_dir`, write frontier.json/.md/.png as a set.
 
     prompts: task prompts (validity), plain prompts or None (unconditional free text). num_samples:
@@ -280,7 +290,11 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
     from ..report import check_out_dir
     from ..tasks import DEFAULT_GEN_LENGTH, evaluate_tasks
 
+    from ..costs import FREE, check_unroll_cost, tokens_per_pass_equivalent, unroll_cost_of
+
     # ---- every check before any work --------------------------------------------------------
+    pass_cost = pass_cost or FREE
+    c_unroll = unroll_cost_of(pass_cost, check_unroll_cost(unroll_cost_given))
     if out_dir is not None:
         check_out_dir(out_dir)
     sampling = sampling or SamplingConfig()
@@ -402,7 +416,8 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
                     "tokens_per_second": round(_median(tps), 3),
                     "ratio_to_exact": 1.0 if pt["label"] == ref_label else round(paired_ratio(tps, ref), 4),
                     "tokens_per_second_repeats": [round(t, 3) for t in tps],
-                    "tokens_per_full_pass": round(_median([st.tokens_per_full_pass for st in stats[pt["label"]]]), 4)}
+                    "tokens_per_full_pass": round(_median([st.tokens_per_full_pass for st in stats[pt["label"]]]), 4),
+                    **_cost_columns(stats[pt["label"]], pass_cost, c_unroll, tokens_per_pass_equivalent)}
         bar.close()
     finally:
         torch.set_num_threads(old_threads)
@@ -426,7 +441,9 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
                      "block_length": block_length, "nll_draws": nll_draws if mode == "text" else None,
                      "grids": {f: DEFAULT_GRIDS[f] for f in dict.fromkeys(p["family"] for p in points) if f != "exact"}
                      | {parse_grid(g)[0]: g for g in grids or []},
-                     "speed_reference": ref_label, "target_batch_size": target_b},
+                     "speed_reference": ref_label, "target_batch_size": target_b,
+                     "pass_cost": {"source": pass_cost.source, "unroll_cost": c_unroll,
+                                   "note": pass_cost.describe(c_unroll)}},
         "notes": notes, "code_version": code_version(),
     }
     from ..quality import _json_safe, machine_info

@@ -1,0 +1,201 @@
+"""The cost of one base pass of r rows, and tokens per pass-equivalent (docs/speculative.md, "The cost of rows").
+
+A pass-cost report (benchmarks/pass_cost.py on the CPU, benchmarks/gpu_bench.py at Dream-7B shape) holds, per
+model, the wall-clock of one base pass of r rows relative to one row, for two kinds of pass: "full" (the whole
+canvas, no cache) and "span" (the active block only, after `base.cache_pass`), and optionally the cost of one
+sampler unroll relative to one pass of one row:
+
+    {"pass_cost": {MODEL: {"full": {"1": 1.0, "2": 1.4, ...}, "span": {...}, "unroll_cost": 0.3}}, ...}
+
+cost(r) between measured r is linear interpolation, past the last measured r the last segment's slope.
+
+Tokens per pass-equivalent = decoded tokens / (sum over full passes of cost(rows of that pass) + c x unrolls),
+per sequence: a pass of B canvases that computed r rows in all (drafted ones included) counts
+cost(r) / cost(B) for each of its sequences still decoding (at batch 1: cost(r)), with the table of its kind
+("full" for whole-canvas passes, "span" for cached ones); c is one sampler unroll's cost relative to one pass,
+and the unrolls are counted per decoding sequence. Without a report every cost(r) is 1: rows are free (as
+batch-1 passes nearly are on a GPU, where they are memory-bound), and tokens per pass-equivalent is then
+tokens per full pass less the unrolls' share.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import AdjustError
+
+KINDS = ("full", "span")
+ROWS = tuple(range(1, 17))
+
+
+def _interpolate(table: dict[int, float], r: float) -> float:
+    xs = sorted(table)
+    if len(xs) == 1 or r <= xs[0]:
+        return table[xs[0]]
+    for a, b in zip(xs, xs[1:]):
+        if r <= b:
+            return table[a] + (r - a) * (table[b] - table[a]) / (b - a)
+    a, b = xs[-2], xs[-1]
+    return table[b] + (r - b) * (table[b] - table[a]) / (b - a)
+
+
+@dataclass(frozen=True)
+class PassCost:
+    """cost(kind, r): one base pass of r rows relative to one row, per kind of pass ("full", "span")."""
+
+    tables: dict = field(default_factory=lambda: {k: {1: 1.0} for k in KINDS})
+    unroll_cost: float | None = None  # one sampler unroll relative to one pass of one row, if the report has it
+    source: str = "none: rows assumed free, cost(r) = 1 for every r"
+
+    def cost(self, kind: str, rows: float) -> float:
+        return _interpolate(self.tables.get(kind) or self.tables["full"], rows)
+
+    def describe(self, unroll_cost: float) -> str:
+        return (f"pass cost: {self.source}; unroll cost c = {unroll_cost:g} of a one-row pass. Tokens per "
+                "pass-equivalent = decoded tokens / (sum over full passes of cost(rows) + c x unrolls)")
+
+
+FREE = PassCost()
+
+
+def _table(obj, where: str) -> dict[int, float]:
+    if not isinstance(obj, dict) or not obj:
+        raise AdjustError(f"{where}: expected an object of rows -> relative cost")
+    out = {}
+    for k, v in obj.items():
+        try:
+            r = int(k)
+        except (TypeError, ValueError):
+            raise AdjustError(f"{where}: row count {k!r} is not an integer") from None
+        if r < 1 or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise AdjustError(f"{where}: entry {k!r}: {v!r} (rows must be >= 1, costs positive numbers)")
+        out[r] = float(v)
+    if 1 not in out:
+        raise AdjustError(f"{where}: no entry for 1 row (the costs are relative to it)")
+    return out
+
+
+def read_pass_costs(path) -> dict[str, PassCost]:
+    """Every model's cost tables in the pass-cost report at `path`, all checked; AdjustError naming the file and
+    what is wrong with it."""
+    from ..io import read_json
+
+    obj = read_json(path, "--pass-cost report")
+    models = obj.get("pass_cost") if isinstance(obj, dict) else None
+    if not isinstance(models, dict) or not models:
+        raise AdjustError(f"--pass-cost {path}: no \"pass_cost\" object of model -> tables "
+                          "(write one with benchmarks/pass_cost.py or benchmarks/gpu_bench.py)")
+    out = {}
+    for name, entry in models.items():
+        if not isinstance(entry, dict) or "full" not in entry:
+            raise AdjustError(f"--pass-cost {path}: model {name!r} has no \"full\" table")
+        tables = {k: _table(entry[k], f"--pass-cost {path}: {name}.{k}") for k in KINDS if k in entry}
+        c = entry.get("unroll_cost")
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0):
+            raise AdjustError(f"--pass-cost {path}: {name}.unroll_cost must be a number >= 0, got {c!r}")
+        out[name] = PassCost(tables, None if c is None else float(c), f"{path} ({name})")
+    return out
+
+
+def pick_pass_cost(costs: dict[str, PassCost], model: str | None, path) -> PassCost:
+    """The tables of `model` (the base's name), or the only ones of a one-model report."""
+    if model in costs:
+        return costs[model]
+    if len(costs) == 1:
+        return next(iter(costs.values()))
+    raise AdjustError(f"--pass-cost {path}: no table for model {model!r}; it has {', '.join(sorted(costs))}")
+
+
+def read_pass_cost(path, model: str | None = None) -> PassCost:
+    """`pick_pass_cost(read_pass_costs(path), model, path)`."""
+    return pick_pass_cost(read_pass_costs(path), model, path)
+
+
+def check_unroll_cost(c) -> float | None:
+    if c is not None and (not math.isfinite(c) or c < 0):
+        raise AdjustError(f"--unroll-cost must be a number >= 0, got {c!r}")
+    return c
+
+
+def unroll_cost_of(cost: PassCost, given: float | None) -> float:
+    """c: the one given (--unroll-cost), else the report's, else 0 (unrolls free)."""
+    return given if given is not None else (cost.unroll_cost if cost.unroll_cost is not None else 0.0)
+
+
+def pass_equivalents(stats, cost: PassCost = FREE, unroll_cost: float = 0.0) -> float:
+    """Per sequence: the sum over `stats`' full passes of cost(rows) / cost(canvases), + c x unrolls."""
+    total = 0.0
+    for key, sequences in stats.pass_shapes.items():
+        kind, canvases, rows = key.split()
+        total += sequences * cost.cost(kind, int(rows)) / cost.cost(kind, int(canvases))
+    return total + unroll_cost * stats.row_unrolls
+
+
+def tokens_per_pass_equivalent(stats, cost: PassCost = FREE, unroll_cost: float = 0.0) -> float:
+    """Decoded tokens per pass-equivalent (module docstring); 0.0 when nothing was computed."""
+    eq = pass_equivalents(stats, cost, unroll_cost)
+    return stats.decoded_tokens / eq if eq > 0 else 0.0
+
+
+# --- measuring it ---------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def measure_pass_cost(base, canvas: torch.Tensor, block: tuple[int, int], rows=ROWS, repeats: int = 20,
+                      warmup: int = 2, kinds=KINDS, sampler=None) -> dict:
+    """Median wall-clock of one base pass of r rows (the canvas `canvas` (L,) repeated r times) for each r in
+    `rows`, relative to r = 1: "full" = `base.hidden_states` on the whole canvas; "refresh" = `base.cache_pass`
+    (the whole canvas, keeping the keys/values); "span" = `base.span_hidden` on `block` (lo, hi) after a
+    `cache_pass` of the same rows (untimed). Repeats interleaved: repeat i times every (kind, r), the order
+    rotated by i. With `sampler`: one sampler unroll on the one-row canvas, relative to the one-row "full" pass."""
+    from .bench import time_call
+
+    rows = sorted(set(rows) | {1})
+    x = {r: canvas[None].repeat(r, 1).to(base.device) for r in rows}
+    kv = {r: base.cache_pass(x[r])[1] for r in rows} if "span" in kinds else {}
+    lo, hi = block
+    fns = {}
+    for r in rows:
+        if "full" in kinds:
+            fns[("full", r)] = lambda r=r: base.hidden_states(x[r])
+        if "refresh" in kinds:
+            fns[("refresh", r)] = lambda r=r: base.cache_pass(x[r])
+        if "span" in kinds:
+            fns[("span", r)] = lambda r=r: base.span_hidden(x[r], None, kv[r], lo, hi)
+    if sampler is not None:
+        prior = base.hidden_states(x[1])
+        fns[("unroll", 1)] = lambda: sampler(base, x[1], prior, None)
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times = {name: [] for name in names}
+    for i in range(repeats):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(time_call(fns[name], base.device))
+    import statistics
+
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    out = {"canvas": int(canvas.shape[0]), "block": [lo, hi], "repeats": repeats, "rows": rows}
+    for kind in kinds:
+        out[f"{kind}_ms"] = {str(r): round(ms[(kind, r)], 4) for r in rows}
+        out[kind] = {str(r): round(ms[(kind, r)] / ms[(kind, 1)], 4) for r in rows}
+    if sampler is not None:
+        out["unroll_ms"] = round(ms[("unroll", 1)], 4)
+        out["unroll_cost"] = round(ms[("unroll", 1)] / ms[("full", 1)], 4)
+    return out
+
+
+def cost_table_markdown(tables: dict, kinds=KINDS) -> str:
+    """One Markdown table: a row per (model, kind), a column per r; the ms of one row in the first column."""
+    rows = sorted({int(r) for t in tables.values() for k in kinds if k in t for r in t[k]})
+    lines = ["| model | pass | 1 row (ms) | " + " | ".join(f"r={r}" for r in rows) + " |",
+             "|---|---|---|" + "---|" * len(rows)]
+    for name, t in tables.items():
+        for k in kinds:
+            if k in t:
+                lines.append(f"| {name} | {k} | {t[f'{k}_ms']['1']:.3f} | "
+                             + " | ".join(f"{t[k][str(r)]:.2f}" if str(r) in t[k] else "-" for r in rows) + " |")
+    return "\n".join(lines)
