@@ -191,6 +191,17 @@ def test_rollouts_resume_with_a_changed_base_is_refused(capsys, tiny_model_dir, 
     one_error(*rollouts(capsys, base, out, 8)[::2], "--base (its weights or config.json changed)")
 
 
+def test_distill_refuses_a_base_changed_since_its_rollouts(capsys, tiny_model_dir, made, tmp_path):
+    """Issue 28.5: one flipped weight byte in the base after the rollouts were drawn: distill would train the
+    sampler on another model's samples; refused, naming --base."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    flip_last_byte(base / "model.safetensors")
+    rc, _, err = cli(capsys, "distill", "--base", base, "--rollouts", made, "--out", tmp_path / "s", "--steps", 2,
+                     "--batch-size", 4, "--max-unrolls", 2, "--quiet")
+    one_error(rc, err, "--base tiny-test", "changed since these rollouts were drawn")
+
+
 def test_train_base_resume_with_another_vocab_size_is_refused(capsys, data_file, tmp_path):
     """Issue 28.3."""
     out = tmp_path / "m"

@@ -257,9 +257,25 @@ def distill(base, rollouts: Rollouts, out: str | Path, cfg: DistillConfig, sampl
         return _distill(base, rollouts, out, cfg, sampler_cfg, progress, accelerator)
 
 
+def _check_base_unchanged(base, rollouts: Rollouts) -> None:
+    """Refuse a base whose weights or config.json changed since the rollouts were drawn from it (the embedding
+    fingerprint sees only a slice): its rollouts are another model's samples. Compared when the rollouts
+    recorded the digest and the base is loaded whole in the dtype they were drawn with (the digest is of the
+    loaded weights; a base sharded over processes holds only its part of them)."""
+    from .rollouts import base_digest
+
+    meta = rollouts.meta
+    whole = all(type(t) is torch.Tensor for t in base.state_dict().values())
+    if meta.get("base_digest") and whole and meta.get("dtype") == str(base.dtype).removeprefix("torch."):
+        if base_digest(base) != meta["base_digest"]:
+            raise AdjustError(f"--base {base.name}: its weights or config.json changed since these rollouts were "
+                              "drawn from it; draw new rollouts (adjust rollouts) or use the base they came from")
+
+
 def _distill(base, rollouts: Rollouts, out: Path, cfg: DistillConfig, sampler_cfg, progress, accelerator) -> dict:
     if rollouts.meta["base"]["fingerprint"] != base.identity()["fingerprint"]:
         raise AdjustError(f"these rollouts came from base {rollouts.meta['base'].get('name')!r}, not {base.name!r}")
+    _check_base_unchanged(base, rollouts)
     if cfg.max_unrolls < 1 or cfg.max_unrolls > rollouts.gen_length - 1:
         raise AdjustError(f"--max-unrolls must be in 1..{rollouts.gen_length - 1} for rollouts of length "
                           f"{rollouts.gen_length}, got {cfg.max_unrolls}")
