@@ -638,6 +638,14 @@ class _PhaseTimer:
         self.pending.clear()
 
 
+def current_block(x: torch.Tensor, gen_start: int, mask_id: int, block_length: int) -> torch.Tensor:
+    """(B,) the block (of `block_length` generated positions) holding each row's leftmost masked generated
+    position: where decoding from that canvas stands; the number of blocks for a row with no mask left."""
+    masked = x[:, gen_start:] == mask_id
+    n_blocks = math.ceil(masked.shape[1] / block_length)
+    return torch.where(masked.any(1), masked.long().argmax(1) // block_length, n_blocks)
+
+
 def build_canvas(prompts: list[list[int]], gen_length: int, base):
     """Left-padded canvas (B, P + gen_length), attention mask (None if no padding), and P."""
     P = max((len(p) for p in prompts), default=0)
@@ -760,9 +768,7 @@ class Decoding:
         self.loop = _Loop(self.base, x.to(device).clone(), None, gen_start, self.sampling, RowRNG(seeds, device),
                           self.sampler, self.record_history, self.stops, self.cache, self.cache_refresh, self.plan,
                           self.strategy.k, self.block_length, self.logprobs)
-        masked = self.loop.x[:, gen_start:] == self.base.mask_id
-        first = masked.long().argmax(1) // self.loop.block_length
-        self.loop.block_index = torch.where(masked.any(1), first, self.loop.n_blocks)
+        self.loop.block_index = current_block(self.loop.x, gen_start, self.base.mask_id, self.loop.block_length)
         if self.loop.lockstep and len(self.loop.block_index.unique()) > 1:
             raise AdjustError("with a key/value cache, states must share their current block")
 

@@ -255,21 +255,12 @@ def write_report(result: dict, out_dir) -> dict:
 def _sharing_a_block(x: torch.Tensor, start: int, mask_id: int, block_length: int | None, cache: str) -> list:
     """Row index lists of `x` to run together: all rows, or with a key/value cache (whose block all rows of a
     decoding share) the rows of each current block (the block holding the leftmost masked position)."""
+    from ..decode import current_block
+
     if block_length is None or cache == "none":
         return [list(range(x.shape[0]))]
-    block = ((x[:, start:] == mask_id).long().argmax(1) // block_length).tolist()
+    block = current_block(x, start, mask_id, block_length).tolist()
     return [[i for i, b in enumerate(block) if b == v] for v in dict.fromkeys(block)]
-
-
-def _path_length(x: torch.Tensor, start: int, k: int, mask_id: int, block_length: int | None) -> torch.Tensor:
-    """(B,) tokens of the K-token step at each state: K, or fewer where the current block has fewer masks."""
-    masked = x[:, start:] == mask_id
-    if block_length is None:
-        return masked.sum(1).clamp(max=k)
-    first = masked.long().argmax(1) // block_length * block_length  # the current block's start
-    cols = torch.arange(masked.shape[1])[None]
-    in_block = (cols >= first[:, None]) & (cols < first[:, None] + block_length)
-    return (masked & in_block).sum(1).clamp(max=k)
 
 
 def _true_path(base, x, start, k, sampling, block_length, seeds):
@@ -277,10 +268,11 @@ def _true_path(base, x, start, k, sampling, block_length, seeds):
     its generation-relative columns (B, K) and tokens (B, K); -1 pads a path cut short by its block's end)."""
     from ..decode import Decoding
 
-    n = _path_length(x, start, k, base.mask_id, block_length)
     run = Decoding(base, make_strategy("exact"), sampling, x.shape[1] - start, block_length, logprobs=0)
     run.start_from(x, start, seeds)
     B = x.shape[0]
+    # K tokens, or fewer where the current block has fewer masks: the loop's own candidates
+    n = torch.bincount(run.loop.candidates()[0], minlength=B).clamp(max=k).cpu()
     path = torch.full((B, k), -1, dtype=torch.long)
     tokens = torch.zeros((B, k), dtype=torch.long)
     for j in range(k):
