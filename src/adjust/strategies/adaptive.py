@@ -160,8 +160,8 @@ class AdjustThreshold(Strategy):
 
 @register("threshold-adjust")
 class ThresholdAdjust(Strategy):
-    """Threshold first, then ADJUST: the confident positions come free from the full pass, the
-    sampler's K - 1 unrolls go to the uncertain ones (docs/method.md section 9).
+    """Threshold first, then ADJUST: the confident positions come free from the full pass, one sampler draw goes
+    to an uncertain position, and further draws only where the sampler is confident (docs/method.md section 9).
 
     Rule, per sequence, in each step:
     1. from the full pass, commit every masked position of the block whose confidence (largest
@@ -169,15 +169,20 @@ class ThresholdAdjust(Strategy):
        drawn from its own marginal; no unroll is spent on them;
     2. if no position is that confident, commit instead the one best position by the order rule
        (so every full pass writes at least one token, as `adjust`'s first pick);
-    3. then, while masks remain in the block and fewer than K - 1 unrolls have run: one sampler
-       unroll on the canvas as it is now (every token written in this step included, the whole
-       confident batch too), and commit the best-scored (order rule) remaining position, drawn from
-       the sampler's distribution.
-    A sequence writes (confident count, or 1) + min(K - 1, masks left after it) tokens per full
-    pass. K = 1 is `threshold` except for the fallback pick of step 2 (order rule here, the most
-    confident position there: the same with --order confidence); with tau = 1.0 on a model whose
-    probabilities never reach 1 it is `adjust` with the same K. A batch's rows are independent: an
-    unroll runs while any row has masks left, and a row without masks takes nothing from it.
+    3. if masks remain in the block (and K >= 2): one sampler unroll on the canvas as it is now (every
+       token written in this step included), and commit the best-scored (order rule) remaining position,
+       drawn from the sampler's distribution, however unsure: the draw `threshold` cannot make without
+       another full pass;
+    4. then, while masks remain and fewer than K - 1 unrolls have run: one more unroll, and commit its best
+       position only if the sampler's confidence there is >= tau; the first one below tau ends the
+       sequence's step (as `adjust-threshold`).
+    Why step 4 is gated: a second unsure draw in one step must condition on the first, and where the sampler
+    has not learned that dependency (the task model's `pick`: copy the word just written) ungated draws fall to
+    `adjust`'s validity, while a confident one is what the full pass would have made free next. K = 1 is
+    `threshold` except for the fallback pick of step 2 (order rule here, the most confident position there: the
+    same with --order confidence); with tau = 1.0 on a model whose probabilities never reach 1 it is `adjust`
+    with K = min(K, 2). A batch's rows are independent: an unroll runs while any row is still drawing, and a
+    row that is not takes nothing from it.
     """
 
     uses_sampler = True
@@ -194,14 +199,21 @@ class ThresholdAdjust(Strategy):
         unsure = torch.bincount(rows[confident], minlength=B) == 0  # rows with no confident position
         fallback = ctx.choose(ctx.scores(logp, rows), rows, unsure.long())
         ctx.commit(torch.cat([confident.nonzero(as_tuple=True)[0], fallback]), rows, cols, logp)
-        one = torch.ones(B, dtype=torch.long, device=ctx.x.device)
+        drawing = torch.ones(B, dtype=torch.bool, device=ctx.x.device)
         hidden = ctx.hidden
-        for _ in range(self.k - 1):
-            if not ctx.remaining().any():
+        for j in range(1, self.k):
+            drawing &= ctx.remaining() > 0
+            if not drawing.any():
                 return
             hidden = ctx.unroll_sampler(hidden)
             rows, cols, logp = ctx.distributions(hidden)
-            ctx.commit(ctx.choose(ctx.scores(logp, rows), rows, one), rows, cols, logp)
+            chosen = ctx.choose(ctx.scores(logp, rows), rows, drawing.long())
+            if j > 1:  # step 4: only a confident draw
+                sure = confidence(logp[chosen]) >= self.tau
+                drawing[rows[chosen[~sure]]] = False
+                chosen = chosen[sure]
+            if len(chosen):
+                ctx.commit(chosen, rows, cols, logp)
 
     def describe(self):
         return f"threshold-adjust(tau={self.tau},K={self.k})"
