@@ -109,13 +109,14 @@ def _refuse_unused_flags(args, strategy) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .decode import check_cache, generate_texts, unroll_plan
+    from .decode import check_cache, generate_texts, resolve_unroll, unroll_plan
 
     strategy = _strategy_from_args(args)
     _refuse_unused_flags(args, strategy)
     sampling = _sampling_from_args(args)
     prompts = _read_prompts(args)  # bad prompts fail before a model loads
     check_cache(None, args.cache, args.block_length, args.cache_refresh)
+    args.unroll = resolve_unroll(args.unroll, strategy)
     unroll_plan(args.unroll)
     from .strategies import sampler_need
 
@@ -912,11 +913,15 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
                    help="also refresh the cache every N full passes (default: only at each block start)")
 
 
-def _add_unroll_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--unroll", default="full", help="full | fast: how ADJUST's sampler unrolls are computed. fast: "
+def _add_unroll_arg(p: argparse.ArgumentParser, default: str | None = "full") -> None:
+    """--unroll; default None: decode.DEFAULT_UNROLL for the strategies that unroll the sampler."""
+    from .decode import DEFAULT_UNROLL
+
+    said = default or f"{DEFAULT_UNROLL} for the strategies with unrolls"
+    p.add_argument("--unroll", default=default, help="full | fast: how ADJUST's sampler unrolls are computed. fast: "
                    "after the full pass each sequence keeps its 2(K-1) best positions by the full pass's order "
                    "scores; the unrolls run the sampler only on those and the positions written in the step and "
-                   "score only those; cheaper, an approximation (docs/method.md section 3; default full)")
+                   f"score only those; cheaper, an approximation (docs/method.md section 3; default {said})")
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -945,7 +950,7 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-length", type=int, default=64, help="tokens to generate per sequence")
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")
     _add_cache_args(p)
-    _add_unroll_arg(p)
+    _add_unroll_arg(p, None)
     p.add_argument("--order", default=None, help=f"order rule: {' | '.join(ORDERS)} (default: entropy)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -261,6 +261,9 @@ def test_unroll_reaches_the_decoding_loop():
                                      gen_length=32, seed=3, sampler=lm.sampler, unroll=mode)
         assert texts[mode] == want[0]["text"] and stats.to_dict()["unroll"] == mode
     assert texts["full"] != texts["fast"]
+    lm = AdjustLM(base=str(shipped), strategy="adjust", tokens_per_pass=8, seed=3)  # not given: the fast unroll
+    assert lm.unroll == "fast" and lm.generate_until([_gen(lm, p, max_gen_toks=32, until=[])]) == [texts["fast"]]
+    assert AdjustLM(base=str(shipped), strategy="exact", seed=3).unroll == "full"  # no unrolls to make fast
 
 
 def test_cache_reaches_the_decoding_loop():

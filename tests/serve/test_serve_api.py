@@ -142,6 +142,15 @@ def test_unroll_reaches_the_decoding_loop(client, capsys):
                                       extra_body={"strategy": "adjust", "tokens_per_pass": 8, "unroll": mode})
         assert r.choices[0].text == texts[mode]
     assert texts["full"] != texts["fast"]
+    # not given: the fast unroll (decode.DEFAULT_UNROLL), on the command line and in a request
+    capsys.readouterr()
+    assert main(["generate", "--base", str(SHIPPED), "--prompt", PROMPT, "--seed", "4", "--gen-length", "32",
+                 "--strategy", "adjust", "-K", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["samples"][0]["text"] == texts["fast"] and out["stats"]["unroll"] == "fast"
+    r = client.completions.create(model="shakespeare-base", prompt=PROMPT, max_tokens=32, seed=4,
+                                  extra_body={"strategy": "adjust", "tokens_per_pass": 8})
+    assert r.choices[0].text == texts["fast"]
 
 
 def test_list_of_prompts_and_token_ids(server, client):

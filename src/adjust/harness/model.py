@@ -37,7 +37,7 @@ MODEL_ARGS = {
     "strategy": "exact", **dict.fromkeys(STRATEGY_PARAMS),
     "block_length": None, "gen_length": None,
     "temperature": None, "top_p": None, "top_k": None, "order": None,
-    "cache": None, "unroll": "full", "chat": False, "dtype": "float32", "device": "cpu", "batch_size": DEFAULT_BATCH_SIZE,
+    "cache": None, "unroll": None, "chat": False, "dtype": "float32", "device": "cpu", "batch_size": DEFAULT_BATCH_SIZE,
     "seed": 0, "mc_num": 128, "check_greedy": True, "likelihood": "bound",
 }
 LIKELIHOODS = ("bound", "chain")
@@ -105,7 +105,7 @@ class AdjustLM(LM):
     is_greedy by a greedy decode (false: always False, as LLaDA's evaluation without it).
     cache: none | prefix | dual, the decoding loop's key/value cache (needs block_length; only bases
     that can take one: our tiny model, native Dream and LLaDA). unroll: full | fast, how ADJUST's sampler
-    unrolls are computed (`--unroll`; docs/method.md section 3).
+    unrolls are computed (`--unroll`; docs/method.md section 3; default fast for a strategy with unrolls).
     """
 
     def __init__(self, **kwargs):
@@ -120,11 +120,11 @@ class AdjustLM(LM):
             raise AdjustError(f"unknown model arg(s) {', '.join(unknown)} for --model adjust; it accepts: "
                               f"{', '.join(MODEL_ARGS)}")
         a = {**MODEL_ARGS, **{k: v for k, v in kwargs.items() if v is not None}}
-        from ..decode import check_cache, unroll_plan
+        from ..decode import check_cache, resolve_unroll, unroll_plan
 
         self.cache = "none" if a["cache"] in (None, False, "", "None") else str(a["cache"])
-        self.unroll = str(a["unroll"])
-        unroll_plan(self.unroll)  # a bad unroll mode fails before loading
+        unroll = None if a["unroll"] in (None, "", "None") else str(a["unroll"])
+        unroll_plan(unroll or "full")  # a bad unroll mode fails before loading
         self.gen_length = _int("gen_length", a["gen_length"], 1)
         self.block_length = _int("block_length", a["block_length"], 1)
         self.batch_size = _batch_size(a["batch_size"])
@@ -140,6 +140,7 @@ class AdjustLM(LM):
         strategy_params = {k: _int(k, a[k], 1) if k in INT_PARAMS else a[k] for k in STRATEGY_PARAMS}
         self.strategy = build_strategy(str(a["strategy"]), strategy_params,
                                        spell=lambda p: f"model arg {p}")  # refused before loading a model
+        self.unroll = resolve_unroll(unroll, self.strategy)
         spec = ModelSpec(base=None if a["base"] is None else str(a["base"]), base_type=str(a["base_type"]),
                          dtype=str(a["dtype"]), device=str(a["device"]),
                          remote_code=_bool("remote_code", a["remote_code"]),

@@ -54,7 +54,7 @@ class DecodeSettings:
     block_length: int | None
     seed: int
     cache: str = "none"  # the decoding loop's key/value cache (needs block_length)
-    unroll: str = "full"  # how ADJUST's sampler unrolls are computed (decode.UNROLL_MODES)
+    unroll: str = "full"  # how ADJUST's sampler unrolls are computed (decode.UNROLL_MODES; requests resolve it)
     early_exit: bool = False  # stop a row at its first stop token (chat: EOS / end of turn), as --chat does
     logprobs: int | None = None  # record each drawn token's log-probability and the N most likely (None: off)
 

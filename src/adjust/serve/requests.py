@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from ..errors import AdjustError
 from ..sampling import SamplingConfig
 from ..strategies import INT_PARAMS, STR_PARAMS, STRATEGY_PARAMS, make_strategy, strategy_names, unused_setting
+from ..decode import resolve_unroll
 from .batching import DecodeSettings
 from .errors import ApiError
 from .limits import Limits
@@ -296,11 +297,11 @@ def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults:
     except AdjustError as e:
         raise ApiError(str(e).replace("--block-length", "'block_length'").replace("--cache", "'cache'"), "cache",
                        "invalid_value")
-    unroll = get_str(body, "unroll", "full")
+    unroll = get_str(body, "unroll", None)
     try:
         from ..decode import unroll_plan
 
-        unroll_plan(unroll)
+        unroll_plan(unroll or "full")
     except AdjustError as e:
         raise ApiError(str(e).replace("--unroll", "'unroll'"), "unroll", "invalid_value")
     seed = body.get("seed")
@@ -327,6 +328,7 @@ def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults:
     unused = unused_setting(strategy, lambda p: f"'{p}'", order=body.get("order") is not None, unroll=unroll)
     if unused:
         raise ApiError(unused[1], unused[0], "unused_parameter")
+    unroll = resolve_unroll(unroll, strategy)
     if not strategy.adaptive and strategy.k > max_tokens and max_tokens:
         raise ApiError(f"'tokens_per_pass' ({strategy.k}) is larger than 'max_tokens' ({max_tokens})",
                        "tokens_per_pass", "invalid_value")

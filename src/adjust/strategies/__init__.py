@@ -80,15 +80,16 @@ def build_strategy(name: str, params: dict, spell=cli_flag) -> Strategy:
     return STRATEGIES[name](**given)
 
 
-def unused_setting(strategy: Strategy, spell=cli_flag, *, order: bool = False, unroll: str = "full",
+def unused_setting(strategy: Strategy, spell=cli_flag, *, order: bool = False, unroll: str | None = None,
                    sampler: bool = False) -> tuple[str, str] | None:
     """(setting, message) for the first decoding setting given that `strategy` would not use (None: all used): an
     order rule for a strategy that ranks by its own rule, a fast unroll or a sampler for one without a sampler.
-    The one rule for the command line's flags and the server's fields: refused, never ignored."""
+    `unroll`: the mode given (None: not given, so the default, which any strategy takes). The one rule for the
+    command line's flags and the server's fields: refused, never ignored."""
     if order and not strategy.uses_order:
         return "order", (f"strategy {strategy.name!r} ranks positions by its own rule, not the order rule; "
                          f"drop {spell('order')}")
-    if unroll != "full" and not strategy.uses_sampler:
+    if unroll not in (None, "full") and not strategy.uses_sampler:
         return "unroll", (f"{spell('unroll')} {unroll} changes ADJUST's sampler unrolls; strategy {strategy.name!r} "
                           "has none")
     if sampler and not (strategy.uses_sampler or strategy.takes_sampler):
