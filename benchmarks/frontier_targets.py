@@ -6,7 +6,10 @@ the smallest timed), per quality panel:
 - validity (task prompts only): every peer point within MARGIN of exact's validity needs an ADJUST-family
   point at least as valid with >= SPEEDUP x its tokens/s;
 - front: every point of the overall Pareto front faster than FRONT_SPEED x exact's tokens/s is
-  ADJUST-family (for s above it, the best quality reachable at >= s tokens/s is then ADJUST's).
+  ADJUST-family (for s above it, the best quality reachable at >= s tokens/s is then ADJUST's);
+- pass-equivalent (issue 23; reports with a tokens-per-pass-equivalent column, `--unroll-cost` or
+  `--pass-cost`): among the points within PE_MARGIN of exact's quality, an ADJUST-family point with >= PE_RATIO x
+  the tokens per pass-equivalent of the best peer point there and >= PE_SPEED x that peer's measured tokens/s.
 
     python benchmarks/frontier_targets.py results/frontier_tasks/frontier.json [--md OUT.md] [--json OUT.json]
 
@@ -25,6 +28,9 @@ from adjust.io import atomic_path, read_json
 VALIDITY_MARGIN = 0.03  # "within 3 points of exact validity"
 SPEEDUP_TARGET = 1.25  # an ADJUST-family point >= 1.25x the peer's tokens/s
 FRONT_SPEED = 1.5  # the ADJUST family on the overall front above 1.5x exact's tokens/s
+PE_MARGIN = 0.01  # "at validity within 1 point of exact"
+PE_RATIO = 1.5  # >= 1.5x the best peer's tokens per pass-equivalent there
+PE_SPEED = 1.0  # and >= 1.0x its measured tokens/s
 
 
 def validity_target(points: list[dict], exact_q: float, margin: float = VALIDITY_MARGIN,
@@ -63,18 +69,52 @@ def front_target(points: list[dict], exact_s: float, factor: float = FRONT_SPEED
             "front": [p["label"] for p in front]}
 
 
+def pass_equivalent_target(points: list[dict], exact_q: float, margin: float = PE_MARGIN, ratio: float = PE_RATIO,
+                           speed: float = PE_SPEED) -> dict:
+    """Among points within `margin` of exact's quality, the peer point with the most tokens per pass-equivalent
+    ("e"; exact itself when no peer is that good) against the ADJUST-family points there: met when one has
+    >= ratio x its e and >= speed x its tokens/s. "met" is None without an e column."""
+    good = [p for p in points if p["q"] is not None and p["q"] >= exact_q - margin - 1e-12 and p.get("e") is not None]
+    peers = [p for p in good if side(p["family"]) == "peer"] or [p for p in good if side(p["family"]) == "exact"]
+    ours = [p for p in good if side(p["family"]) == "adjust"]
+    if not peers:
+        return {"met": None, "margin": margin, "ratio": ratio, "speed": speed}
+    best = max(peers, key=lambda p: (p["e"], p["s"]))
+    top = max(ours, key=lambda p: (p["e"], p["s"]), default=None)
+    wins = [a for a in ours if a["e"] >= ratio * best["e"] and a["s"] >= speed * best["s"]]
+    witness = max(wins, key=lambda p: (p["e"], p["s"]), default=None)
+
+    def row(p):
+        return None if p is None else {"label": p["label"], "quality": _v(p), "tokens_per_pass_equivalent": p["e"],
+                                       "tokens_per_second": p["s"]}
+
+    return {"met": witness is not None, "margin": margin, "ratio": ratio, "speed": speed, "exact_quality": exact_q,
+            "best_peer": row(best), "best_adjust": row(top), "witness": row(witness),
+            "best_adjust_ratios": None if top is None else {"pass_equivalent": round(top["e"] / best["e"], 4),
+                                                           "tokens_per_second": round(top["s"] / best["s"], 4)}}
+
+
+def _with_pass_equivalent(result: dict, panel: str, B: int) -> list[dict]:
+    pts = points_at(result, panel, B)
+    by_label = {p["label"]: p for p in result["points"]}
+    for p in pts:
+        p["e"] = by_label[p["label"]]["speed"][str(B)].get("tokens_per_pass_equivalent")
+    return pts
+
+
 def targets(result: dict) -> dict:
-    """Both targets at the report's target batch size, per panel."""
+    """The targets at the report's target batch size, per panel."""
     B = result["settings"]["target_batch_size"]
     ref = result["settings"]["speed_reference"]
     out = {"batch_size": B, "validity": {} if result["mode"] == "validity" else None, "front": {},
-           "report_code_version": result.get("code_version")}
+           "pass_equivalent": {}, "report_code_version": result.get("code_version")}
     for panel in result["panels"]:
-        pts = points_at(result, panel, B)
+        pts = _with_pass_equivalent(result, panel, B)
         exact = next(p for p in pts if p["label"] == ref)
         out["front"][panel] = front_target(pts, exact["s"])
         if out["validity"] is not None:
             out["validity"][panel] = validity_target(pts, exact["q"])
+        out["pass_equivalent"][panel] = pass_equivalent_target(pts, exact["q"])
     return out
 
 
@@ -98,6 +138,23 @@ def markdown(t: dict) -> str:
                     near = ("no ADJUST-family point is as valid" if c["fastest_as_valid"] is None else
                             f"the fastest as valid, {c['fastest_as_valid']}, is {c['fastest_as_valid_ratio']:.2f}x")
                     lines.append(head + f"NOT met, {near}: the peer wins here")
+    for panel, e in (t.get("pass_equivalent") or {}).items():
+        if e["met"] is None:
+            continue
+        b, a = e["best_peer"], e["best_adjust"]
+        line = (f"- pass-equivalent, {panel}: {_verdict(e['met'])} -- within {100 * e['margin']:.0f} point(s) of exact "
+                f"({e['exact_quality']:.3f}) the best peer point is {b['label']} ({b['tokens_per_pass_equivalent']:.2f} "
+                f"tokens per pass-equivalent, {b['tokens_per_second']:.1f} tok/s); ")
+        if a is None:
+            line += "no ADJUST-family point is that valid"
+        else:
+            r = e["best_adjust_ratios"]
+            line += (f"the best ADJUST-family point there, {a['label']}, has {r['pass_equivalent']:.2f}x its tokens per "
+                     f"pass-equivalent and {r['tokens_per_second']:.2f}x its tokens/s (target >= {e['ratio']}x and "
+                     f">= {e['speed']}x)")
+            if e["witness"] is not None and e["witness"]["label"] != a["label"]:
+                line += f"; {e['witness']['label']} meets both"
+        lines.append(line)
     for panel, f in t["front"].items():
         fast = ", ".join(f["front_above"]) or "none"
         lines.append(f"- front above {f['factor']}x exact, {panel}: {_verdict(f['met'])} -- overall-front points "

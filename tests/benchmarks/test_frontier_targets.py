@@ -53,6 +53,29 @@ def test_front_target_on_hand_made_points():
     assert T.front_target([exact, slow_peer], 100)["met"] is None  # nothing faster than 1.5x exact
 
 
+def test_pass_equivalent_target_on_hand_made_points():
+    def E(label, family, q, s, e):
+        return {**P(label, family, q, s), "e": e}
+
+    exact = E("exact", "exact", 0.98, 100, 1.0)
+    peer = E("threshold:tau=0.9", "threshold", 0.975, 200, 2.0)  # within 1 point: the best peer there
+    far = E("threshold:tau=0.5", "threshold", 0.90, 400, 4.0)  # too invalid to count
+    win = E("threshold-adjust:tau=0.9;K=4", "threshold-adjust", 0.972, 210, 3.0)  # 1.5x e, 1.05x s
+    t = T.pass_equivalent_target([exact, peer, far, win], exact["q"])
+    assert t["met"] is True and t["best_peer"]["label"] == peer["label"] and t["witness"]["label"] == win["label"]
+    assert t["best_adjust_ratios"] == {"pass_equivalent": 1.5, "tokens_per_second": 1.05}
+    slow = E("adjust:8", "adjust", 0.975, 190, 5.0)  # more per pass-equivalent, slower on the CPU: not enough
+    t = T.pass_equivalent_target([exact, peer, slow], exact["q"])
+    assert t["met"] is False and t["best_adjust"]["label"] == "adjust:8" and t["witness"] is None
+    invalid = E("adjust:4", "adjust", 0.96, 500, 4.0)  # 2 points below exact: not at that quality
+    t = T.pass_equivalent_target([exact, peer, invalid], exact["q"])
+    assert t["met"] is False and t["best_adjust"] is None
+    # no peer that valid: exact is the bar
+    t = T.pass_equivalent_target([exact, far, win], exact["q"])
+    assert t["best_peer"]["label"] == "exact" and t["met"] is True
+    assert T.pass_equivalent_target([P("exact", "exact", 0.98, 100)], 0.98)["met"] is None  # no e column
+
+
 def test_script_reads_a_frontier_report_and_writes_its_verdicts(tmp_path, capsys):
     """On a hand-written report: exact, a peer within 3 points and an ADJUST point 1.5x as fast."""
     def point(label, family, v, s):
