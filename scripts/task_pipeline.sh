@@ -47,7 +47,7 @@ MIN_LR_RATIO=${MIN_LR_RATIO:-0.05}           # cosine decay of the distill lr to
 ENTROPY_WINDOWS=${ENTROPY_WINDOWS:-0.8}       # share of windows drawn by the entropy of the tokens they write
 MAX_UNROLLS=${MAX_UNROLLS:-3}                # serves adjust up to K = MAX_UNROLLS + 1
 # evaluation
-STRATEGIES=${STRATEGIES:-exact,parallel:2,parallel:4,adjust:2,adjust:4,threshold:tau=0.9,entropy-bound:gamma=0.5,adjust-threshold:tau=0.9}
+STRATEGIES=${STRATEGIES:-exact,parallel:2,parallel:4,adjust:2,adjust:4,threshold:tau=0.9,entropy-bound:gamma=0.5,adjust-threshold:tau=0.9,threshold-adjust:tau=0.9}
 TEMPERATURE=${TEMPERATURE:-1.0}; ORDER=${ORDER:-entropy}
 
 if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON

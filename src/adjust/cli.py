@@ -410,7 +410,8 @@ def cmd_eval_tasks(args) -> None:
 def _add_tasks_parser(ev) -> None:
     from .eval.tasks import DEFAULT_GEN_LENGTH, TASKS
 
-    p = ev.add_parser("tasks", help="validity of answers to verifiable tasks (list, pick, reverse) per strategy")
+    p = ev.add_parser("tasks", help="validity of answers to verifiable tasks (list, shuffle, pick, reverse, either) per "
+                       "strategy")
     _add_base_args(p)
     p.add_argument("--sampler", default=None, help="joint sampler directory (default: <base>/sampler)")
     p.add_argument("--prompts", required=True, help="task prompts: .jsonl from `python -m adjust.eval.tasks "

@@ -86,6 +86,15 @@ def test_reverse_accepts_only_the_reversal():
         assert not T.is_valid(REVERSE, wrong), wrong
 
 
+def test_either_accepts_one_whole_group():
+    prompt = "either: red fox | blue sky tree ="
+    for ok in [" red fox", " blue sky tree", "blue sky tree\n", " red fox<|endoftext|> blue"]:
+        assert T.is_valid(prompt, ok), ok
+    for wrong in [" red sky tree", " blue fox", " red", " blue sky", " fox red", " red fox blue sky tree", " |",
+                  " red fox |", ""]:
+        assert not T.is_valid(prompt, wrong), wrong
+
+
 def test_validator_reads_only_the_prompt():
     # no reference answer is consulted: the same prompt text gives the same verdicts
     ex = T.Example("list", LIST, "dog sun cat", ["cat", "dog", "sun"])
@@ -109,6 +118,13 @@ def test_generated_examples_are_valid_and_parse_back():
         exs = T.examples(name, 50, seed=3)
         assert all(lo <= len(e.items) <= hi and set(e.items) <= set(T.WORDS) for e in exs), name
         assert {len(e.items) for e in exs} == set(range(lo, hi + 1)), name
+    eithers = T.examples("either", 200, seed=3)
+    for e in eithers:
+        a, b = T.TASKS["either"].groups(e.items)
+        assert len(a) != len(b) and 1 <= min(len(a), len(b)) and max(len(a), len(b)) <= 4 and len(a) + len(b) <= 6
+        assert len(set(a + b)) == len(a + b) and set(a + b) <= set(T.WORDS)
+    assert {len(e.answer.split()) for e in eithers} == {1, 2, 3, 4}  # answers of every length
+    assert len({e.answer.split() == T.TASKS["either"].groups(e.items)[0] for e in eithers}) == 2  # either group
     lists = T.examples("list", 50, seed=3)
     assert len({e.answer for e in lists}) > 1  # answers come in varied orders
     shuffles = T.examples("shuffle", 200, seed=3)
@@ -141,7 +157,7 @@ def test_training_records_are_prompt_completion_pairs(tmp_path):
         assert EOS not in r["completion"]  # train-base --packing documents adds the EOS padding
         assert T.is_valid(r["prompt"], r["completion"])
         counts[T.task_of(r["prompt"])] += 1
-    assert sorted(counts.values()) == [7, 8, 8, 8]  # tasks in equal shares, interleaved
+    assert sorted(counts.values()) == [6, 6, 6, 6, 7]  # tasks in equal shares, interleaved
     assert [p + c for p, c in read_examples(out)] == [r["prompt"] + r["completion"] for r in recs]
 
 
@@ -279,12 +295,12 @@ def test_heldout_overlap_counts_item_sets_trained_under_another_task():
 def test_the_task_models_held_out_overlap_is_the_recorded_one():
     """The split holds out (task, item set) pairs, so a held-out `list` item set can be a training
     `shuffle` or `reverse` one. The task model's data (scripts/task_pipeline.sh: `data --n 200000 --seed 0`,
-    50,000 examples a task) and held-out prompts (`prompts --n 200 --split eval --seed 1`) give the counts
+    40,000 examples a task) and held-out prompts (`prompts --n 200 --split eval --seed 1`) give the counts
     recorded in results/tasks_heldout_overlap.json, which docs/results.md states."""
     from pathlib import Path
 
     recorded = json.loads((Path(__file__).resolve().parents[2] / "results" / "tasks_heldout_overlap.json").read_text())
-    train = [T.training_record(e) for task in T.TASKS for e in T.examples(task, 50000, seed=0)]
+    train = [T.training_record(e) for task in T.TASKS for e in T.examples(task, 200000 // len(T.TASKS), seed=0)]
     held = [e.prompt for task in T.TASKS for e in T.examples(task, 200, seed=1, split="eval")]
     out = T.heldout_overlap(held, train)
     assert out == {task: recorded[task] for task in T.TASKS}

@@ -21,9 +21,16 @@ model's true joint (exact, K = 1) keeps it valid:
 - reverse: "reverse: cat dog sun fish =" -> the 4-6 words in reverse order (" fish sun dog cat").
            One valid answer: a control where the model is sure of every token, so parallel
            decoding should stay valid unless the model is unsure of the alignment.
+- either:  "either: red fox | blue sky tree =" -> one of the two word groups, copied in full
+           (" red fox" or " blue sky tree"); groups of 1-4 words, of different lengths, 6 words at
+           most. The answer's length varies with the group chosen: where it ends (the EOS) and
+           what its words are must agree, so a rule that fixes the end of the answer apart from
+           its words (independent draws, or confident end positions written before the words)
+           mixes the groups (" red sky tree", " blue fox").
 
-The answers fill most of the generation region (DEFAULT_GEN_LENGTH = 10 tokens: up to 7 answer
-words and the EOS), so a confident rule cannot gain its speed from EOS padding alone.
+The answers of the first four fill most of the generation region (DEFAULT_GEN_LENGTH = 10 tokens: up
+to 7 answer words and the EOS), so a confident rule cannot gain its speed from EOS padding alone;
+`either`'s 1-4 words leave the rest to EOS, as answers of varying length do.
 
 What earlier task models (4 layers, 0.92M parameters) could not learn (models/task-base/README.md):
 a `pick` of made-up three-syllable words (exact decoding 0.000: their BPE pieces differ from word
@@ -175,7 +182,41 @@ class ReverseTask(ListTask):
         return words == items[::-1]
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (ListTask(), ShuffleTask(), PickTask(), ReverseTask())}
+class EitherTask(Task):
+    """Two groups of 1-4 words, of different lengths, split by "|"; one of them, copied in full."""
+
+    name = "either"
+    description = "one of the two given word groups (1-4 words each, of different lengths), copied in full"
+    lengths = (1, 4)  # words per group; the two groups differ in length and hold at most MAX_WORDS words together
+    max_words = 6
+    separator = "|"
+
+    def items(self, rng):
+        while True:
+            a, b = (rng.randint(*self.lengths) for _ in range(2))
+            if a != b and a + b <= self.max_words:
+                break
+        words = rng.sample(WORDS, a + b)
+        return words[:a] + [self.separator] + words[a:]
+
+    def groups(self, items: list[str]) -> list[list[str]]:
+        """The word groups of `items` (split at the separator)."""
+        out = [[]]
+        for w in items:
+            if w == self.separator:
+                out.append([])
+            else:
+                out[-1].append(w)
+        return out
+
+    def answer(self, items, rng):
+        return rng.choice(self.groups(items))
+
+    def valid_words(self, items, words):
+        return words in self.groups(items)
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (ListTask(), ShuffleTask(), PickTask(), ReverseTask(), EitherTask())}
 
 
 def get_task(name: str) -> Task:

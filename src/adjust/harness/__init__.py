@@ -9,7 +9,7 @@ command line), or in Python:
     lm_eval.simple_evaluate(model="adjust", model_args="base=models/task-base,strategy=adjust,tokens_per_pass=4",
                             tasks=["adjust_list"], task_manager=adjust.harness.task_manager())
 
-Our verifiable tasks (`adjust_list`, `adjust_shuffle`, `adjust_pick`, `adjust_reverse`; tag `adjust_tasks`) live in
+Our verifiable tasks (`adjust_list`, `adjust_shuffle`, `adjust_pick`, `adjust_reverse`, `adjust_either`; tag `adjust_tasks`) live in
 TASKS_DIR as lm-eval YAML with their prompts shipped beside them (no download).
 """
 

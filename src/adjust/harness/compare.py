@@ -78,7 +78,7 @@ def _code_version() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m adjust.harness.compare", description=__doc__.split("\n")[0])
     p.add_argument("--base", default="models/task-base")
-    p.add_argument("--tasks", default="list", help="comma-separated subset of list,shuffle,pick,reverse")
+    p.add_argument("--tasks", default="list", help="comma-separated subset of list,shuffle,pick,reverse,either")
     p.add_argument("--strategies", default="exact,adjust:4")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=0, help="at most this many prompts per task (0: all 200)")

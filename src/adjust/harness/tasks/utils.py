@@ -39,6 +39,10 @@ def reverse_docs(**kwargs):
     return _docs("reverse")
 
 
+def either_docs(**kwargs):
+    return _docs("either")
+
+
 def validity(doc: dict, results: list[str]) -> dict:
     """1.0 if the generated answer is valid for the prompt (`adjust.eval.tasks.is_valid`), else 0.0."""
     return {"validity": float(is_valid(doc["prompt"], results[0]))}
