@@ -174,3 +174,24 @@ def test_bench_charges_each_row_its_unroll_modes_c(capsys, tiny_model_dir, tmp_p
         r = rows[mode]
         assert (r["full_passes"], r["sampler_passes"]) == (2, 6)
         assert r["tokens_per_pass_equivalent"] == pytest.approx(8 / (2 + c * 6), rel=1e-3)
+
+
+def test_frontier_charges_each_point_its_unroll_modes_c(tiny_base):
+    from adjust.eval.frontier import sweep as F
+    from adjust.sampler import JointSampler, SamplerConfig
+
+    torch.manual_seed(0)
+    tiny_sampler = JointSampler(SamplerConfig.for_base(tiny_base)).eval()
+    cost = PassCost({"full": {1: 1.0}}, 0.5, "test", 0.25)
+    res = F.run_frontier(tiny_base, tiny_sampler, ["list: cat dog sun =", "list: fox hen ant bee ="],
+                         families=["adjust"], grids=["adjust:K=4"], gen_length=8, batch_size=2, batch_sizes=(1,),
+                         timing_prompts=1, repeats=1, warmup=0, unrolls=("full", "fast"), pass_cost=cost,
+                         progress=False)
+    assert res["settings"]["pass_cost"]["unroll_costs"] == {"full": 0.5, "fast": 0.25}
+    assert "0.5 (full unroll), 0.25 (fast unroll)" in res["settings"]["pass_cost"]["note"]
+    points = {p["unroll"]: p for p in res["points"] if p["strategy"] == "adjust"}
+    assert set(points) == {"full", "fast"}
+    for mode, c in (("full", 0.5), ("fast", 0.25)):  # 8 tokens: 2 full passes of 4 tokens, 3 unrolls each
+        sp = points[mode]["speed"]["1"]
+        assert sp["tokens_per_full_pass"] == 4.0
+        assert sp["tokens_per_pass_equivalent"] == pytest.approx(4 / (1 + 3 * c), abs=1e-4)
