@@ -18,15 +18,24 @@ after a PROMPT-token prompt (default 256 + 256 = a 512-token canvas):
    positions masked), each followed by the logits at the masked positions, as ADJUST's loop
    runs them; medians of --pass-repeats alternating timings (CUDA events on a GPU). From the
    ratio c: the ideal ADJUST speedup over exact, K / (1 + (K - 1) c).
-2. tokens/s of exact, parallel and adjust at K (default 4), side by side: after --warmup
+2. tokens/s of exact, parallel:K, threshold (--tau, default 0.9), adjust:K and threshold-adjust
+   (tau, K) at K (default 4), side by side, the two sampler strategies in every unroll mode of
+   --unroll (default full,fast; "+fast" in a label: `--unroll fast`, adjust.decode): after --warmup
    untimed runs of each, --repeats rounds each running every strategy once, the order
    rotated per round; median tokens/s and the median per-round ratio to exact. Exact needs
    one full pass per token (256 for the whole generation), so with --max-tokens M only the
    first M tokens of each sequence's GEN-token generation are timed (the canvas is the full
    512 tokens throughout): exact takes M full passes, K=4 strategies M/4. Equal tokens, not
    equal passes, so every strategy works through the same range of masked positions and its
-   logits cost matches. --max-tokens 0 times whole generations. Default: 64 for --size 7b,
-   0 for --size tiny.
+   logits cost matches. The adaptive ones (threshold, threshold-adjust, speculative) follow the
+   same rule: a run stops before the first full pass after which every sequence has M tokens,
+   so its last pass may write past M, and its tokens/s counts the tokens it wrote. With random
+   weights no position is ever confident (the largest probability is near 1/vocabulary), so
+   threshold writes one token per full pass (M passes, exact's count, at the cost of its
+   confidence rule) and threshold-adjust 1 + (K - 1) (adjust's count): as for speculative
+   below, the figure is the cost of their passes and unrolls, not the speedup a trained model's
+   confidence would give. --tau 0 leaves both out. --max-tokens 0 times whole generations.
+   Default: 64 for --size 7b, 0 for --size tiny.
 
 3. with --cache (e.g. none,prefix,dual) and --block-length: every strategy with every
    key/value cache mode (adjust.decode), interleaved in the same rounds; ratio_to_uncached is
@@ -42,8 +51,12 @@ after a PROMPT-token prompt (default 256 + 256 = a 512-token canvas):
    canvas (adjust.eval.costs.measure_pass_cost): "full" = the whole canvas; with the native Dream (--native or
    --cache) also "refresh" = the whole canvas keeping its keys/values and "span" = the active block only
    (--block-length, default 32, after the prompt) with the cache; and one sampler unroll relative to one
-   one-row full pass. Stored under "pass_cost", so the JSON is a `--pass-cost` report for `adjust bench` and
-   `adjust eval frontier` (tokens per pass-equivalent at this shape; docs/speculative.md).
+   one-row full pass, for both unroll modes: "unroll_cost" (full: the sampler on the whole canvas) and
+   "unroll_cost_fast" (as `--unroll fast` computes one in a step at this K: the sampler's keys/values once per
+   step, then K - 1 unrolls of 2(K - 1) kept rows + the one the step wrote from its full pass, 7 rows at
+   K = 4, the whole divided by K - 1). Stored under "pass_cost", so the JSON is a `--pass-cost` report for
+   `adjust bench` and `adjust eval frontier` (tokens per pass-equivalent at this shape; docs/speculative.md),
+   which charge each point's unrolls the c of its unroll mode (adjust.eval.costs.unroll_cost_of).
 5. speculative (--spec-depth D, default 4; 0 = none) with each drafter, at batch 1 only, beside exact. With
    random weights and an untrained sampler few drafts are accepted: the figure is what its rows and unrolls
    cost, not its speedup (combine the pass cost with the acceptance measured on trained models). The issue-26
@@ -51,12 +64,32 @@ after a PROMPT-token prompt (default 256 + 256 = a 512-token canvas):
      python benchmarks/gpu_bench.py --size 7b --native --batch-sizes 1 --block-length 32 --cache none,dual \
          --json results/gpu_bench_7b_pass_cost.json
 
+6. The issue-23 run (`--preset issue23`; flags given after it override its settings): native
+   Dream-7B shape in bf16, prompt 256 + generation 256 in blocks of 32, --max-tokens 64, batch 1
+   and 8, cache none and dual, exact / parallel:4 / threshold:0.9 / adjust:4 and adjust:4+fast /
+   threshold-adjust:0.9:4 and its +fast at K = 4 (no speculative: the issue-26 run times it),
+   pass-cost rows 1,2,4,8,16 with both unroll costs, 3 repeats after 1 warmup, written to
+   results/gpu_bench_7b_issue23.json (from the repository root):
+     python benchmarks/gpu_bench.py --preset issue23
+   Estimated ~5 minutes on one H100/H200 (under 8 even if the native Dream ran 1.5x slower than
+   the stand-in), from results/gpu_bench_7b_h200.json (older code, the transformers stand-in,
+   uncached): a full pass of the 512-token canvas took 20-27 ms in the timed runs at batch 1
+   (exact: 0.66-0.86 s for 32 passes) and 114 ms at batch 8 (3.66 s / 32), an unroll 2 ms and
+   10 ms. One round at M = 64 runs 208 full passes (exact 64, threshold 64, parallel 16, the four
+   sampler runs 16 each) and 192 unrolls: ~6 s at batch 1, ~26 s at batch 8, uncached; the dual
+   cache's passes (the 32-row block, one whole-canvas refresh per block) cost at most as much,
+   so <= 12 s and <= 51 s a round for both caches, x 4 rounds (warmup + 3) = <= 250 s; the pass
+   costs (21 x the rows 1-16 of full, refresh and span, ~0.9 s each) ~20 s; pass_vs_unroll
+   ~4 s; building ~11 s. Peak memory ~20 GB (that run's 20.6 GiB).
+
 Usage:
+  python benchmarks/gpu_bench.py --preset issue23                                # issue 23's run, one GPU
   python benchmarks/gpu_bench.py --size 7b --json results/gpu_bench_7b.json     # on one GPU, bf16
   python benchmarks/gpu_bench.py --size tiny --device cpu                        # seconds on a CPU (CI smoke)
 
 The 7b run needs ~17 GB of GPU memory (15.2 GB of weights, 0.6 GB sampler, ~6 GB of float32
-logits at batch 8 peak) and takes about 1-3 minutes on an H100 after the model is built.
+logits at batch 8 peak) and takes about 3 minutes on an H100 after the model is built (estimated as in
+item 6: the default strategies, speculative included, uncached, 4 rounds).
 """
 
 from __future__ import annotations
@@ -215,7 +248,7 @@ class StopAfterTokens:
 
 
 def timed_generation(base, sampler, strategy, prompt: list[int], batch: int, gen_length: int, max_tokens: int,
-                     seed: int, cache: str = "none", block_length: int | None = None) -> dict:
+                     seed: int, cache: str = "none", block_length: int | None = None, unroll: str = "full") -> dict:
     from adjust.decode import generate
     from adjust.eval.bench import time_call
     from adjust.sampling import SamplingConfig
@@ -223,18 +256,22 @@ def timed_generation(base, sampler, strategy, prompt: list[int], batch: int, gen
     proxy = StopAfterTokens(base, len(prompt), max_tokens, batch)
     unrolls = [0]
     hook = sampler.register_forward_hook(lambda *a: unrolls.__setitem__(0, unrolls[0] + 1))
-    span = sampler.forward_span
+    span, rows_fn = sampler.forward_span, sampler.forward_rows
 
     def counted_span(*a, **kw):  # a cached unroll (block rows only) does not go through forward
         unrolls[0] += 1
         return span(*a, **kw)
 
-    sampler.forward_span = counted_span
+    def counted_rows(*a, **kw):  # nor does a fast one (its kept rows only)
+        unrolls[0] += 1
+        return rows_fn(*a, **kw)
+
+    sampler.forward_span, sampler.forward_rows = counted_span, counted_rows
 
     def run():
         try:
             generate(proxy, [prompt] * batch, strategy, SamplingConfig(), gen_length, block_length, seed=seed,
-                     sample_indices=list(range(batch)), sampler=sampler, cache=cache)
+                     sample_indices=list(range(batch)), sampler=sampler, cache=cache, unroll=unroll)
         except _Stop:
             pass
 
@@ -242,15 +279,28 @@ def timed_generation(base, sampler, strategy, prompt: list[int], batch: int, gen
         seconds = time_call(run, base.device)
     finally:
         hook.remove()
-        del sampler.forward_span
+        del sampler.forward_span, sampler.forward_rows
     tokens = int(proxy.written().sum())
     return {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds, "full_passes": proxy.passes,
             "base_rows": proxy.rows,
             "sampler_passes": unrolls[0]}
 
 
-def main(argv=None) -> int:
+# --preset NAME: these settings unless given on the command line (docstring, "The issue-23 run")
+PRESETS = {
+    "issue23": dict(size="7b", native=True, dtype="bfloat16", prompt_length=256, gen_length=256, block_length=32,
+                    max_tokens=64, batch_sizes="1,8", cache="none,dual", tokens_per_pass=4, tau=0.9,
+                    unroll="full,fast", pass_rows="1,2,4,8,16", spec_depth=0, repeats=3, warmup=1, pass_repeats=20,
+                    json="results/gpu_bench_7b_issue23.json"),
+}
+
+
+def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """(parser, arguments); a --preset's settings are the defaults, every flag given overrides them."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="a named configuration (issue23: the issue-23 run, see the docstring); flags given "
+                    "override it")
     ap.add_argument("--size", choices=sorted(SIZES), default="7b")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bf16 for 7b, fp32 for tiny)")
@@ -272,8 +322,18 @@ def main(argv=None) -> int:
     ap.add_argument("--spec-depth", type=int, default=4, help="depth D of the speculative runs (batch 1, both "
                     "drafters; 0: none)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--tau", type=float, default=0.9, help="tau of threshold and threshold-adjust (0: neither runs)")
+    ap.add_argument("--unroll", default="full,fast", help="unroll modes of the sampler strategies (adjust.decode): "
+                    "full, fast or both")
     ap.add_argument("--json", default=None, help="write the report to this JSON file")
-    args = ap.parse_args(argv)
+    preset = ap.parse_known_args(argv)[0].preset
+    if preset:
+        ap.set_defaults(**PRESETS[preset])
+    return ap, ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    ap, args = parse_args(argv)
 
     from adjust.base import resolve_device, resolve_dtype
     from adjust.eval.bench import ideal_speedup, pass_vs_unroll
@@ -310,6 +370,12 @@ def main(argv=None) -> int:
         ap.error(f"--pass-rows takes positive integers, got {args.pass_rows!r}")
     if args.spec_depth < 0:
         ap.error(f"--spec-depth must be at least 0, got {args.spec_depth}")
+    unrolls = list(dict.fromkeys(u.strip() for u in args.unroll.split(",") if u.strip())) or ["full"]
+    if any(u not in ("full", "fast") for u in unrolls):
+        ap.error(f"--unroll takes full and fast, got {args.unroll!r}")
+    tau = args.tau
+    if not 0 <= tau <= 1:
+        ap.error(f"--tau must be in (0, 1] (0: no threshold strategies), got {tau}")
 
     t0 = time.perf_counter()
     log(f"building a random {args.size} {'native Dream' if native else 'Qwen2 (Dream stand-in)'} on {device} in {dtype}")
@@ -333,54 +399,73 @@ def main(argv=None) -> int:
               "base_params": n_base, "sampler_params": n_sampler, "sampler_intermediate": sampler.cfg.intermediate_size,
               "build_seconds": round(build_s, 2), "prompt_length": P, "gen_length": G, "canvas": P + G, "k": K,
               "max_tokens": M, "repeats": args.repeats, "warmup": args.warmup, "pass_vs_unroll": {},
+              "preset": args.preset, "unrolls": unrolls, "tau": tau or None,
               "base": "native Dream (adjust.base.dream)" if native else "transformers Qwen2 stand-in",
               "block_length": args.block_length, "caches": caches,
               "throughput": [], "adjust_vs_ideal": [], "pass_cost": {},
               "notes": ("random weights; tokens/s over the first max_tokens tokens of each sequence (0 = all), "
                         "timed with CUDA events on a GPU; ratio_to_exact = median over rounds of the paired ratio; "
                         "speculative (batch 1): drafts from random weights and an untrained sampler are rarely "
-                        "accepted, so its tokens/s is the cost of its rows and unrolls, not a speedup; pass_cost: "
+                        "accepted, so its tokens/s is the cost of its rows and unrolls, not a speedup; likewise "
+                        "threshold and threshold-adjust: random weights are never confident, so they write one "
+                        "token (threshold) or 1 + (K-1) (threshold-adjust) per full pass, and the figure is the "
+                        "cost of their passes; adaptive strategies may write past max_tokens in their last pass "
+                        "(tokens counts what they wrote); +fast: --unroll fast; pass_cost: "
                         "a --pass-cost report (adjust bench / eval frontier), cost of one base pass of r rows "
                         "relative to one row: full = the whole canvas, refresh = the whole canvas keeping "
-                        "keys/values, span = the active block after a cache_pass (native Dream only)")}
+                        "keys/values, span = the active block after a cache_pass (native Dream only); "
+                        "unroll_cost / unroll_cost_fast: one full / fast sampler unroll relative to a one-row full "
+                        "pass, the fast one as --unroll fast runs it at this K (keys/values once per step shared "
+                        "over K-1 unrolls of 2(K-1)+1 rows)")}
     block = args.block_length or 32
     kinds = ("full", "refresh", "span") if native else ("full",)
     x1 = torch.tensor(prompt + [base.mask_id] * G)
     pc = measure_pass_cost(base, x1, (P, min(P + G, P + block)), pass_rows, repeats=args.pass_repeats, warmup=1,
-                           kinds=kinds, sampler=sampler)
+                           kinds=kinds, sampler=sampler, unroll_k=K)
     report["pass_cost"][f"dream-7b-shape" if args.size == "7b" else args.size] = pc
     log("pass of r rows / one row: " + "; ".join(
         f"{k} " + " ".join(f"r={r}:{pc[k][str(r)]:.2f}" for r in pass_rows) for k in kinds)
-        + f"; unroll {pc['unroll_cost']:.3f} of a one-row full pass")
-    plain = [("exact", make_strategy("exact")), (f"parallel:{K}", make_strategy("parallel", tokens_per_pass=K)),
-             (f"adjust:{K}", make_strategy("adjust", tokens_per_pass=K))]
+        + f"; unroll {pc['unroll_cost']:.3f} (fast {pc['unroll_cost_fast']:.3f}) of a one-row full pass")
+
+    def each_unroll(label, s):  # a sampler strategy in every unroll mode; "+fast" names the fast one
+        return [(label if u == "full" else f"{label}+{u}", s, u) for u in unrolls]
+
+    plain = [("exact", make_strategy("exact"), "full"),
+             (f"parallel:{K}", make_strategy("parallel", tokens_per_pass=K), "full")]
+    if tau:
+        plain.append((f"threshold:{tau:g}", make_strategy("threshold", tau=tau), "full"))
+    plain += each_unroll(f"adjust:{K}", make_strategy("adjust", tokens_per_pass=K))
+    if tau:
+        plain += each_unroll(f"threshold-adjust:{tau:g}:{K}",
+                             make_strategy("threshold-adjust", tau=tau, tokens_per_pass=K))
     # every strategy with every cache mode; the label names the cache unless it is the only mode, "none"
-    spec = ([(f"speculative:{args.spec_depth}:{d}", make_strategy("speculative", depth=args.spec_depth, drafter=d))
-             for d in ("self", "sampler")] if args.spec_depth else [])
-    strategies_all = [(label if caches == ["none"] else f"{label} [{c}]", s, c) for label, s in plain + spec
+    spec = ([(f"speculative:{args.spec_depth}:{d}", make_strategy("speculative", depth=args.spec_depth, drafter=d),
+              "full") for d in ("self", "sampler")] if args.spec_depth else [])
+    strategies_all = [(label if caches == ["none"] else f"{label} [{c}]", s, c, u) for label, s, u in plain + spec
                       for c in caches]
     ref = "exact" if caches == ["none"] else f"exact [{'none' if 'none' in caches else caches[0]}]"
     for B in batch_sizes:
         strategies = [t for t in strategies_all if B == 1 or t[1].name != "speculative"]  # speculative: batch 1
         x = torch.tensor(prompt + [base.mask_id] * G)[None].repeat(B, 1)
-        c = pass_vs_unroll(base, sampler, x, repeats=args.pass_repeats)
+        c = pass_vs_unroll(base, sampler, x, repeats=args.pass_repeats, unrolls=unrolls, k=K)
         report["pass_vs_unroll"][str(B)] = c
-        log(f"batch {B}: full pass {c['full_pass_ms']:.2f} ms, unroll {c['unroll_ms']:.2f} ms "
-            f"(cost {c['unroll_cost']:.3f})")
-        runs = {label: [] for label, _, _ in strategies}
+        log(f"batch {B}: full pass {c['full_pass_ms']:.2f} ms, unroll " + ", ".join(
+            f"{u} {m['unroll_ms']:.2f} ms (cost {m['unroll_cost']:.3f})" for u, m in c["modes"].items()))
+        runs = {label: [] for label, *_ in strategies}
         for w in range(args.warmup):
-            for label, s, cache in strategies:
-                timed_generation(base, sampler, s, prompt, B, G, M, args.seed + 1000 + w, cache, args.block_length)
+            for label, s, cache, u in strategies:
+                timed_generation(base, sampler, s, prompt, B, G, M, args.seed + 1000 + w, cache, args.block_length,
+                                 u)
         for r in range(args.repeats):
             shift = r % len(strategies)
-            for label, s, cache in strategies[shift:] + strategies[:shift]:
+            for label, s, cache, u in strategies[shift:] + strategies[:shift]:
                 runs[label].append(timed_generation(base, sampler, s, prompt, B, G, M, args.seed + r, cache,
-                                                    args.block_length))
+                                                    args.block_length, u))
         exact = [run["tokens_per_second"] for run in runs[ref]]
-        for label, s, cache in strategies:
+        for label, s, cache, u in strategies:
             rs = runs[label]
             tps = [run["tokens_per_second"] for run in rs]
-            row = {"strategy": label, "batch_size": B, "cache": cache,
+            row = {"strategy": label, "batch_size": B, "cache": cache, "unroll": u,
                    "tokens_per_second": round(statistics.median(tps), 2),
                    "ratio_to_exact": 1.0 if label == ref else
                    round(statistics.median(t / e for t, e in zip(tps, exact)), 4),
@@ -391,11 +476,13 @@ def main(argv=None) -> int:
                 same = [run["tokens_per_second"] for run in runs[label.replace(f"[{cache}]", "[none]")]]
                 row["ratio_to_uncached"] = round(statistics.median(t / u for t, u in zip(tps, same)), 4)
             report["throughput"].append(row)
-            log(f"batch {B}: {label:<12} {row['tokens_per_second']:10.1f} tokens/s  x{row['ratio_to_exact']:.3f} "
+            log(f"batch {B}: {label:<34} {row['tokens_per_second']:10.1f} tokens/s  x{row['ratio_to_exact']:.3f} "
                 f"({row['tokens']} tokens, {row['full_passes']} full passes, {row['sampler_passes']} unrolls)")
             if s.name == "adjust" and cache == "none":
-                ideal = ideal_speedup(K, c["unroll_cost"])
-                report["adjust_vs_ideal"].append({"batch_size": B, "k": K, "unroll_cost": c["unroll_cost"],
+                cu = c["modes"][u]["unroll_cost"]
+                ideal = ideal_speedup(K, cu)
+                report["adjust_vs_ideal"].append({"strategy": label, "batch_size": B, "k": K, "unroll": u,
+                                                  "unroll_cost": cu,
                                                   "ideal_speedup": round(ideal, 4),
                                                   "achieved_speedup": row["ratio_to_exact"],
                                                   "fraction_of_ideal": round(row["ratio_to_exact"] / ideal, 4)})
@@ -403,7 +490,7 @@ def main(argv=None) -> int:
         report["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
     report["total_seconds"] = round(time.perf_counter() - t0, 1)
     for v in report["adjust_vs_ideal"]:
-        log(f"batch {v['batch_size']}: adjust:{K} ideal {v['ideal_speedup']:.2f}x, achieved "
+        log(f"batch {v['batch_size']}: {v['strategy']} ideal {v['ideal_speedup']:.2f}x, achieved "
             f"{v['achieved_speedup']:.2f}x = {100 * v['fraction_of_ideal']:.0f}% of ideal")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -360,8 +360,8 @@ def _add_cost_args(p) -> None:
                    help="a pass-cost report (benchmarks/pass_cost.py, benchmarks/gpu_bench.py): the cost of one base "
                    "pass of r rows, for tokens per pass-equivalent (default: none, rows assumed free)")
     p.add_argument("--unroll-cost", type=float, default=None, metavar="C",
-                   help="one sampler unroll's cost relative to one base pass (default: the --pass-cost report's, "
-                   "else 0)")
+                   help="one sampler unroll's cost relative to one base pass, every unroll mode (default: the "
+                   "--pass-cost report's for the point's unroll mode, else 0)")
 
 
 def cmd_eval_quality(args) -> None:

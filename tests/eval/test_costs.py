@@ -11,7 +11,7 @@ from adjust.cli import main
 from adjust.decode import generate
 from adjust.errors import AdjustError
 from adjust.eval.costs import (FREE, PassCost, measure_pass_cost, pass_equivalents, read_pass_cost,
-                               read_pass_costs, tokens_per_pass_equivalent)
+                               read_pass_costs, tokens_per_pass_equivalent, unroll_cost_of, unroll_costs_of)
 from adjust.strategies import make_strategy
 
 
@@ -44,6 +44,7 @@ def test_read_report_picks_the_model_and_checks_every_table(tmp_path):
                        ({"m": {"full": {"1": 1, "2": -1}}}, "costs positive"),
                        ({"m": {"span": {"1": 1}}}, "no \"full\" table"),
                        ({"m": {"full": {"1": 1}, "unroll_cost": "a"}}, "unroll_cost"),
+                       ({"m": {"full": {"1": 1}, "unroll_cost_fast": -0.1}}, "unroll_cost_fast must be"),
                        ({}, "no \"pass_cost\"")):
         with pytest.raises(AdjustError, match="--pass-cost .*bad.json") as e:
             read_pass_costs(_report(tmp_path, bad, "bad.json"))
@@ -89,6 +90,33 @@ def test_unrolls_add_c_each(tiny_base):
     assert tokens_per_pass_equivalent(st, FREE, 0.5) == pytest.approx(8 / 5)
 
 
+def test_each_unroll_mode_has_its_own_c(tmp_path):
+    both = read_pass_cost(_report(tmp_path, {"m": {"full": {"1": 1}, "unroll_cost": 0.3, "unroll_cost_fast": 0.05}}))
+    assert (both.unroll_cost, both.unroll_cost_fast) == (0.3, 0.05)
+    assert unroll_cost_of(both, None) == unroll_cost_of(both, None, "full") == 0.3
+    assert unroll_cost_of(both, None, "fast") == 0.05
+    assert unroll_costs_of(both, None, ["full", "fast", "full"]) == {"full": 0.3, "fast": 0.05}
+    assert unroll_costs_of(both, 0.2, ["full", "fast"]) == {"full": 0.2, "fast": 0.2}  # --unroll-cost: every mode
+    full_only = read_pass_cost(_report(tmp_path, {"m": {"full": {"1": 1}, "unroll_cost": 0.3}}, "f.json"))
+    assert full_only.unroll_cost_fast is None
+    assert unroll_cost_of(full_only, None, "fast") == 0.3  # no fast figure: charged as a full unroll (upper bound)
+    assert unroll_costs_of(FREE, None, ["full", "fast"]) == {"full": 0.0, "fast": 0.0}
+    assert "0.3 (full unroll), 0.05 (fast unroll)" in both.describe({"full": 0.3, "fast": 0.05})
+    assert "c = 0.3 of" in both.describe({"full": 0.3, "fast": 0.3}) and "c = 0.3 of" in both.describe(0.3)
+
+
+@torch.inference_mode()
+def test_measure_pass_cost_times_both_unrolls(tiny_base):
+    from adjust.sampler import JointSampler, SamplerConfig
+
+    sampler = JointSampler(SamplerConfig.for_base(tiny_base)).eval()
+    x = torch.tensor([5, 6, 7] + [tiny_base.mask_id] * 13)
+    out = measure_pass_cost(tiny_base, x, (3, 11), rows=(1, 2), repeats=2, warmup=0, kinds=("full",),
+                            sampler=sampler, unroll_k=4)
+    assert out["unroll_cost"] > 0 and out["unroll_cost_fast"] > 0 and out["unroll_fast_ms"] > 0
+    assert (out["unroll_fast_rows"], out["unroll_k"]) == (2 * 3 + 1, 4)  # 2(K-1) kept + the one written
+
+
 @torch.inference_mode()
 def test_measure_pass_cost_on_a_cached_base(tiny_base):
     x = torch.tensor([5, 6, 7] + [tiny_base.mask_id] * 9)
@@ -131,3 +159,39 @@ def test_bench_reports_tokens_per_pass_equivalent(capsys, tiny_model_dir, tmp_pa
     assert spec[0]["tokens_per_pass_equivalent"] == spec[0]["tokens_per_full_pass"]  # rows free
     assert spec[1]["tokens_per_pass_equivalent"] == pytest.approx(6 / (spec[1]["rows_per_full_pass"]
                                                                        * spec[1]["full_passes"]), rel=0.02)
+
+
+def test_bench_charges_each_row_its_unroll_modes_c(capsys, tiny_model_dir, tmp_path):
+    report_path = _report(tmp_path, {"any": {"full": {"1": 1.0}, "unroll_cost": 0.5, "unroll_cost_fast": 0.25}})
+    capsys.readouterr()
+    assert main([str(a) for a in ["bench", "--base", tiny_model_dir, "--fresh-sampler", "--strategies", "adjust:4",
+                                  "--unroll", "full,fast", "--gen-length", 8, "--batch-sizes", "1", "--repeats", 1,
+                                  "--warmup", 0, "--unroll-repeats", 1, "--pass-cost", report_path, "--json"]]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["pass_cost"]["unroll_costs"] == {"full": 0.5, "fast": 0.25} and rep["pass_cost"]["unroll_cost"] == 0.5
+    rows = {r["unroll"]: r for r in rep["results"] if r["strategy"] == "adjust:4"}
+    for mode, c in (("full", 0.5), ("fast", 0.25)):  # 8 tokens: 2 full passes and 6 unrolls
+        r = rows[mode]
+        assert (r["full_passes"], r["sampler_passes"]) == (2, 6)
+        assert r["tokens_per_pass_equivalent"] == pytest.approx(8 / (2 + c * 6), rel=1e-3)
+
+
+def test_frontier_charges_each_point_its_unroll_modes_c(tiny_base):
+    from adjust.eval.frontier import sweep as F
+    from adjust.sampler import JointSampler, SamplerConfig
+
+    torch.manual_seed(0)
+    tiny_sampler = JointSampler(SamplerConfig.for_base(tiny_base)).eval()
+    cost = PassCost({"full": {1: 1.0}}, 0.5, "test", 0.25)
+    res = F.run_frontier(tiny_base, tiny_sampler, ["list: cat dog sun =", "list: fox hen ant bee ="],
+                         families=["adjust"], grids=["adjust:K=4"], gen_length=8, batch_size=2, batch_sizes=(1,),
+                         timing_prompts=1, repeats=1, warmup=0, unrolls=("full", "fast"), pass_cost=cost,
+                         progress=False)
+    assert res["settings"]["pass_cost"]["unroll_costs"] == {"full": 0.5, "fast": 0.25}
+    assert "0.5 (full unroll), 0.25 (fast unroll)" in res["settings"]["pass_cost"]["note"]
+    points = {p["unroll"]: p for p in res["points"] if p["strategy"] == "adjust"}
+    assert set(points) == {"full", "fast"}
+    for mode, c in (("full", 0.5), ("fast", 0.25)):  # 8 tokens: 2 full passes of 4 tokens, 3 unrolls each
+        sp = points[mode]["speed"]["1"]
+        assert sp["tokens_per_full_pass"] == 4.0
+        assert sp["tokens_per_pass_equivalent"] == pytest.approx(4 / (1 + 3 * c), abs=1e-4)

@@ -254,7 +254,7 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
     `unroll_cost_given` (c; default the report's, else 0): each row's `tokens_per_pass_equivalent`."""
     from tqdm.auto import tqdm
 
-    from .costs import FREE, check_unroll_cost, tokens_per_pass_equivalent, unroll_cost_of
+    from .costs import FREE, check_unroll_cost, tokens_per_pass_equivalent, unroll_costs_of
 
     from ..decode import check_cache, unroll_plan
     from .specs import build_strategy, spec_label
@@ -275,7 +275,7 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
     for u in unrolls:
         unroll_plan(u)
     pass_cost = pass_cost or FREE
-    c_unroll = unroll_cost_of(pass_cost, check_unroll_cost(unroll_cost_given))
+    c_unroll = unroll_costs_of(pass_cost, check_unroll_cost(unroll_cost_given), ["full"] + unrolls)  # per mode
     skipped = []
     if specs is None:
         specs, skipped = default_specs(ks, sampler is not None, sampler_source not in (None, "fresh"))
@@ -325,7 +325,7 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
                 "rows_per_full_pass": round(_median([st.base_rows / max(1, st.full_passes) for st in stats]), 2),
                 "drafts_proposed": _median([st.drafts_proposed for st in stats]),
                 "drafts_accepted": _median([st.drafts_accepted for st in stats]),
-                "tokens_per_pass_equivalent": round(_median([tokens_per_pass_equivalent(st, pass_cost, c_unroll)
+                "tokens_per_pass_equivalent": round(_median([tokens_per_pass_equivalent(st, pass_cost, c_unroll[u])
                                                              for st in stats]), 4),
                 "seconds": [round(st.seconds, 5) for st in stats],
             }
@@ -359,7 +359,9 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
                      "order": sampling.order},
         "sampler": sampler_source, "results": results, "unroll_cost": cost, "adjust_vs_ideal": vs_ideal,
         "skipped": skipped, "code_version": code_version(),
-        "pass_cost": {"source": pass_cost.source, "unroll_cost": c_unroll, "note": pass_cost.describe(c_unroll)},
+        "pass_cost": {"source": pass_cost.source, "unroll_cost": c_unroll["full"],
+                      "unroll_costs": {u: c_unroll[u] for u in unrolls},
+                      "note": pass_cost.describe({u: c_unroll[u] for u in unrolls})},
         "notes": ("tokens_per_second: median over repeats; ratio_to_exact: median over repeats of the paired "
                   "ratio to exact's tokens/s in the same repeat at the same batch size; ideal_speedup = "
                   "K / (1 + (K-1) * unroll_cost); flop_bound_speedup = K / (1 + (K-1) * flop_ratio), the "

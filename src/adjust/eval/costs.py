@@ -3,9 +3,12 @@
 A pass-cost report (benchmarks/pass_cost.py on the CPU, benchmarks/gpu_bench.py at Dream-7B shape) holds, per
 model, the wall-clock of one base pass of r rows relative to one row, for two kinds of pass: "full" (the whole
 canvas, no cache) and "span" (the active block only, after `base.cache_pass`), and optionally the cost of one
-sampler unroll relative to one pass of one row:
+sampler unroll relative to one "full" pass of one row, per unroll mode (adjust.decode): "unroll_cost" for the
+full unroll, "unroll_cost_fast" for `--unroll fast` (its once-per-step keys/values shared out over the step's
+K - 1 unrolls):
 
-    {"pass_cost": {MODEL: {"full": {"1": 1.0, "2": 1.4, ...}, "span": {...}, "unroll_cost": 0.3}}, ...}
+    {"pass_cost": {MODEL: {"full": {"1": 1.0, "2": 1.4, ...}, "span": {...}, "unroll_cost": 0.3,
+                           "unroll_cost_fast": 0.05}}, ...}
 
 cost(r) between measured r is linear interpolation, past the last measured r the last segment's slope.
 
@@ -13,7 +16,9 @@ Tokens per pass-equivalent = decoded tokens / (sum over full passes of cost(rows
 per sequence: a pass of B canvases that computed r rows in all (drafted ones included) counts
 cost(r) / cost(B) for each of its sequences still decoding (at batch 1: cost(r)), with the table of its kind
 ("full" for whole-canvas passes, "span" for cached ones); c is one sampler unroll's cost relative to one pass,
-and the unrolls are counted per decoding sequence. Without a report every cost(r) is 1: rows are free (as
+and the unrolls are counted per decoding sequence. c is that of the decoding's unroll mode
+(`unroll_cost_of`): a report without "unroll_cost_fast" charges a fast unroll as a full one (an upper bound);
+--unroll-cost sets c for every mode. Without a report every cost(r) is 1: rows are free (as
 batch-1 passes nearly are on a GPU, where they are memory-bound), and tokens per pass-equivalent is then
 tokens per full pass less the unrolls' share.
 """
@@ -28,6 +33,7 @@ import torch
 from ..errors import AdjustError
 
 KINDS = ("full", "span")
+UNROLL_KEYS = {"full": "unroll_cost", "fast": "unroll_cost_fast"}  # unroll mode -> its key in a report
 ROWS = tuple(range(1, 17))
 
 
@@ -47,14 +53,22 @@ class PassCost:
     """cost(kind, r): one base pass of r rows relative to one row, per kind of pass ("full", "span")."""
 
     tables: dict = field(default_factory=lambda: {k: {1: 1.0} for k in KINDS})
-    unroll_cost: float | None = None  # one sampler unroll relative to one pass of one row, if the report has it
+    unroll_cost: float | None = None  # one full sampler unroll relative to one pass of one row, if the report has it
     source: str = "none: rows assumed free, cost(r) = 1 for every r"
+    unroll_cost_fast: float | None = None  # one fast unroll (--unroll fast) likewise, if the report has it
 
     def cost(self, kind: str, rows: float) -> float:
         return _interpolate(self.tables.get(kind) or self.tables["full"], rows)
 
-    def describe(self, unroll_cost: float) -> str:
-        return (f"pass cost: {self.source}; unroll cost c = {unroll_cost:g} of a one-row pass. Tokens per "
+    def describe(self, unroll_cost) -> str:
+        """`unroll_cost`: c, or {unroll mode: c} (`unroll_costs_of`), written per mode when they differ."""
+        if isinstance(unroll_cost, dict) and len(set(unroll_cost.values())) == 1:
+            unroll_cost = next(iter(unroll_cost.values()))
+        if isinstance(unroll_cost, dict):
+            c = ", ".join(f"{v:g} ({m} unroll)" for m, v in unroll_cost.items())
+        else:
+            c = f"{unroll_cost:g}"
+        return (f"pass cost: {self.source}; unroll cost c = {c} of a one-row pass. Tokens per "
                 "pass-equivalent = decoded tokens / (sum over full passes of cost(rows) + c x unrolls)")
 
 
@@ -93,10 +107,14 @@ def read_pass_costs(path) -> dict[str, PassCost]:
         if not isinstance(entry, dict) or "full" not in entry:
             raise AdjustError(f"--pass-cost {path}: model {name!r} has no \"full\" table")
         tables = {k: _table(entry[k], f"--pass-cost {path}: {name}.{k}") for k in KINDS if k in entry}
-        c = entry.get("unroll_cost")
-        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c < 0):
-            raise AdjustError(f"--pass-cost {path}: {name}.unroll_cost must be a number >= 0, got {c!r}")
-        out[name] = PassCost(tables, None if c is None else float(c), f"{path} ({name})")
+        c = {}
+        for key in UNROLL_KEYS.values():
+            v = entry.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or v < 0):
+                raise AdjustError(f"--pass-cost {path}: {name}.{key} must be a number >= 0, got {v!r}")
+            c[key] = None if v is None else float(v)
+        out[name] = PassCost(tables, c["unroll_cost"], f"{path} ({name})", c["unroll_cost_fast"])
     return out
 
 
@@ -120,9 +138,19 @@ def check_unroll_cost(c) -> float | None:
     return c
 
 
-def unroll_cost_of(cost: PassCost, given: float | None) -> float:
-    """c: the one given (--unroll-cost), else the report's, else 0 (unrolls free)."""
-    return given if given is not None else (cost.unroll_cost if cost.unroll_cost is not None else 0.0)
+def unroll_cost_of(cost: PassCost, given: float | None, unroll: str = "full") -> float:
+    """c of unroll mode `unroll` ("full", "fast"): the one given (--unroll-cost, every mode), else the report's for
+    that mode, else (a fast unroll) the report's full unroll's, an upper bound; else 0 (unrolls free)."""
+    if given is not None:
+        return given
+    if unroll == "fast" and cost.unroll_cost_fast is not None:
+        return cost.unroll_cost_fast
+    return cost.unroll_cost if cost.unroll_cost is not None else 0.0
+
+
+def unroll_costs_of(cost: PassCost, given: float | None, unrolls=("full",)) -> dict[str, float]:
+    """{unroll mode: c} for every mode of `unrolls` (`unroll_cost_of`)."""
+    return {u: unroll_cost_of(cost, given, u) for u in dict.fromkeys(unrolls)}
 
 
 def pass_equivalents(stats, cost: PassCost = FREE, unroll_cost: float = 0.0) -> float:
@@ -143,12 +171,16 @@ def tokens_per_pass_equivalent(stats, cost: PassCost = FREE, unroll_cost: float 
 # --- measuring it ---------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def measure_pass_cost(base, canvas: torch.Tensor, block: tuple[int, int], rows=ROWS, repeats: int = 20,
-                      warmup: int = 2, kinds=KINDS, sampler=None) -> dict:
+                      warmup: int = 2, kinds=KINDS, sampler=None, unroll_k: int = 4) -> dict:
     """Median wall-clock of one base pass of r rows (the canvas `canvas` (L,) repeated r times) for each r in
     `rows`, relative to r = 1: "full" = `base.hidden_states` on the whole canvas; "refresh" = `base.cache_pass`
     (the whole canvas, keeping the keys/values); "span" = `base.span_hidden` on `block` (lo, hi) after a
     `cache_pass` of the same rows (untimed). Repeats interleaved: repeat i times every (kind, r), the order
-    rotated by i. With `sampler`: one sampler unroll on the one-row canvas, relative to the one-row "full" pass."""
+    rotated by i. With `sampler`: one sampler unroll on the one-row canvas, relative to the one-row "full" pass
+    ("unroll_cost"), and one fast unroll ("unroll_cost_fast"), as `--unroll fast` computes one in a step of a
+    strategy writing `unroll_k` tokens per full pass (decode.StepContext.unroll_sampler): the sampler's
+    keys/values once, then K - 1 unrolls of 2(K - 1) kept rows + the one the step wrote before them (the first
+    rows of `block`), the whole divided by K - 1. As for the full unroll, no LM head is timed."""
     from .bench import time_call
 
     rows = sorted(set(rows) | {1})
@@ -166,6 +198,18 @@ def measure_pass_cost(base, canvas: torch.Tensor, block: tuple[int, int], rows=R
     if sampler is not None:
         prior = base.hidden_states(x[1])
         fns[("unroll", 1)] = lambda: sampler(base, x[1], prior, None)
+        from ..decode import FastUnroll
+
+        per = max(1, unroll_k - 1)
+        n_fast = FastUnroll().count(unroll_k) + 1  # the kept positions + the token written from the full pass
+        at = (lo + torch.arange(n_fast, device=base.device)).clamp(max=x[1].shape[1] - 1)[None]
+
+        def fast_step():
+            kv_s = sampler.keys_values(base, x[1], prior, None)
+            for _ in range(per):
+                sampler.forward_rows(base, x[1], prior, None, kv_s, at)
+
+        fns[("unroll_fast", 1)] = fast_step
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -185,6 +229,9 @@ def measure_pass_cost(base, canvas: torch.Tensor, block: tuple[int, int], rows=R
     if sampler is not None:
         out["unroll_ms"] = round(ms[("unroll", 1)], 4)
         out["unroll_cost"] = round(ms[("unroll", 1)] / ms[("full", 1)], 4)
+        out["unroll_fast_ms"] = round(ms[("unroll_fast", 1)] / per, 4)
+        out["unroll_cost_fast"] = round(ms[("unroll_fast", 1)] / per / ms[("full", 1)], 4)
+        out["unroll_fast_rows"], out["unroll_k"] = n_fast, unroll_k
     return out
 
 

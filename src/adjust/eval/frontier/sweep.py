@@ -290,11 +290,11 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
     from ..report import check_out_dir
     from ..tasks import DEFAULT_GEN_LENGTH, evaluate_tasks
 
-    from ..costs import FREE, check_unroll_cost, tokens_per_pass_equivalent, unroll_cost_of
+    from ..costs import FREE, check_unroll_cost, tokens_per_pass_equivalent, unroll_costs_of
 
     # ---- every check before any work --------------------------------------------------------
     pass_cost = pass_cost or FREE
-    c_unroll = unroll_cost_of(pass_cost, check_unroll_cost(unroll_cost_given))
+    c_given = check_unroll_cost(unroll_cost_given)
     if out_dir is not None:
         check_out_dir(out_dir)
     sampling = sampling or SamplingConfig()
@@ -334,6 +334,7 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
     unrolls = list(dict.fromkeys(unrolls)) or ["full"]
     for u in unrolls:
         unroll_plan(u)
+    c_unroll = unroll_costs_of(pass_cost, c_given, ["full"] + unrolls)  # each point's c is its unroll mode's
     points = [{"label": point_label(name, params, c, u), "family": family, "strategy": name, "params": params,
                "cache": c, "unroll": u, "side": side(family)} for family, name, params in plan for c in caches
               for u in (unrolls if STRATEGIES[name].uses_sampler else ["full"])]
@@ -417,7 +418,8 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
                     "ratio_to_exact": 1.0 if pt["label"] == ref_label else round(paired_ratio(tps, ref), 4),
                     "tokens_per_second_repeats": [round(t, 3) for t in tps],
                     "tokens_per_full_pass": round(_median([st.tokens_per_full_pass for st in stats[pt["label"]]]), 4),
-                    **_cost_columns(stats[pt["label"]], pass_cost, c_unroll, tokens_per_pass_equivalent)}
+                    **_cost_columns(stats[pt["label"]], pass_cost, c_unroll[pt["unroll"]],
+                                    tokens_per_pass_equivalent)}
         bar.close()
     finally:
         torch.set_num_threads(old_threads)
@@ -442,8 +444,9 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
                      "grids": {f: DEFAULT_GRIDS[f] for f in dict.fromkeys(p["family"] for p in points) if f != "exact"}
                      | {parse_grid(g)[0]: g for g in grids or []},
                      "speed_reference": ref_label, "target_batch_size": target_b,
-                     "pass_cost": {"source": pass_cost.source, "unroll_cost": c_unroll,
-                                   "note": pass_cost.describe(c_unroll)}},
+                     "pass_cost": {"source": pass_cost.source, "unroll_cost": c_unroll["full"],
+                                   "unroll_costs": {u: c_unroll[u] for u in unrolls},
+                                   "note": pass_cost.describe({u: c_unroll[u] for u in unrolls})}},
         "notes": notes, "code_version": code_version(),
     }
     from ..quality import _json_safe, machine_info
