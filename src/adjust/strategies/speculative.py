@@ -11,10 +11,25 @@ import torch
 
 from ..batching import per_row_table
 from ..errors import AdjustError
-from ..sampling import log_probs, order_scores
+from ..sampling import log_probs, order_scores, sample_tokens
 from . import Strategy, register
 
 DRAFTERS = ("sampler", "self")
+RULES = ("coupled", "sampling")
+
+
+class _Consumed:
+    """The sequences' own generators seen through the drafted sequences' indices: draws are consumed (rule
+    "sampling": the drafts' randomness is the sequence's own, drawn before the target's)."""
+
+    def __init__(self, rng, rows: list[int]):
+        self.rng, self.rows = rng, rows
+
+    def uniform(self, i: int, n: int) -> torch.Tensor:
+        return self.rng.uniform(self.rows[i], n)
+
+    def gumbel(self, i: int, shape) -> torch.Tensor:
+        return self.rng.gumbel(self.rows[i], shape)
 
 
 @register("speculative")
@@ -34,6 +49,15 @@ class Speculative(Strategy):
     write that differs (or the write after wD) ends the step. Every write is the target's own, from the base's
     output of the true state, with its own draws in its own order: the same tokens as `exact`, at any temperature.
 
+    Rule "sampling" (speculative sampling; at temperature 0 it is the rule above). The drafter draws its tokens
+    t ~ q from its own distributions with the sequence's own generator (consumed, before the target's draws; its
+    positions too, under --order random). At a state, the target picks its position by its own rule from the
+    base's output p; if that is the drafted position, it keeps t with probability min(1, p(t) / q(t)) and
+    otherwise draws from max(0, p - q) normalised; at any other position it draws from p. Each write is then
+    distributed as the target's (p(t) = q(t) min(1, p/q) + (1 - sum min(p, q)) (p - q)+(t) / sum (p - q)+), so
+    the output distribution is exact's, but not its tokens for a seed. The step goes on at a drafted row while
+    the write equals the draft.
+
     `depth` D: drafts per sequence and step (rows per pass up to D + 1 per sequence). `branch` A (default 0): A
     alternative first drafts per sequence, each one more row: the drafter's next-best positions by the order rule,
     with their tokens from the same coupled noise; when the target's first write equals one, that row serves the
@@ -46,20 +70,29 @@ class Speculative(Strategy):
     adaptive = True  # the tokens per pass vary with the drafts accepted
     takes_sampler = True
 
-    def __init__(self, depth: int = 4, drafter: str | None = None, branch: int = 0):
+    def __init__(self, depth: int = 4, drafter: str | None = None, branch: int = 0, rule: str = "coupled"):
         super().__init__(1)
+        if rule not in RULES:
+            raise AdjustError(f"unknown --rule {rule!r}; choose one of {', '.join(RULES)}")
+        if rule == "sampling" and branch:
+            raise AdjustError("--branch needs --rule coupled (alternative drafts share the target's noise)")
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise AdjustError(f"--depth must be a positive integer, got {depth!r}")
         if isinstance(branch, bool) or not isinstance(branch, int) or branch < 0:
             raise AdjustError(f"--branch must be an integer >= 0, got {branch!r}")
         if drafter is not None and drafter not in DRAFTERS:
             raise AdjustError(f"unknown --drafter {drafter!r}; choose one of {', '.join(DRAFTERS)}")
-        self.depth, self.drafter, self.branch = depth, drafter, branch
+        self.depth, self.drafter, self.branch, self.rule = depth, drafter, branch, rule
         self.uses_sampler = drafter == "sampler"
 
     def describe(self) -> str:
         return (f"{self.name}(D={self.depth},drafter={self.drafter or 'auto'}"
-                + (f",branch={self.branch})" if self.branch else ")"))
+                + (f",branch={self.branch}" if self.branch else "") + (f",rule={self.rule})" if self.rule != "coupled"
+                                                                       else ")"))
+
+    def _sampling_rule(self, loop) -> bool:
+        """Whether rule "sampling" decides this decoding's writes (at temperature 0 both rules are one)."""
+        return self.rule == "sampling" and loop.sampling.temperature > 0
 
     def _drafter(self, loop) -> str:
         return self.drafter or ("sampler" if loop.sampler is not None else "self")
@@ -69,17 +102,18 @@ class Speculative(Strategy):
         if loop.cache_refresh is not None:
             raise AdjustError("strategy 'speculative' refreshes the key/value cache only at block starts (exact's "
                               "refreshes every N passes fall elsewhere in fewer passes); drop --cache-refresh")
-        canvases, owners, drafts = self._draft(loop)
+        canvases, owners, drafts, qs = self._draft(loop)
         hidden, more = loop.full_pass_with(canvases, owners)
         loop.stats.base_rows += len(owners)
         loop.stats.drafts_proposed += len(owners)
-        loop.drafted = (more, drafts)
+        loop.drafted = (more, drafts, qs)
         return hidden
 
     def _draft(self, loop):
-        """(canvases (n, L), owners (n,), (positions, tokens, rows) (B, D + A) each, -1 where none): the drafted
-        canvases s1..sj of each sequence with a base output to draft from (then its alternative first drafts), and
-        its drafted writes (columns D.. : the alternatives to the first)."""
+        """(canvases (n, L), owners (n,), (positions, tokens, rows) (B, D + A) each, -1 where none, qs): the drafted
+        canvases s1..sj of each sequence with a base output to draft from (then its alternative first drafts), its
+        drafted writes (columns D.. : the alternatives to the first), and with rule "sampling" the drafter's
+        log-probabilities (n, V) at each drafted canvas's write (else None)."""
         x, base, sampling, D = loop.x, loop.base, loop.sampling, self.depth
         B, L = x.shape
         pos = torch.full((B, D + self.branch), -1, dtype=torch.long, device=x.device)
@@ -87,7 +121,7 @@ class Speculative(Strategy):
         prior, has = loop.kept.get("spec_prior"), loop.kept.get("spec_has")
         busy = torch.bincount(loop.candidates()[0], minlength=B) > 0
         sub = (busy & has).nonzero(as_tuple=True)[0] if has is not None else busy[:0].nonzero(as_tuple=True)[0]
-        empty = (x.new_zeros((0, L)), sub[:0], (pos, tok, at))
+        empty = (x.new_zeros((0, L)), sub[:0], (pos, tok, at), None)
         if len(sub) == 0 or loop.refreshes_next():  # a refresh pass: the cache is of this canvas, none to draft on
             return empty
         use_sampler = self._drafter(loop) == "sampler"
@@ -99,9 +133,12 @@ class Speculative(Strategy):
         region = (torch.arange(L, device=x.device)[None] >= lo[:, None]) & (torch.arange(L, device=x.device)[None]
                                                                            < hi[:, None])
         draws = sampling.order == "random" or sampling.temperature > 0
-        noise = loop.rng.fork(sub.tolist()) if draws else None  # the target's next draws, not consumed here
+        if self._sampling_rule(loop):  # the drafts' own draws, consumed from the sequences' generators
+            noise = _Consumed(loop.rng, sub.tolist())
+        else:  # the target's next draws, not consumed here
+            noise = loop.rng.fork(sub.tolist()) if draws else None
         alive = torch.ones(len(sub), dtype=torch.bool, device=x.device)
-        canvases, owners = [], []
+        canvases, owners, qs = [], [], []
         for j in range(D):
             cand = (xs == base.mask_id) & region & alive[:, None]
             alive = cand.any(1)
@@ -149,9 +186,10 @@ class Speculative(Strategy):
             if loop.stops is not None:  # a stop token fills the canvas after it: the chain ends before it
                 ok = ~torch.isin(t, loop.stops)
                 alive[r[~ok]] = False
-                r, c, t = r[ok], c[ok], t[ok]
+                r, c, t, lp = r[ok], c[ok], t[ok], lp[ok]
                 if len(r) == 0:
                     break
+            qs.append(lp)
             xs[r, c] = t
             owner = sub[r]
             pos[owner, j], tok[owner, j] = c, t
@@ -160,12 +198,13 @@ class Speculative(Strategy):
             owners.append(owner)
         if not owners:
             return empty
-        return torch.cat(canvases), torch.cat(owners), (pos, tok, at)
+        q = torch.cat(qs) if self._sampling_rule(loop) else None  # no alternatives under rule "sampling"
+        return torch.cat(canvases), torch.cat(owners), (pos, tok, at), q
 
     # --- the target's walk -------------------------------------------------------------------------------------
     def step(self, ctx) -> None:
         loop, base = ctx.loop, ctx.loop.base
-        drafted, (pos, tok, at) = loop.__dict__.pop("drafted")
+        drafted, (pos, tok, at), qs = loop.__dict__.pop("drafted")
         B = ctx.x.shape[0]
         state = ctx.hidden.clone()  # per sequence: the base's output of its current (true) state
         last = state.clone()  # the state each sequence's last write was drawn at
@@ -181,8 +220,12 @@ class Speculative(Strategy):
             ctx.unroll = j  # history: the write came from the j-th drafted row of the step
             logp = log_probs(base.logits(state[rows, cols]), ctx.sampling)
             entries = ctx.choose(ctx.scores(logp, rows), rows, walking.long()).sort().values
-            tokens = ctx.commit(entries, rows, cols, logp)
             wr, wc = rows[entries], cols[entries]
+            drawn = None
+            if qs is not None and j < D:  # rule "sampling": the drafted token where the position is the draft's
+                drawn = self._accept(loop, logp[entries], wr, (at[wr, j] >= 0) & (pos[wr, j] == wc), tok[wr, j],
+                                     qs, at[wr, j])
+            tokens = ctx.commit(entries, rows, cols, logp, tokens=drawn)
             last[wr] = state[wr]
             walking = torch.zeros_like(walking)
             if j < D:
@@ -201,3 +244,23 @@ class Speculative(Strategy):
             loop.stats.drafts_accepted += int(walking.sum())
         loop.kept["spec_prior"] = last
         loop.kept["spec_has"] = torch.ones(B, dtype=torch.bool, device=ctx.x.device)
+
+    @staticmethod
+    def _accept(loop, logp, rows, drafted, tokens, qs, at) -> torch.Tensor:
+        """Rule "sampling": one write per entry (row `rows[i]`, target distribution `logp[i]`). Where `drafted[i]`,
+        keep the drafted token with probability min(1, p/q), else draw from max(0, p - q) normalised; elsewhere
+        draw from p as the target does. The uniforms and Gumbel draws are the rows' own."""
+        out = torch.empty(len(rows), dtype=torch.long, device=logp.device)
+        plain = (~drafted).nonzero(as_tuple=True)[0]
+        if len(plain):
+            out[plain] = sample_tokens(logp[plain], rows[plain], loop.rng, False)
+        for i in drafted.nonzero(as_tuple=True)[0].tolist():
+            r, t = int(rows[i]), int(tokens[i])
+            p, q = logp[i].double(), qs[int(at[i])].double()
+            if torch.log(loop.rng.uniform(r, 1))[0] < p[t] - q[t]:
+                out[i] = t
+                continue
+            rest = (p.exp() - q.exp()).clamp(min=0)
+            target = rest.log() if rest.sum() > 0 else p  # p = q: never rejected; kept for safety
+            out[i] = (target + loop.rng.gumbel(r, (1, p.shape[-1]))[0]).argmax()
+        return out
