@@ -950,6 +950,8 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rule", default=None, help="speculative: coupled | sampling, how a drafted token is accepted: "
                    "equal to the target's own draw with the same noise (coupled: exact's tokens for a seed), or "
                    "speculative sampling, min(1, p/q) (exact's distribution; default coupled)")
+    p.add_argument("--target", default=None, help="speculative: exact | threshold, the decoding whose tokens it "
+                   "writes (default exact; threshold takes --tau, default 0.9)")
     p.add_argument("--sampler", default=None, help="joint sampler directory (default: <base>/sampler)")
     p.add_argument("--gen-length", type=int, default=64, help="tokens to generate per sequence")
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")

@@ -192,6 +192,18 @@ class Stats:
         self.pass_shapes[key] = self.pass_shapes.get(key, 0) + sequences
 
 
+def choose_best(scores: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Indices of the counts[b] best-scored of the row-major entries (`rows`) of each row b, (B,) = counts."""
+    table, starts, per_row = per_row_table(scores, rows, counts.shape[0], float("-inf"))
+    counts = torch.minimum(counts, per_row)
+    if counts.max() <= 0:
+        return torch.empty(0, dtype=torch.long, device=rows.device)
+    # stable sort: among equal scores the lower position goes first (a deterministic, documented tie rule)
+    top = table.sort(dim=1, descending=True, stable=True).indices[:, : int(counts.max())]  # (B, kmax)
+    keep = torch.arange(top.shape[1], device=rows.device)[None] < counts[:, None]
+    return (starts[:, None] + top)[keep]
+
+
 @dataclass
 class Generation:
     tokens: torch.Tensor  # (B, gen_length) generated ids
@@ -270,14 +282,7 @@ class StepContext:
 
     def choose(self, scores: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Indices of the entries to unmask: the counts[b] best-scored entries of each row b."""
-        table, starts, per_row = per_row_table(scores, rows, self.x.shape[0], float("-inf"))
-        counts = torch.minimum(counts, per_row)
-        if counts.max() <= 0:
-            return torch.empty(0, dtype=torch.long, device=rows.device)
-        # stable sort: among equal scores the lower position goes first (a deterministic, documented tie rule)
-        top = table.sort(dim=1, descending=True, stable=True).indices[:, : int(counts.max())]  # (B, kmax)
-        keep = torch.arange(top.shape[1], device=rows.device)[None] < counts[:, None]
-        return (starts[:, None] + top)[keep]
+        return choose_best(scores, rows, counts)
 
     def commit(self, entries: torch.Tensor, rows, cols, logp, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Sample tokens for the chosen entries and write them into the canvas; returns the tokens. `tokens`, if

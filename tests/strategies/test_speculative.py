@@ -29,8 +29,8 @@ stats = pytest.importorskip("scipy.stats")
 MODELS = Path(__file__).resolve().parents[2] / "models"
 
 
-def spec(depth=4, drafter=None, branch=0, rule="coupled"):
-    return make_strategy("speculative", depth=depth, drafter=drafter, branch=branch, rule=rule)
+def spec(depth=4, drafter=None, branch=0, rule="coupled", **kw):
+    return make_strategy("speculative", depth=depth, drafter=drafter, branch=branch, rule=rule, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +148,9 @@ def test_stats_count_passes_rows_and_drafts(task):
 def test_bad_parameters_are_refused():
     for kw, flag in [(dict(depth=0), "--depth"), (dict(depth=True), "--depth"), (dict(drafter="peer"), "--drafter"),
                      (dict(branch=-1), "--branch"), (dict(rule="exact"), "--rule"),
-                     (dict(rule="sampling", branch=1), "--branch")]:
+                     (dict(rule="sampling", branch=1), "--branch"), (dict(target="parallel"), "--target"),
+                     (dict(tau=0.9), "--tau"), (dict(target="threshold", rule="sampling"), "--target"),
+                     (dict(target="threshold", tau=1.5), "--tau")]:
         with pytest.raises(AdjustError, match=flag):
             make_strategy("speculative", **kw)
     with pytest.raises(AdjustError, match="takes no --depth"):
@@ -300,6 +302,33 @@ def test_speculative_sampling_draws_are_its_own_but_seeded(shakespeare, task):
     assert not torch.equal(one.tokens, exact.tokens) and one.stats.drafts_accepted > 0
     base, sampler = shakespeare
     same_as_exact(base, sampler, [base.encode("ROMEO:")], spec(4, "sampler", rule="sampling"), 0.0, 24)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("drafter", ["sampler", "self"])
+def test_threshold_target_writes_thresholds_tokens(shakespeare, task, temperature, drafter):
+    """--target threshold: the tokens `threshold` writes at that tau for the seed, alone and in a batch, with and
+    without the dual cache, at fewer full passes; depth 1 too."""
+    def same(base, sampler, prompts, strategy, gen_length, tau, **kw):
+        sampling = SamplingConfig(temperature=temperature)
+        th = generate(base, prompts, make_strategy("threshold", tau=tau), sampling, gen_length=gen_length, seed=5,
+                      **kw)
+        sp = generate(base, prompts, strategy, sampling, gen_length=gen_length, seed=5, sampler=sampler, **kw)
+        assert torch.equal(sp.tokens, th.tokens)
+        alone = generate(base, [prompts[-1]], strategy, sampling, gen_length=gen_length, seed=5, sampler=sampler, **kw)
+        assert torch.equal(alone.tokens[0], th.tokens[-1])
+        return sp.stats, th.stats
+
+    base, sampler = task
+    st, th = same(base, sampler, task_prompts(base, 1), spec(4, drafter, target="threshold", tau=0.9), 10, 0.9)
+    assert st.full_passes < th.full_passes and st.drafts_accepted > 0
+    same(base, sampler, task_prompts(base, 1), spec(1, drafter, target="threshold", tau=0.7), 10, 0.7)
+    base, sampler = shakespeare
+    prompts = [base.encode(p) for p in ("ROMEO:", "KING:")]
+    st, th = same(base, sampler, prompts, spec(4, drafter, target="threshold", tau=0.5), 32, 0.5)
+    assert st.full_passes < th.full_passes
+    same(base, sampler, [base.encode("ROMEO:")] * 2, spec(4, drafter, target="threshold", tau=0.5), 32, 0.5,
+         cache="dual", block_length=16)
 
 
 @pytest.mark.parametrize("name", ["parallel", "adjust"])

@@ -10,12 +10,15 @@ from __future__ import annotations
 import torch
 
 from ..batching import per_row_table
+from ..decode import choose_best
 from ..errors import AdjustError
 from ..sampling import log_probs, order_scores, sample_tokens
 from . import Strategy, register
+from .adaptive import Threshold
 
 DRAFTERS = ("sampler", "self")
 RULES = ("coupled", "sampling")
+TARGETS = ("exact", "threshold")
 
 
 class _Consumed:
@@ -58,6 +61,13 @@ class Speculative(Strategy):
     the output distribution is exact's, but not its tokens for a seed. The step goes on at a drafted row while
     the write equals the draft.
 
+    Target "threshold" (`tau`, default 0.9; rule "coupled"): the decoding wrapped is `threshold` at that tau
+    instead of `exact`. A write is then a set: every masked position of the block whose confidence is >= tau (at
+    least the most confident one), each token drawn from its own distribution in position order. The drafter
+    applies the same rule to its own distributions, with the target's coupled noise for each drafted set; the
+    target writes its own set at each true state, and the step goes on at a drafted row while the canvas equals
+    the drafted one. The same tokens as `threshold` at that tau, several of its passes per full pass.
+
     `depth` D: drafts per sequence and step (rows per pass up to D + 1 per sequence). `branch` A (default 0): A
     alternative first drafts per sequence, each one more row: the drafter's next-best positions by the order rule,
     with their tokens from the same coupled noise; when the target's first write equals one, that row serves the
@@ -70,10 +80,20 @@ class Speculative(Strategy):
     adaptive = True  # the tokens per pass vary with the drafts accepted
     takes_sampler = True
 
-    def __init__(self, depth: int = 4, drafter: str | None = None, branch: int = 0, rule: str = "coupled"):
+    def __init__(self, depth: int = 4, drafter: str | None = None, branch: int = 0, rule: str = "coupled",
+                 target: str = "exact", tau: float | None = None):
         super().__init__(1)
         if rule not in RULES:
             raise AdjustError(f"unknown --rule {rule!r}; choose one of {', '.join(RULES)}")
+        if target not in TARGETS:
+            raise AdjustError(f"unknown --target {target!r}; choose one of {', '.join(TARGETS)}")
+        if target == "exact" and tau is not None:
+            raise AdjustError("--tau is threshold's: speculative takes it with --target threshold")
+        if target == "threshold" and (rule != "coupled" or branch):
+            raise AdjustError("--target threshold takes the coupled rule and no --branch")
+        self.target = target
+        self.threshold = Threshold(0.9 if tau is None else tau) if target == "threshold" else None
+        self.uses_order = target == "exact"  # threshold ranks positions by confidence
         if rule == "sampling" and branch:
             raise AdjustError("--branch needs --rule coupled (alternative drafts share the target's noise)")
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
@@ -87,8 +107,9 @@ class Speculative(Strategy):
 
     def describe(self) -> str:
         return (f"{self.name}(D={self.depth},drafter={self.drafter or 'auto'}"
-                + (f",branch={self.branch}" if self.branch else "") + (f",rule={self.rule})" if self.rule != "coupled"
-                                                                       else ")"))
+                + (f",branch={self.branch}" if self.branch else "") + (f",rule={self.rule}" if self.rule != "coupled"
+                                                                       else "")
+                + (f",target=threshold,tau={self.threshold.tau})" if self.threshold else ")"))
 
     def _sampling_rule(self, loop) -> bool:
         """Whether rule "sampling" decides this decoding's writes (at temperature 0 both rules are one)."""
@@ -106,7 +127,7 @@ class Speculative(Strategy):
         hidden, more = loop.full_pass_with(canvases, owners)
         loop.stats.base_rows += len(owners)
         loop.stats.drafts_proposed += len(owners)
-        loop.drafted = (more, drafts, qs)
+        loop.drafted = (more, drafts, qs, canvases)
         return hidden
 
     def _draft(self, loop):
@@ -150,6 +171,28 @@ class Speculative(Strategy):
                 loop.stats.sampler_positions += L
             rows, cols = cand.nonzero(as_tuple=True)
             logp = log_probs(base.logits(hs[rows, cols]), sampling)
+            if self.threshold is not None:  # the target's write is a set: threshold's rule on the drafter's q
+                n = self.threshold.counts(logp, rows, len(sub)).clamp(min=1) * alive.long()
+                pick = choose_best(self.threshold.score(None, logp, rows), rows, n).sort().values
+                r, c, lp = rows[pick], cols[pick], logp[pick]
+                t = lp.argmax(-1)
+                if sampling.temperature > 0:  # per sequence, one Gumbel vector per write in position order
+                    for i in r.unique().tolist():
+                        k = (r == i).nonzero(as_tuple=True)[0]
+                        t[k] = (lp[k].double() + noise.gumbel(i, (len(k), lp.shape[-1]))).argmax(-1)
+                if loop.stops is not None:  # a stop token fills the canvas after it: the chain ends before it
+                    stop = r[torch.isin(t, loop.stops)].unique()
+                    alive[stop] = False
+                    keep = ~torch.isin(r, stop)
+                    r, c, t = r[keep], c[keep], t[keep]
+                if len(r) == 0:
+                    break
+                xs[r, c] = t
+                wrote = r.unique()
+                at[sub[wrote], j] = torch.arange(len(wrote), device=x.device) + sum(len(o) for o in owners)
+                canvases.append(xs[wrote].clone())
+                owners.append(sub[wrote])
+                continue
             u = None
             if sampling.order == "random":
                 u = torch.empty(len(rows), dtype=torch.float64, device=x.device)
@@ -204,7 +247,7 @@ class Speculative(Strategy):
     # --- the target's walk -------------------------------------------------------------------------------------
     def step(self, ctx) -> None:
         loop, base = ctx.loop, ctx.loop.base
-        drafted, (pos, tok, at), qs = loop.__dict__.pop("drafted")
+        drafted, (pos, tok, at), qs, canvases = loop.__dict__.pop("drafted")
         B = ctx.x.shape[0]
         state = ctx.hidden.clone()  # per sequence: the base's output of its current (true) state
         last = state.clone()  # the state each sequence's last write was drawn at
@@ -219,17 +262,23 @@ class Speculative(Strategy):
                 break
             ctx.unroll = j  # history: the write came from the j-th drafted row of the step
             logp = log_probs(base.logits(state[rows, cols]), ctx.sampling)
-            entries = ctx.choose(ctx.scores(logp, rows), rows, walking.long()).sort().values
+            if self.threshold is not None:  # threshold's write: the confident set, at least the most confident
+                n = self.threshold.counts(logp, rows, B).clamp(min=1) * walking.long()
+                entries = ctx.choose(self.threshold.score(ctx, logp, rows), rows, n).sort().values
+            else:
+                entries = ctx.choose(ctx.scores(logp, rows), rows, walking.long()).sort().values
             wr, wc = rows[entries], cols[entries]
             drawn = None
             if qs is not None and j < D:  # rule "sampling": the drafted token where the position is the draft's
                 drawn = self._accept(loop, logp[entries], wr, (at[wr, j] >= 0) & (pos[wr, j] == wc), tok[wr, j],
                                      qs, at[wr, j])
             tokens = ctx.commit(entries, rows, cols, logp, tokens=drawn)
-            last[wr] = state[wr]
+            wrote = wr.unique()  # the sequences that wrote (threshold: several writes each)
+            last[wrote] = state[wrote]
             walking = torch.zeros_like(walking)
-            if j < D:
-                walking[wr] = (pos[wr, j] == wc) & (tok[wr, j] == tokens) & (at[wr, j] >= 0) & ~branched[wr]
+            if j < D:  # on at a drafted row where the new canvas is the drafted one
+                on = wrote[(at[wrote, j] >= 0) & ~branched[wrote]]
+                walking[on[(ctx.x[on] == canvases[at[on, j]]).all(-1)]] = True
                 state[walking] = drafted[at[walking, j]]
             if j == 0 and self.branch:  # the first write equal to an alternative first draft
                 hit = ((pos[wr, D:] == wc[:, None]) & (tok[wr, D:] == tokens[:, None]) & (at[wr, D:] >= 0)
