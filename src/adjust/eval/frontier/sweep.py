@@ -52,8 +52,9 @@ DEFAULT_GRIDS: dict[str, str] = {
     "entropy-bound": "entropy-bound:gamma=0.01,0.1,0.5,1,2",
     "adjust-threshold": "adjust-threshold:tau=0.95,0.9,0.8,0.7,0.5;max_tokens_per_pass=8",
     "threshold-adjust": "threshold-adjust:tau=0.9,0.7,0.5;K=2,4",
-    # lossless: exact's tokens at fewer passes (coupled), or exact's distribution (speculative sampling)
-    "speculative": "speculative:depth=2,4,8;drafter=sampler,self|depth=4;drafter=sampler,self;rule=sampling",
+    # lossless: exact's tokens at fewer passes (coupled), exact's distribution (speculative sampling), threshold's tokens
+    "speculative": "speculative:depth=2,4,8;drafter=sampler,self|depth=4;drafter=sampler,self;rule=sampling"
+                   "|depth=4;drafter=sampler,self;target=threshold;tau=0.9",
 }
 QUALITY_MODES = ("auto", "validity", "nll")
 
