@@ -32,7 +32,8 @@ after a PROMPT-token prompt (default 256 + 256 = a 512-token canvas):
    so its last pass may write past M, and its tokens/s counts the tokens it wrote. With random
    weights no position is ever confident (the largest probability is near 1/vocabulary), so
    threshold writes one token per full pass (M passes, exact's count, at the cost of its
-   confidence rule) and threshold-adjust 1 + (K - 1) (adjust's count): as for speculative
+   confidence rule) and threshold-adjust 2 (its one unsure draw, then an unroll whose pick is unsure and writes
+   nothing): as for speculative
    below, the figure is the cost of their passes and unrolls, not the speedup a trained model's
    confidence would give. --tau 0 leaves both out. --max-tokens 0 times whole generations.
    Default: 64 for --size 7b, 0 for --size tiny.
@@ -408,7 +409,7 @@ def main(argv=None) -> int:
                         "speculative (batch 1): drafts from random weights and an untrained sampler are rarely "
                         "accepted, so its tokens/s is the cost of its rows and unrolls, not a speedup; likewise "
                         "threshold and threshold-adjust: random weights are never confident, so they write one "
-                        "token (threshold) or 1 + (K-1) (threshold-adjust) per full pass, and the figure is the "
+                        "token (threshold) or 2 (threshold-adjust: one unsure draw) per full pass, and the figure is the "
                         "cost of their passes; adaptive strategies may write past max_tokens in their last pass "
                         "(tokens counts what they wrote); +fast: --unroll fast; pass_cost: "
                         "a --pass-cost report (adjust bench / eval frontier), cost of one base pass of r rows "
