@@ -12,12 +12,15 @@ the chains of about the same rows per pass (depth 5). `--rules coupled,sampling`
 sampling (not exact's tokens for a seed, so `identical` is "-" there; its exactness is a distribution's, tested by
 tests/strategies/test_speculative.py's goodness-of-fit test).
 
+`--sampler MODEL=DIR` drafts with another sampler of that model (e.g. one distilled for longer unrolls).
+
   python benchmarks/speculative.py --out results/speculative        # writes .json and .md, ~5 min
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -69,7 +72,8 @@ def run_config(base, sampler, prompts, strategy, temperature: float, gen_length:
 
 
 def measure(models: list[str], depths: list[int], temperatures: list[float], n_prompts: int,
-            gen_lengths: dict, dual_models: list[str], dual_block: int, branched=(), rules=("coupled",)) -> list[dict]:
+            gen_lengths: dict, dual_models: list[str], dual_block: int, branched=(), rules=("coupled",),
+            samplers: dict | None = None) -> list[dict]:
     from adjust.base import load_base
     from adjust.sampler import JointSampler
     from adjust.strategies import make_strategy
@@ -77,13 +81,14 @@ def measure(models: list[str], depths: list[int], temperatures: list[float], n_p
     rows = []
     for name in models:
         base = load_base(ROOT / "models" / name)
-        sampler = JointSampler.load(ROOT / "models" / name / "sampler", base)
+        sampler_dir = (samplers or {}).get(name) or ROOT / "models" / name / "sampler"
+        sampler = JointSampler.load(sampler_dir, base)
         prompts, gen = prompts_for(name, base, n_prompts), gen_lengths[name]
         chains = [(d, 0) for d in depths] + [(d, b) for d, b in branched]
         settings = [("none", None, chains)] + ([("dual", dual_block, [(4, 0)])] if name in dual_models else [])
         for (cache, block, ds), t in ((c, t) for c in settings for t in temperatures):
             ref, ref_tokens = run_config(base, sampler, prompts, make_strategy("exact"), t, gen, cache, block)
-            ref.update(model=name, identical=True)
+            ref.update(model=name, identical=True, sampler=os.path.relpath(sampler_dir, ROOT))
             rows.append(ref)
             by = {}
             for d, b in ds:
@@ -137,6 +142,8 @@ def main(argv=None) -> int:
     p.add_argument("--branched", default="4:1,3:2", help="depth:branch points also run without a cache")
     p.add_argument("--dual-models", default="shakespeare-base", help="models also run with the dual cache")
     p.add_argument("--dual-block", type=int, default=16, help="block length of the dual-cache runs")
+    p.add_argument("--sampler", action="append", default=[], metavar="MODEL=DIR",
+                   help="draft with the sampler in DIR for that model (repeatable; default: the model's own)")
     p.add_argument("--rules", default="coupled", help="acceptance rules of the speculative runs: coupled, sampling")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md (e.g. results/speculative)")
@@ -157,7 +164,8 @@ def main(argv=None) -> int:
                        {"shakespeare-base": args.gen_shakespeare, "task-base": args.gen_task},
                        [m for m in args.dual_models.split(",") if m], args.dual_block,
                        [tuple(int(v) for v in x.split(":")) for x in args.branched.split(",") if x],
-                       tuple(r for r in args.rules.split(",") if r))
+                       tuple(r for r in args.rules.split(",") if r),
+                       dict(s.split("=", 1) for s in args.sampler))
     report = {"code_version": version, "threads": args.threads, "rows": rows,
               "note": "full passes = calls of the base (a speculative pass computes its drafted rows too); "
                       "speed = wall-clock tokens/s over exact's; passes vs self = self drafter's passes over the "

@@ -38,6 +38,8 @@ from .sampling import RowRNG, SamplingConfig, log_probs, order_scores, row_seed,
 
 CACHE_MODES = ("none", "prefix", "dual")
 UNROLL_MODES = ("full", "fast")
+# "fast": per sequence, the positions a step's unrolls may still pick, per token the step has left to write
+FAST_PICKS_PER_TOKEN = 2
 # What `adjust generate`, the server and the harness use for a strategy with sampler unrolls unless told: the
 # fast unroll, the frontier's fastest at no measured quality cost (docs/results.md, "Defaults"). The library's
 # `generate` and the evaluation commands keep "full", the reference computation, unless told.
@@ -49,8 +51,6 @@ def resolve_unroll(unroll: str | None, strategy) -> str:
     if unroll is not None:
         return unroll
     return DEFAULT_UNROLL if strategy.uses_sampler else "full"
-# "fast": per sequence, the positions a step's unrolls may still pick, per token the step has left to write
-FAST_PICKS_PER_TOKEN = 2
 
 
 @dataclass(frozen=True)

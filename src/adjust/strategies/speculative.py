@@ -1,8 +1,9 @@
-"""Speculative ADJUST: exact decoding's tokens, several per full pass (docs/speculative.md).
+"""Speculative ADJUST: exact decoding's tokens (or distribution), several per full pass (docs/speculative.md).
 
-The target is `exact` (one token per pass, the order rule, temperature, top-p/top-k, blocks). Each full pass
-computes, as extra rows of one batch, the current canvas and up to `depth` drafted successor canvases; the
-target then walks them, with its own draws, and keeps a drafted row's output wherever the draft equals its write.
+The target is `exact` (one token per pass, the order rule, temperature, top-p/top-k, blocks) or `threshold`.
+Each full pass computes, as extra rows of one batch, the current canvas and up to `depth` drafted successor
+canvases; the target then walks them, with its own draws, and keeps a drafted row's output wherever its new
+canvas is the drafted one.
 """
 
 from __future__ import annotations
