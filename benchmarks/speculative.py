@@ -73,7 +73,7 @@ def run_config(base, sampler, prompts, strategy, temperature: float, gen_length:
 
 def measure(models: list[str], depths: list[int], temperatures: list[float], n_prompts: int,
             gen_lengths: dict, dual_models: list[str], dual_block: int, branched=(), rules=("coupled",),
-            samplers: dict | None = None) -> list[dict]:
+            samplers: dict | None = None, threshold_tau: float | None = None) -> list[dict]:
     from adjust.base import load_base
     from adjust.sampler import JointSampler
     from adjust.strategies import make_strategy
@@ -86,17 +86,23 @@ def measure(models: list[str], depths: list[int], temperatures: list[float], n_p
         prompts, gen = prompts_for(name, base, n_prompts), gen_lengths[name]
         chains = [(d, 0) for d in depths] + [(d, b) for d, b in branched]
         settings = [("none", None, chains)] + ([("dual", dual_block, [(4, 0)])] if name in dual_models else [])
-        for (cache, block, ds), t in ((c, t) for c in settings for t in temperatures):
-            ref, ref_tokens = run_config(base, sampler, prompts, make_strategy("exact"), t, gen, cache, block)
+        targets = [("exact", {})] + ([("threshold", {"tau": threshold_tau})] if threshold_tau is not None else [])
+        for (cache, block, ds), t, (target, tp) in ((c, t, g) for c in settings for t in temperatures
+                                                    for g in targets):
+            ref, ref_tokens = run_config(base, sampler, prompts, make_strategy(target, **tp), t, gen, cache, block)
             ref.update(model=name, identical=True, sampler=os.path.relpath(sampler_dir, ROOT))
             rows.append(ref)
             by = {}
             for d, b in ds:
                 for rule in rules:
-                    if rule != "coupled" and b:
-                        continue  # alternative first drafts need the coupled rule
+                    if rule != "coupled" and (b or target != "exact"):
+                        continue  # alternative first drafts and the threshold target need the coupled rule
+                    if b and target != "exact":
+                        continue
                     for drafter in ("sampler", "self"):
-                        strategy = make_strategy("speculative", depth=d, drafter=drafter, branch=b, rule=rule)
+                        extra = {} if target == "exact" else {"target": target, **tp}
+                        strategy = make_strategy("speculative", depth=d, drafter=drafter, branch=b, rule=rule,
+                                                 **extra)
                         r, toks = run_config(base, sampler, prompts, strategy, t, gen, cache, block)
                         r.update(model=name, identical=toks == ref_tokens if rule == "coupled" else None,
                                  passes_vs_exact=round(ref["full_passes"] / r["full_passes"], 3),
@@ -114,11 +120,11 @@ def measure(models: list[str], depths: list[int], temperatures: list[float], n_p
 
 def markdown(report: dict) -> str:
     v = report["code_version"]
-    lines = [f"# Speculative ADJUST vs exact, CPU, batch 1 ({v.get('commit', 'no commit')[:12]}"
+    lines = [f"# Speculative ADJUST vs its target, CPU, batch 1 ({v.get('commit', 'no commit')[:12]}"
              f"{', dirty' if v.get('dirty') else ''})", "",
              f"Prompts decoded alone, one thread; {report['note']}", "",
-             "| model | cache | T | strategy | tokens / full pass | rows / pass | acceptance | passes vs exact | "
-             "passes vs self | tokens/s | speed vs exact | identical |",
+             "| model | cache | T | strategy | tokens / full pass | rows / pass | acceptance | passes vs target | "
+             "passes vs self | tokens/s | speed vs target | identical |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         lines.append(f"| {r['model']} (gen {r['gen_length']}) | {r['cache']} | {r['temperature']:g} | "
@@ -144,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--dual-block", type=int, default=16, help="block length of the dual-cache runs")
     p.add_argument("--sampler", action="append", default=[], metavar="MODEL=DIR",
                    help="draft with the sampler in DIR for that model (repeatable; default: the model's own)")
+    p.add_argument("--threshold-target", type=float, default=None, metavar="TAU",
+                   help="also wrap threshold at this tau (--target threshold, coupled rule) beside its own runs")
     p.add_argument("--rules", default="coupled", help="acceptance rules of the speculative runs: coupled, sampling")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md (e.g. results/speculative)")
@@ -165,10 +173,12 @@ def main(argv=None) -> int:
                        [m for m in args.dual_models.split(",") if m], args.dual_block,
                        [tuple(int(v) for v in x.split(":")) for x in args.branched.split(",") if x],
                        tuple(r for r in args.rules.split(",") if r),
-                       dict(s.split("=", 1) for s in args.sampler))
+                       dict(s.split("=", 1) for s in args.sampler), args.threshold_target)
     report = {"code_version": version, "threads": args.threads, "rows": rows,
               "note": "full passes = calls of the base (a speculative pass computes its drafted rows too); "
-                      "speed = wall-clock tokens/s over exact's; passes vs self = self drafter's passes over the "
+                      "target = the decoding it wraps, the exact or threshold row above it; passes and speed vs "
+                      "target = its full passes over speculative's, speculative's wall-clock tokens/s over its; "
+                      "identical = the target's very tokens; passes vs self = self drafter's passes over the "
                       "sampler drafter's at the same depth (the same row budget)."}
     print_and_write(report, markdown(report), args.out)
     return 0

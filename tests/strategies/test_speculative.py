@@ -301,6 +301,13 @@ def test_speculative_sampling_draws_are_its_own_but_seeded(shakespeare, task):
     exact = generate(base, prompts, make_strategy("exact"), SamplingConfig(temperature=1.0), **kw)
     assert not torch.equal(one.tokens, exact.tokens) and one.stats.drafts_accepted > 0
     base, sampler = shakespeare
+    # with the dual cache rows share the block: one that has finished it waits, and its drafts must not change
+    prompts = [base.encode(p) for p in ("ROMEO:", "KING:", "To be")]
+    kw = dict(gen_length=32, seed=3, sampler=sampler, cache="dual", block_length=16)
+    batch = generate(base, prompts, strategy, SamplingConfig(temperature=1.0), **kw)
+    for b in range(len(prompts)):
+        alone = generate(base, [prompts[b]], strategy, SamplingConfig(temperature=1.0), **kw)
+        assert torch.equal(alone.tokens[0], batch.tokens[b]), b
     same_as_exact(base, sampler, [base.encode("ROMEO:")], spec(4, "sampler", rule="sampling"), 0.0, 24)
 
 
