@@ -187,7 +187,7 @@ class EitherTask(Task):
 
     name = "either"
     description = "one of the two given word groups (1-4 words each, of different lengths), copied in full"
-    lengths = (1, 4)  # words per group; the two groups differ in length and hold at most MAX_WORDS words together
+    lengths = (1, 4)  # words per group; the two groups differ in length and hold at most max_words words together
     max_words = 6
     separator = "|"
 
