@@ -284,3 +284,15 @@ def test_speculative_gives_exact_answers_with_the_sampler_beside_the_base():
     (out,) = spec.generate_until([_gen(spec, p, max_gen_toks=16, until=[])])
     want, _ = generate_texts(spec.base, [p], make_strategy("exact"), SamplingConfig(), gen_length=16, seed=2)
     assert out == want[0]["text"]
+
+
+@pytest.mark.parametrize("unroll", ["full", "fast"])
+def test_compare_gives_identical_answers_on_both_sides(unroll):
+    """python -m adjust.harness.compare: `adjust eval tasks`' evaluation and lm-eval's answer with the same tokens,
+    ADJUST's unrolls in the same mode on both sides (the harness model alone would default to fast)."""
+    from adjust.harness.compare import compare
+
+    out = compare(str(TASK_BASE), ["either"], "adjust:4", seed=0, limit=3, unroll=unroll)
+    (row,) = out["rows"]
+    assert row["n"] == 3 and row["identical_answers"] == 3 and row["eval_tasks_valid"] == row["harness_valid"]
+    assert out["unroll"] == unroll

@@ -19,7 +19,8 @@ from ..errors import AdjustError
 
 
 def compare(base_dir: str, tasks: list[str], strategies: str, seed: int = 0, limit: int = 0,
-            harness_batch_size: int = 1) -> dict:
+            harness_batch_size: int = 1, unroll: str = "full") -> dict:
+    """`unroll`: how ADJUST's unrolls are computed on both sides (the harness model's own default would be fast)."""
     import lm_eval
 
     from ..decode import generate_texts
@@ -38,16 +39,16 @@ def compare(base_dir: str, tasks: list[str], strategies: str, seed: int = 0, lim
     for (name, params), strategy in zip(specs, built):
         label = spec_label(name, params)
         ours = evaluate_tasks(base, sampler, records, [(name, params)], gen_length=DEFAULT_GEN_LENGTH, seed=seed,
-                              sampling=sampling)
+                              sampling=sampling, unroll=unroll)
         model_args = {"base": base_dir, "strategy": name, "seed": seed, "batch_size": harness_batch_size,
-                      **params}
+                      **({"unroll": unroll} if strategy.uses_sampler else {}), **params}
         harness = lm_eval.simple_evaluate(model="adjust", model_args=model_args, tasks=[f"adjust_{t}" for t in tasks],
                                           task_manager=task_manager(), log_samples=True,
                                           limit=limit or None)
         for task in tasks:
             prompts = [r["prompt"] for r in records if r["task"] == task]
             samples, _ = generate_texts(base, prompts, strategy, sampling, gen_length=DEFAULT_GEN_LENGTH,
-                                        batch_size=64, seed=seed, sampler=sampler)
+                                        batch_size=64, seed=seed, sampler=sampler, unroll=unroll)
             eval_answers = {s["prompt"]: s["text"].split("\n", 1)[0] for s in samples}
             logged = harness["samples"][f"adjust_{task}"]
             same = sum(eval_answers[s["doc"]["prompt"]] == s["filtered_resps"][0] for s in logged)
@@ -56,6 +57,7 @@ def compare(base_dir: str, tasks: list[str], strategies: str, seed: int = 0, lim
                          "harness_valid": round(harness["results"][f"adjust_{task}"]["validity,none"], 4),
                          "n": len(logged), "identical_answers": same})
     return {"base": base.name, "seed": seed, "gen_length": DEFAULT_GEN_LENGTH, "sampling": sampling.__dict__,
+            "unroll": unroll,
             "harness_batch_size": harness_batch_size, "eval_tasks_batch_size": 64,
             "lm_eval_version": lm_eval.__version__, "rows": rows}
 
@@ -82,13 +84,17 @@ def main(argv=None) -> int:
     p.add_argument("--strategies", default="exact,adjust:4")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=0, help="at most this many prompts per task (0: all 200)")
+    p.add_argument("--unroll", default="full", help="full | fast: ADJUST's unrolls on both sides (default full)")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     args = p.parse_args(argv)
     try:
         from ..io import write_json
 
         version = _code_version()  # before the run: the code that ran, whatever changes meanwhile
-        result = compare(args.base, args.tasks.split(","), args.strategies, args.seed, args.limit)
+        from ..decode import unroll_plan
+
+        unroll_plan(args.unroll)
+        result = compare(args.base, args.tasks.split(","), args.strategies, args.seed, args.limit, unroll=args.unroll)
         result["command"] = "python -m adjust.harness.compare " + " ".join(sys.argv[1:] if argv is None else argv)
         result["code_version"] = version
         text = json.dumps(result, indent=1)
