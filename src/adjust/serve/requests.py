@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..decode import check_cache, resolve_unroll, unroll_plan
 from ..errors import AdjustError
 from ..sampling import SamplingConfig
 from ..strategies import INT_PARAMS, STR_PARAMS, STRATEGY_PARAMS, make_strategy, strategy_names, unused_setting
-from ..decode import resolve_unroll
 from .batching import DecodeSettings
 from .errors import ApiError
 from .limits import Limits
@@ -291,16 +291,12 @@ def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults:
     block_length = get_int(body, "block_length", None, lo=1)
     cache = get_str(body, "cache", "none")
     try:
-        from ..decode import check_cache
-
         check_cache(base, cache, block_length, None)
     except AdjustError as e:
         raise ApiError(str(e).replace("--block-length", "'block_length'").replace("--cache", "'cache'"), "cache",
                        "invalid_value")
     unroll = get_str(body, "unroll", None)
     try:
-        from ..decode import unroll_plan
-
         unroll_plan(unroll or "full")
     except AdjustError as e:
         raise ApiError(str(e).replace("--unroll", "'unroll'"), "unroll", "invalid_value")
