@@ -37,6 +37,18 @@ def sampler(base):
     return s
 
 
+@pytest.fixture(scope="module")
+def deep_sampler(base):
+    """A sampler of two blocks (`adjust distill --sampler-layers 2`)."""
+    torch.manual_seed(4)
+    s = JointSampler(SamplerConfig.for_base(base, num_layers=2)).eval()
+    with torch.no_grad():
+        for p in s.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    return s
+
+
 def prompts_for(base, n=3, length=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     usable = torch.tensor([i for i in range(len(base.tokenizer)) if i not in base.banned_ids and i not in base.stop_ids])
@@ -95,6 +107,38 @@ def test_forward_rows_equals_the_full_unroll_at_those_rows(base, sampler):
         want = sampler(base, x, prior, mask)
         got = sampler.forward_rows(base, x, prior, mask, sampler.keys_values(base, x, prior, mask), at)
     torch.testing.assert_close(got, want.gather(1, at[..., None].expand(-1, -1, want.shape[-1])), atol=1e-5, rtol=1e-5)
+
+
+def test_a_deeper_sampler_keeps_every_exact_property(base, deep_sampler, tmp_path):
+    """Two blocks: rows against the keys/values of every block equal the full unroll; K = 1 is exact; the fast
+    unroll on every row and position is the full one, and its first unroll is exact at K = 2; saved and loaded
+    it is the same sampler (and a config.json without the field is one block)."""
+    from adjust.decode import build_canvas
+
+    s = deep_sampler
+    x, mask, P = build_canvas([[5, 6, 7], [8, 9, 10, 11, 12]], 8, base)
+    x[:, P + 2] = x[:, P - 1]
+    at = torch.tensor([[P, P + 2, P + 5, P + 5], [1, P + 1, P + 3, P + 7]])
+    with torch.no_grad():
+        prior = base.hidden_states(x, mask)
+        want = s(base, x, prior, mask)
+        got = s.forward_rows(base, x, prior, mask, s.keys_values(base, x, prior, mask), at)
+        span = s.forward_span(base, x, prior, mask, s.keys_values(base, x, prior, mask), P, P + 4)
+    torch.testing.assert_close(got, want.gather(1, at[..., None].expand(-1, -1, want.shape[-1])), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(span, want[:, P:P + 4], atol=1e-5, rtol=1e-5)
+    assert torch.equal(run(base, s, tokens_per_pass=1).tokens, run(base, None, "exact", tokens_per_pass=1).tokens)
+    full = run(base, s, tokens_per_pass=4)
+    assert torch.equal(run(base, s, unroll=FastUnroll(picks=ALL, all_rows=True), tokens_per_pass=4).tokens, full.tokens)
+    assert torch.equal(run(base, s, unroll=FastUnroll(picks=ALL), tokens_per_pass=2).tokens,
+                       run(base, s, tokens_per_pass=2).tokens)
+    s.save(tmp_path / "deep")
+    assert torch.equal(run(base, JointSampler.load(tmp_path / "deep", base), tokens_per_pass=4).tokens, full.tokens)
+    cfg = json.loads((tmp_path / "deep" / "config.json").read_text())
+    assert cfg["num_layers"] == 2
+    del cfg["num_layers"]
+    (tmp_path / "deep" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdjustError, match="more_blocks"):  # read as one block: the second block's weights are extra
+        JointSampler.load(tmp_path / "deep", base)
 
 
 # --- the approximation ---------------------------------------------------------------------------------

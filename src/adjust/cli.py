@@ -221,7 +221,8 @@ def cmd_distill(args) -> None:
                         max_unrolls=args.max_unrolls, eval_every=args.eval_every,
                         min_lr_ratio=args.min_lr_ratio, entropy_windows=args.entropy_windows,
                         cache_base_states=args.cache_base_states, seed=args.seed)
-    _at_least_one({"--steps": cfg.steps, "--batch-size": cfg.batch_size, "--eval-every": cfg.eval_every})
+    _at_least_one({"--steps": cfg.steps, "--batch-size": cfg.batch_size, "--eval-every": cfg.eval_every,
+                   "--sampler-layers": args.sampler_layers})
     if not cfg.lr > 0:
         raise_bad(f"--lr must be positive, got {cfg.lr}")
     state = _launched_state()
@@ -253,7 +254,7 @@ def _distill_launched(args, cfg, state) -> None:
     else:
         base = _load_base(args)
     rollouts = load_rollouts(args.rollouts, base)  # complete, from this base, ids in its vocabulary
-    sampler_cfg = SamplerConfig.for_base(base, arch=args.sampler_arch)
+    sampler_cfg = SamplerConfig.for_base(base, arch=args.sampler_arch, num_layers=args.sampler_layers)
     result = distill(base, rollouts, args.out, cfg, sampler_cfg, progress=not args.quiet, accelerator=accelerator)
     if sharding is not None:
         result["base_sharding"] = sharding
@@ -789,6 +790,9 @@ def _add_rollout_parsers(sub) -> None:
     p.add_argument("--sampler-arch", default="ours", help="ours (default: head dim 64, SwiGLU ~8/3 H) | paper (the "
                    "paper's: the base's own layer shape, grouped-query heads, q/k/v and projection bias; native Dream "
                    "or LLaDA bases)")
+    p.add_argument("--sampler-layers", type=int, default=1, metavar="N",
+                   help="blocks in the sampler (default 1: the method's one-layer sampler; each more costs about "
+                        "as much again per unroll)")
     p.add_argument("--cache-base-states", action="store_true",
                    help="compute the frozen base's hidden states at every rollout step once and train from them "
                    "(G x L x H values per rollout in memory): for a small base, a step then costs only the sampler")

@@ -3,7 +3,8 @@
     e   = RMSNorm(embed(x))                 frozen base embedding of the current tokens
     p   = RMSNorm(prior)                    base hidden states (first unroll) or own output
     z   = Linear(E + H -> H)([e ; p])        E = H but where the base factorises embeddings (ALBERT, ELECTRA)
-    z   = Block(z)                          bidirectional attention (RoPE) + SwiGLU
+    z   = Block(z)                          bidirectional attention (RoPE) + SwiGLU (`num_layers` of them: 1, the
+                                            method's, unless `adjust distill --sampler-layers` asks for more)
     out = RMSNorm(z) + prior                post-norm plus residual
     logits = base.lm_head(out)              frozen, shared with the base
 
@@ -52,19 +53,24 @@ class SamplerConfig:
     num_kv_heads: int | None = None
     qkv_bias: bool = False
     proj_bias: bool = False
+    # blocks after the projection: 1 is the method's sampler; more are an option (`--sampler-layers`)
+    num_layers: int = 1
 
     # Fields a saved config.json may lack (fields added later, whose default is what older files meant);
     # every other field must be in the file (io.config_from_json).
-    OPTIONAL_FIELDS = ("distilled_on", "embed_size", "num_kv_heads", "qkv_bias", "proj_bias")
+    OPTIONAL_FIELDS = ("distilled_on", "embed_size", "num_kv_heads", "qkv_bias", "proj_bias", "num_layers")
 
     @classmethod
     def for_base(cls, base, intermediate_ratio: float = 8 / 3, num_heads: int | None = None,
-                 arch: str = "ours") -> "SamplerConfig":
+                 arch: str = "ours", num_layers: int = 1) -> "SamplerConfig":
         """A sampler sized for `base`. arch "ours": head dim 64 (or the base's heads), SwiGLU width ~8/3 H, eps 1e-6.
         arch "paper": the paper's sampler, one decoder layer of the base's own shape (its query and key/value heads,
-        q/k/v bias, SwiGLU width and norm eps) and a 2H -> H projection with a bias (native Dream / LLaDA bases)."""
+        q/k/v bias, SwiGLU width and norm eps) and a 2H -> H projection with a bias (native Dream / LLaDA bases).
+        `num_layers`: blocks after the projection (1: the method's one-layer sampler)."""
         if arch not in SAMPLER_ARCHS:
             raise AdjustError(f"unknown --sampler-arch {arch!r}; choose one of {', '.join(SAMPLER_ARCHS)}")
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise AdjustError(f"--sampler-layers must be at least 1, got {num_layers}")
         if arch == "paper":
             shape = getattr(base, "cfg", None)
             if shape is None or not hasattr(shape, "num_kv_heads"):
@@ -72,13 +78,14 @@ class SamplerConfig:
                                   f"{base.name} ({type(base).__name__}) is not one")
             return cls(base.hidden_size, shape.num_heads, shape.intermediate_size, rope_theta=float(shape.rope_theta),
                        norm_eps=float(shape.norm_eps), base=base.identity(), num_kv_heads=shape.num_kv_heads,
-                       qkv_bias=bool(shape.qkv_bias), proj_bias=True)
+                       qkv_bias=bool(shape.qkv_bias), proj_bias=True, num_layers=num_layers)
         H = base.hidden_size
         heads = num_heads or getattr(base, "num_heads", None) or max(1, H // 64)
         inter = int(16 * round(intermediate_ratio * H / 16))
         theta = float(getattr(base, "rope_theta", 10000.0))
         E = getattr(base, "embed_size", None)
-        return cls(H, heads, inter, rope_theta=theta, base=base.identity(), embed_size=None if E in (None, H) else E)
+        return cls(H, heads, inter, rope_theta=theta, base=base.identity(), embed_size=None if E in (None, H) else E,
+                   num_layers=num_layers)
 
 
 class JointSampler(nn.Module):
@@ -92,7 +99,11 @@ class JointSampler(nn.Module):
         self.embed_norm = RMSNorm(E, cfg.norm_eps)
         self.prior_norm = RMSNorm(H, cfg.norm_eps)
         self.proj = nn.Linear(E + H, H, bias=cfg.proj_bias)
-        self.block = Block(H, cfg.num_heads, cfg.intermediate_size, cfg.norm_eps, cfg.num_kv_heads, cfg.qkv_bias)
+        if cfg.num_layers < 1:
+            raise AdjustError(f"sampler num_layers must be at least 1, got {cfg.num_layers}")
+        layer = lambda: Block(H, cfg.num_heads, cfg.intermediate_size, cfg.norm_eps, cfg.num_kv_heads, cfg.qkv_bias)
+        self.block = layer()  # the first (the one-layer sampler's only) block; its weights keep their saved names
+        self.more_blocks = nn.ModuleList(layer() for _ in range(cfg.num_layers - 1))
         self.out_norm = RMSNorm(H, cfg.norm_eps)
         for m in self.modules():  # fresh initialisation, not copied from the base
             if isinstance(m, nn.Linear):
@@ -106,8 +117,14 @@ class JointSampler(nn.Module):
         Computed in the dtype of the sampler's weights; the result has the prior's dtype."""
         own, z = self._inputs(base, input_ids, prior)
         cos, sin = self._rope(input_ids, attention_mask, z.dtype)
-        z = self.block(z, cos, sin, None if attention_mask is None else attention_mask.bool())
+        key_mask = None if attention_mask is None else attention_mask.bool()
+        for block in self.blocks:
+            z = block(z, cos, sin, key_mask)
         return (self.out_norm(z) + own).to(prior.dtype)
+
+    @property
+    def blocks(self) -> list:
+        return [self.block, *self.more_blocks]
 
     def _inputs(self, base, input_ids, prior):
         """(prior in the sampler's dtype, z = proj([norm(embed(x)); norm(prior)])) for the given rows."""
@@ -120,12 +137,17 @@ class JointSampler(nn.Module):
         return rope_for(attention_mask, input_ids.shape, input_ids.device,
                         self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta, dtype)
 
-    def keys_values(self, base, input_ids, prior, attention_mask=None) -> tuple:
-        """The attention's keys and values (B, heads, L, head_dim) of the whole canvas, for `forward_span`."""
+    def keys_values(self, base, input_ids, prior, attention_mask=None) -> list:
+        """Each block's attention keys and values (B, heads, L, head_dim) of the whole canvas, for `forward_span`
+        (a list of (k, v), one per block; for the last block only its projection is computed)."""
         _, z = self._inputs(base, input_ids, prior)
         cos, sin = self._rope(input_ids, attention_mask, z.dtype)
-        _, k, v = self.block.attn.project(self.block.attn_norm(z), cos, sin)
-        return k, v
+        kv = []
+        for block in self.blocks[:-1]:
+            z = block(z, cos, sin, None if attention_mask is None else attention_mask.bool(), keep=kv)
+        last = self.blocks[-1]
+        _, k, v = last.attn.project(last.attn_norm(z), cos, sin)
+        return kv + [(k, v)]
 
     def forward_span(self, base, input_ids, prior, attention_mask, kv: tuple, start: int, end: int) -> torch.Tensor:
         """One unroll on the rows start .. end-1 only (B, end - start, H): those rows attend to their own fresh
@@ -149,7 +171,9 @@ class JointSampler(nn.Module):
         """The unroll of the given rows (their tokens, prior and rotary angles) against `kv` elsewhere; `where`:
         their start (a span) or positions, as `layers.Attention.forward` takes it."""
         own, z = self._inputs(base, ids, prior)
-        z = self.block(z, cos, sin, None if attention_mask is None else attention_mask.bool(), kv=kv, start=where)
+        key_mask = None if attention_mask is None else attention_mask.bool()
+        for block, layer_kv in zip(self.blocks, kv, strict=True):
+            z = block(z, cos, sin, key_mask, kv=layer_kv, start=where)
         return (self.out_norm(z) + own).to(prior.dtype)
 
     # --- identity and persistence ------------------------------------------------------------

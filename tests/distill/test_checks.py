@@ -241,6 +241,23 @@ def test_distill_out_is_a_file_is_refused_before_training(capsys, monkeypatch, t
         one_error(rc, err, "is a file")
 
 
+def test_distill_sampler_layers(capsys, tiny_model_dir, made, tmp_path):
+    """--sampler-layers N trains a sampler of N blocks; 0 is refused naming the flag, before any work; a resume
+    with another N is refused naming it."""
+    rc, _, err = cli(capsys, "distill", "--base", tiny_model_dir, "--rollouts", made, "--out", tmp_path / "z", *DIST,
+                     "--sampler-layers", 0)
+    one_error(rc, err, "--sampler-layers", "got 0")
+    assert not (tmp_path / "z").exists()
+    rc, _, err = cli(capsys, "distill", "--base", tiny_model_dir, "--rollouts", made, "--out", tmp_path / "s", *DIST,
+                     "--sampler-layers", 2)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["num_layers"] == 2
+    assert any(k.startswith("more_blocks.0.") for k in load_file(str(tmp_path / "s" / "model.safetensors")))
+    rc, _, err = cli(capsys, "distill", "--base", tiny_model_dir, "--rollouts", made, "--out", tmp_path / "s",
+                     "--steps", 4, *DIST[2:])  # the same run, longer, but with the default one block
+    one_error(rc, err, "other settings", "--sampler-layers")
+
+
 def test_train_base_out_is_a_file_is_refused_before_training(capsys, monkeypatch, tmp_path, a_file):
     from adjust import train_base as tb
     from conftest import CORPUS

@@ -216,7 +216,7 @@ def _describe_change(key: str, was, now) -> str:
     if key == "rollouts":
         return "--rollouts (another set of rollouts)"
     if key == "sampler_config":
-        return "the sampler's size or base"
+        return "the sampler's size (--sampler-arch, --sampler-layers) or base"
     return f"--{key.replace('_', '-')} was {was}, now {now}"
 
 
