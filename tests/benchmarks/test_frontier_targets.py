@@ -94,3 +94,29 @@ def test_script_reads_a_frontier_report_and_writes_its_verdicts(tmp_path, capsys
     assert (tmp_path / "t.md").read_text() == out
     saved = json.loads((tmp_path / "t.json").read_text())
     assert saved["validity"]["all"]["checked"][0]["witness"] == "adjust:4" and saved["front"]["all"]["met"] is True
+
+
+def test_free_text_counts_points_within_exact_c2st_noise(tmp_path, capsys):
+    """A C2ST panel: 'within exact' is within one standard error of exact's own AUC (score -|AUC - 0.5|)."""
+    def point(label, family, auc, s, e):
+        return {"label": label, "family": family, "speed": {"1": {"tokens_per_second": s,
+                                                                 "tokens_per_pass_equivalent": e}},
+                "quality": {"text": {"measure": "c2st_auc", "value": auc, "score": -abs(auc - 0.5), "se": 0.037}}}
+
+    def verdict(adjust_auc):
+        report = {"mode": "text", "panels": ["text"], "code_version": {"commit": "x" * 40},
+                  "settings": {"target_batch_size": 1, "speed_reference": "exact", "batch_sizes": [1]},
+                  "points": [point("exact", "exact", 0.497, 61, 1.0),
+                             point("entropy-bound:gamma=0.5", "entropy-bound", 0.515, 66, 1.05),
+                             point("parallel:2", "parallel", 0.722, 125, 2.0),  # far outside the noise
+                             point("adjust:2+fast", "adjust", adjust_auc, 88, 1.8)]}
+        path = tmp_path / "frontier.json"
+        path.write_text(json.dumps(report))
+        assert T.main([str(path)]) == 0
+        return capsys.readouterr().out
+
+    out = verdict(0.519)  # 0.019 from 0.5, within 0.003 + 0.037
+    assert "- pass-equivalent, text: **met**" in out and "best peer point is entropy-bound:gamma=0.5" in out
+    assert "AUC 0.497 +- 0.037" in out and "1.71x its tokens per pass-equivalent" in out
+    out = verdict(0.56)  # outside the noise: no ADJUST point at exact's quality
+    assert "- pass-equivalent, text: **not met**" in out and "no ADJUST-family point is that valid" in out
