@@ -9,8 +9,8 @@
 # current four tasks, 20,000 steps give exact (K = 1) validity list 0.960, shuffle 0.975, pick
 # 0.995, reverse 1.000 (models/task-base/README.md). If exact validity is low, the base is
 # undertrained: raise BASE_STEPS (train-base resumes; only --steps and --eval-every may change).
-# The sampler these settings distill keeps list, shuffle and reverse but does not learn pick's copy
-# (models/task-base/sampler/README.md).
+# The sampler has two blocks (SAMPLER_LAYERS=2): one block kept list, shuffle and reverse but did not
+# learn pick's copy; two learn it (models/task-base/sampler/README.md).
 # Measured for the shipped models: train-base 2,095 s on 2 threads (about 0.09 s/step), rollouts
 # 43 s, distill 926 s on 1 thread (OMP_NUM_THREADS=1), eval about 1 min.
 # Every knob is an environment variable (see below). Each step resumes: train-base, rollouts and
@@ -46,6 +46,7 @@ DISTILL_STEPS=${DISTILL_STEPS:-12000}; DISTILL_BATCH=${DISTILL_BATCH:-32}; DISTI
 MIN_LR_RATIO=${MIN_LR_RATIO:-0.05}           # cosine decay of the distill lr to this share
 ENTROPY_WINDOWS=${ENTROPY_WINDOWS:-0.8}       # share of windows drawn by the entropy of the tokens they write
 MAX_UNROLLS=${MAX_UNROLLS:-3}                # serves adjust up to K = MAX_UNROLLS + 1
+SAMPLER_LAYERS=${SAMPLER_LAYERS:-2}          # blocks in the sampler (1 is the method's; see its card)
 # evaluation
 STRATEGIES=${STRATEGIES:-exact,parallel:2,parallel:4,adjust:2,adjust:4,threshold:tau=0.9,entropy-bound:gamma=0.5,adjust-threshold:tau=0.9,threshold-adjust:tau=0.9}
 TEMPERATURE=${TEMPERATURE:-1.0}; ORDER=${ORDER:-entropy}
@@ -81,7 +82,7 @@ adjust rollouts --base "$BASE_DIR" --device "$DEVICE" --prompts "$WORK/rollout_p
 step "distill -> $SAMPLER_DIR"
 adjust distill --base "$BASE_DIR" --device "$DEVICE" --rollouts "$WORK/rollouts" --out "$SAMPLER_DIR" \
   --steps "$DISTILL_STEPS" --batch-size "$DISTILL_BATCH" --lr "$DISTILL_LR" --max-unrolls "$MAX_UNROLLS" \
-  --min-lr-ratio "$MIN_LR_RATIO" --entropy-windows "$ENTROPY_WINDOWS" \
+  --min-lr-ratio "$MIN_LR_RATIO" --entropy-windows "$ENTROPY_WINDOWS" --sampler-layers "$SAMPLER_LAYERS" \
   --eval-every "$EVAL_EVERY" --seed "$SEED" $QUIET | tee "$WORK/distill.json"
 
 step "eval tasks -> $RESULTS"
