@@ -69,8 +69,6 @@ class SamplerConfig:
         `num_layers`: blocks after the projection (1: the method's one-layer sampler)."""
         if arch not in SAMPLER_ARCHS:
             raise AdjustError(f"unknown --sampler-arch {arch!r}; choose one of {', '.join(SAMPLER_ARCHS)}")
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-            raise AdjustError(f"--sampler-layers must be at least 1, got {num_layers}")
         if arch == "paper":
             shape = getattr(base, "cfg", None)
             if shape is None or not hasattr(shape, "num_kv_heads"):
@@ -99,9 +97,12 @@ class JointSampler(nn.Module):
         self.embed_norm = RMSNorm(E, cfg.norm_eps)
         self.prior_norm = RMSNorm(H, cfg.norm_eps)
         self.proj = nn.Linear(E + H, H, bias=cfg.proj_bias)
-        if cfg.num_layers < 1:
-            raise AdjustError(f"sampler num_layers must be at least 1, got {cfg.num_layers}")
-        layer = lambda: Block(H, cfg.num_heads, cfg.intermediate_size, cfg.norm_eps, cfg.num_kv_heads, cfg.qkv_bias)
+        if isinstance(cfg.num_layers, bool) or not isinstance(cfg.num_layers, int) or cfg.num_layers < 1:
+            raise AdjustError(f"sampler num_layers must be an integer of at least 1, got {cfg.num_layers!r}")
+
+        def layer():
+            return Block(H, cfg.num_heads, cfg.intermediate_size, cfg.norm_eps, cfg.num_kv_heads, cfg.qkv_bias)
+
         self.block = layer()  # the first (the one-layer sampler's only) block; its weights keep their saved names
         self.more_blocks = nn.ModuleList(layer() for _ in range(cfg.num_layers - 1))
         self.out_norm = RMSNorm(H, cfg.norm_eps)
