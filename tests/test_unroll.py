@@ -141,6 +141,24 @@ def test_a_deeper_sampler_keeps_every_exact_property(base, deep_sampler, tmp_pat
         JointSampler.load(tmp_path / "deep", base)
 
 
+def test_the_default_unroll_is_full_for_a_deeper_sampler(base, sampler, deep_sampler, tiny_model_dir, tmp_path, capsys):
+    """Unless told, a one-block sampler unrolls fast and a deeper one full (fast's stale keys/values in the later
+    blocks lose what they learned); a mode given is kept; `adjust generate` resolves it after loading."""
+    from adjust.decode import resolve_unroll
+
+    adjust, exact = make_strategy("adjust", tokens_per_pass=4), make_strategy("exact")
+    assert resolve_unroll(None, adjust, sampler) == "fast" and resolve_unroll(None, adjust) == "fast"
+    assert resolve_unroll(None, adjust, deep_sampler) == "full" and resolve_unroll("fast", adjust, deep_sampler) == "fast"
+    assert resolve_unroll(None, exact, sampler) == "full"
+    from adjust.base import load_base
+
+    JointSampler(SamplerConfig.for_base(load_base(tiny_model_dir), num_layers=2)).save(tmp_path / "deep")
+    for extra, want in (([], "full"), (["--unroll", "fast"], "fast")):  # the CLI, a two-block sampler
+        assert main(["generate", "--base", str(tiny_model_dir), "--sampler", str(tmp_path / "deep"), "--prompt", "a",
+                     "--strategy", "adjust", "-K", "4", "--gen-length", "8", "--json", *extra]) == 0
+        assert json.loads(capsys.readouterr().out)["stats"]["unroll"] == want
+
+
 # --- the approximation ---------------------------------------------------------------------------------
 def test_later_picks_come_from_the_kept_positions(base, sampler):
     """picks = 1 at K = 3: after the full pass's token, an unroll may pick only the position the full pass ranks

@@ -116,11 +116,11 @@ def cmd_generate(args) -> None:
     sampling = _sampling_from_args(args)
     prompts = _read_prompts(args)  # bad prompts fail before a model loads
     check_cache(None, args.cache, args.block_length, args.cache_refresh)
-    args.unroll = resolve_unroll(args.unroll, strategy)
-    unroll_plan(args.unroll)
+    unroll_plan(args.unroll or "full")  # a bad mode fails before loading
     from .strategies import sampler_need
 
     base, sampler = _load(args, sampler_need(strategy))
+    args.unroll = resolve_unroll(args.unroll, strategy, sampler)
     samples, stats = generate_texts(base, prompts, strategy, sampling, gen_length=args.gen_length,
                                     num_samples=args.num_samples, batch_size=args.batch_size,
                                     block_length=args.block_length, seed=args.seed, sampler=sampler,

@@ -140,13 +140,13 @@ class AdjustLM(LM):
         strategy_params = {k: _int(k, a[k], 1) if k in INT_PARAMS else a[k] for k in STRATEGY_PARAMS}
         self.strategy = build_strategy(str(a["strategy"]), strategy_params,
                                        spell=lambda p: f"model arg {p}")  # refused before loading a model
-        self.unroll = resolve_unroll(unroll, self.strategy)
         spec = ModelSpec(base=None if a["base"] is None else str(a["base"]), base_type=str(a["base_type"]),
                          dtype=str(a["dtype"]), device=str(a["device"]),
                          remote_code=_bool("remote_code", a["remote_code"]),
                          sampler=None if a["sampler"] is None else str(a["sampler"]))
         check_cache(None, self.cache, self.block_length, None)  # a bad cache setting fails before loading
         self.base, self.sampler = load_models(spec, sampler_need(self.strategy))
+        self.unroll = resolve_unroll(unroll, self.strategy, self.sampler)
         check_cache(self.base, self.cache, self.block_length, None)
         self._device = self.base.device
         if self.chat:

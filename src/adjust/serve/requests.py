@@ -324,7 +324,7 @@ def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults:
     unused = unused_setting(strategy, lambda p: f"'{p}'", order=body.get("order") is not None, unroll=unroll)
     if unused:
         raise ApiError(unused[1], unused[0], "unused_parameter")
-    unroll = resolve_unroll(unroll, strategy)
+    unroll = resolve_unroll(unroll, strategy, sampler)
     if not strategy.adaptive and strategy.k > max_tokens and max_tokens:
         raise ApiError(f"'tokens_per_pass' ({strategy.k}) is larger than 'max_tokens' ({max_tokens})",
                        "tokens_per_pass", "invalid_value")
