@@ -11,7 +11,10 @@ depend on a position's own token only), a check of the measurement.
 
 Ablation (`--ablation`): task validity when, before every cached pass, the frozen keys/values of only
 some layers are set to the true ones (a whole-canvas pass, untimed): none (the dual cache), each layer
-alone, each set of lower and of upper layers, all (the uncached tokens).
+alone, each set of lower and of upper layers, all (the uncached tokens); and when, before every cached pass,
+the n frozen positions per sequence whose true keys/values at layer l moved most get their true keys/values
+in every layer (an oracle of the positions a refresh rule could recompute; l = 1, the first that can drift,
+and the last layer).
 
   nice python benchmarks/cache_drift.py --out results/cache_drift --ablation      # writes .json and .md
 """
@@ -40,9 +43,10 @@ def batches(base, records, batch_size: int):
             yield key[0], g[s:s + batch_size]
 
 
-def decode(base, strategy, prompts, seed: int, fresh_layers=(), on_pass=None):
+def decode(base, strategy, prompts, seed: int, fresh_layers=(), fresh_positions=None, on_pass=None):
     """Exact decoding with the dual cache; before every cached pass the frozen keys/values of `fresh_layers` are
-    set to the true ones, and `on_pass(loop, true_kv, writes)` sees the cache and the true keys/values."""
+    set to the true ones (`fresh_positions` = (n, l): those of the n positions that moved most at layer l, in
+    every layer), and `on_pass(loop, true_kv, writes)` sees the cache and the true keys/values."""
     from adjust.decode import Decoding
 
     run = Decoding(base, strategy, gen_length=GEN, block_length=BLOCK, seed=seed, cache="dual")
@@ -51,7 +55,7 @@ def decode(base, strategy, prompts, seed: int, fresh_layers=(), on_pass=None):
     while True:
         if not loop.advance():
             break
-        if not loop.refreshes_next() and (on_pass is not None or fresh_layers):
+        if not loop.refreshes_next() and (on_pass is not None or fresh_layers or fresh_positions):
             lo, hi = loop.block
             true_kv = base.cache_pass(loop.x)[1]
             writes = int((loop.x[:, lo:hi] != base.mask_id).sum(1).float().mean()) - written_at_refresh
@@ -60,6 +64,15 @@ def decode(base, strategy, prompts, seed: int, fresh_layers=(), on_pass=None):
             for layer in fresh_layers:
                 for cached, true in zip(loop._kv[layer], true_kv[layer]):
                     cached.copy_(true)
+            if fresh_positions:
+                n, at = fresh_positions
+                moved = sum((c - t).square().sum((1, 3)) for c, t in zip(loop._kv[at], true_kv[at]))  # (B, L)
+                moved[:, lo:hi] = -1
+                top = moved.topk(n, dim=1).indices[:, None, :, None]
+                for layer_kv, layer_true in zip(loop._kv, true_kv):
+                    for cached, true in zip(layer_kv, layer_true):
+                        idx = top.expand(-1, cached.shape[1], -1, cached.shape[3])
+                        cached.scatter_(2, idx, true.gather(2, idx))
         elif loop.refreshes_next():
             lo, hi = loop.block
             written_at_refresh = int((loop.x[:, lo:hi] != base.mask_id).sum(1).float().mean())
@@ -90,7 +103,9 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=200, help="held-out prompts per task")
     p.add_argument("--seed", type=int, default=1, help="seed of the held-out prompts (as `tasks prompts --seed`)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--ablation", action="store_true", help="also task validity with some layers kept fresh")
+    p.add_argument("--ablation", action="store_true", help="also task validity with some layers (or positions) "
+                   "kept fresh")
+    p.add_argument("--positions", default="1,2,3,5", help="ablation: counts n of the positions kept fresh")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md (e.g. results/cache_drift)")
     args = p.parse_args(argv)
@@ -101,7 +116,12 @@ def main(argv=None) -> int:
     from adjust.loader import ModelSpec, load_models
     from adjust.provenance import code_version
 
-    for flag, v in (("--n", args.n), ("--batch-size", args.batch_size), ("--threads", args.threads)):
+    try:
+        counts = [int(c) for c in args.positions.split(",") if c.strip()]
+    except ValueError:
+        counts = [0]
+    for flag, v in (("--n", args.n), ("--batch-size", args.batch_size), ("--threads", args.threads),
+                    ("--positions", min(counts, default=0))):
         if v < 1:
             print(f"adjust: error: {flag} must be at least 1, got {v}", file=sys.stderr)
             return 2
@@ -133,18 +153,20 @@ def main(argv=None) -> int:
     if args.ablation:
         sets = [()] + [(l,) for l in range(layers)] + [tuple(range(m)) for m in range(2, layers)] \
             + [tuple(range(m, layers)) for m in range(1, layers - 1)] + [tuple(range(layers))]
-        for fresh in sets:
+        runs = [({"fresh_layers": list(fresh)}, {"fresh_layers": fresh}) for fresh in sets]
+        runs += [({"fresh_positions": n, "ranked_at_layer": at}, {"fresh_positions": (n, at)})
+                 for at in (1, layers - 1) for n in counts]
+        for row, how in runs:
             valid: dict = {}
             with torch.inference_mode():
                 for task, chunk in batches(base, records, args.batch_size):
-                    out = decode(base, exact, [ids for _, ids in chunk], args.seed, fresh_layers=fresh)
+                    out = decode(base, exact, [ids for _, ids in chunk], args.seed, **how)
                     for (r, _), ids in zip(chunk, out.tolist()):
                         valid.setdefault(task, []).append(T.is_valid(r["prompt"], base.decode(ids)))
-            row = {"fresh_layers": list(fresh)}
             row.update({t: round(sum(v) / len(v), 4) for t, v in valid.items()})
             row["all"] = round(sum(sum(v) for v in valid.values()) / sum(len(v) for v in valid.values()), 4)
             ablation.append(row)
-            print(f"[cache_drift] fresh layers {list(fresh)}: {row}", file=sys.stderr, flush=True)
+            print(f"[cache_drift] {row}", file=sys.stderr, flush=True)
 
     report = {"code_version": version, "model": "task-base", "layers": layers, "prompts_per_task": args.n,
               "prompt_seed": args.seed, "strategy": "exact", "gen_length": GEN, "block_length": BLOCK,
@@ -170,11 +192,14 @@ def main(argv=None) -> int:
                                                             for w in writes) + " |")
     if ablation:
         tasks = [t for t in ablation[0] if t != "fresh_layers"]
-        md += ["", "Task validity with only these layers' frozen keys/values kept true before every cached pass:", "",
-               "| fresh layers | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        md += ["", "Task validity when, before every cached pass, these frozen keys/values are set to the true ones "
+               "(layers: all positions of those layers; n positions: in every layer, the n per sequence whose true "
+               "keys/values moved most at layer l):", "",
+               "| kept true | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
         for row in ablation:
-            md.append(f"| {','.join(map(str, row['fresh_layers'])) or 'none'} | "
-                      + " | ".join(f"{row[t]:.3f}" for t in tasks) + " |")
+            what = (f"layers {','.join(map(str, row['fresh_layers'])) or 'none'}" if "fresh_layers" in row
+                    else f"{row['fresh_positions']} positions, ranked at layer {row['ranked_at_layer']}")
+            md.append(f"| {what} | " + " | ".join(f"{row[t]:.3f}" for t in tasks) + " |")
     print_and_write(report, "\n".join(md) + "\n", args.out)
     return 0
 
