@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
     from adjust.eval import tasks as T
-    from adjust.eval.report import print_and_write
+    from adjust.eval.report import benchmark_arg_error, print_and_write
     from adjust.eval.specs import build_strategy
     from adjust.loader import ModelSpec, load_models
     from adjust.provenance import code_version
@@ -120,13 +120,10 @@ def main(argv=None) -> int:
         counts = [int(c) for c in args.positions.split(",") if c.strip()]
     except ValueError:
         counts = [0]
-    for flag, v in (("--n", args.n), ("--batch-size", args.batch_size), ("--threads", args.threads),
-                    ("--positions", min(counts, default=0))):
-        if v < 1:
-            print(f"adjust: error: {flag} must be at least 1, got {v}", file=sys.stderr)
-            return 2
-    if args.out is not None and not Path(args.out).parent.is_dir():
-        print(f"adjust: error: --out {args.out}: its folder does not exist", file=sys.stderr)
+    error = benchmark_arg_error([("--n", args.n, 1), ("--batch-size", args.batch_size, 1),
+                                 ("--threads", args.threads, 1), ("--positions", min(counts, default=0), 1)], args.out)
+    if error:
+        print(error, file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     version = code_version()  # of the code that runs (read before the measuring)
