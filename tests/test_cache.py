@@ -353,6 +353,26 @@ def test_verify_always_gives_the_uncached_tokens(bases, samplers, kind, mode, na
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_verify_with_left_padding(bases, kind):
+    """Prompts of different lengths (left padding): padding is never verified before a real position, and
+    verifying every position still gives the uncached tokens."""
+    base = bases[kind]
+    prompts = [p[:n] for p, n in zip(prompts_for(base, n=3, seed=6), (6, 3, 5))]
+    want = run(base, None, "exact", {}, prompts=prompts)
+    got = run(base, None, "exact", {}, cache="dual", cache_verify=64, prompts=prompts)
+    assert got.tokens.equal(want.tokens)
+    x = canvas(base, B=2)
+    mask = torch.ones_like(x)
+    mask[0, :4] = 0
+    x[mask == 0] = base.pad_id
+    with torch.no_grad():
+        _, kv = base.cache_pass(x, mask)
+        h = base.model.blocks[0](base.model.embed(x), *rope_of(base.model, x))
+        rows = base.model.verify_rows(h, mask.bool(), kv[1], 10, 14, 3)
+    assert not set(rows[0, 4:].tolist()) & {0, 1, 2, 3}  # 14 real positions outside the span: no padding picked
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
 def test_verify_never_is_the_plain_cache(bases, samplers, kind, mode):
     """The rule at its never setting (0, the default) is today's cache: the same tokens and positions."""
