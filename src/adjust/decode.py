@@ -14,7 +14,8 @@ stored keys/values left of it. "dual": those passes run only on the block, with 
 keys/values on both sides. Hidden states of positions not recomputed keep their last values.
 `cache_verify` N > 0 (a refresh rule after dLLM-Cache's V-verify): each cached pass also runs the first
 layer on the whole canvas and recomputes, with the block, the N positions per sequence whose second-layer
-keys/values moved most from the cached ones, refreshing theirs (`layers.Transformer.forward_span`).
+values are least like the cached ones, refreshing their keys/values (`layers.Transformer.forward_span`);
+their hidden states keep their last values, as elsewhere outside the block.
 With a cache, ADJUST's sampler computes its own keys/values of the whole canvas once per step
 (from the step's full pass) and each unroll runs only the block's rows against them.
 
