@@ -46,17 +46,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT / "src"))
     from adjust.eval.costs import cost_table_markdown, measure_pass_cost
-    from adjust.eval.report import print_and_write
+    from adjust.eval.report import benchmark_arg_error, print_and_write
     from adjust.loader import ModelSpec, load_models
     from adjust.provenance import code_version
 
-    for flag, v, low in (("--max-rows", args.max_rows, 1), ("--block", args.block, 1), ("--repeats", args.repeats, 1),
-                         ("--warmup", args.warmup, 0), ("--threads", args.threads, 1)):
-        if v < low:
-            print(f"adjust: error: {flag} must be at least {low}, got {v}", file=sys.stderr)
-            return 2
-    if args.out is not None and not Path(args.out).parent.is_dir():
-        print(f"adjust: error: --out {args.out}: its folder does not exist", file=sys.stderr)
+    error = benchmark_arg_error([("--max-rows", args.max_rows, 1), ("--block", args.block, 1),
+                                 ("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0),
+                                 ("--threads", args.threads, 1)], args.out)
+    if error:
+        print(error, file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     version = code_version()  # of the code that runs (read before, not after, the minutes of measuring)

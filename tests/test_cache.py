@@ -281,6 +281,148 @@ def test_one_layer_cache_is_exact_without_refresh(one_layer, kind, mode):
             assert got.stats.full_passes == 16  # 12 of them cached passes
 
 
+# --- the refresh rule --cache-verify (V-verify: recompute the positions whose values moved most) -----------
+@pytest.mark.parametrize("kind", KINDS)
+def test_verify_every_position_is_the_full_pass_on_the_new_canvas(bases, kind):
+    """With `verify` covering every position outside the span, a cached pass on an edited canvas is a whole-canvas
+    pass: its states and the refreshed cache equal those of a fresh pass on that canvas (float tolerance), while
+    the plain span against the same stale cache does not."""
+    base = bases[kind]
+    x = canvas(base)
+    y = x.clone()
+    y[:, 10:14] = x[:, 0:4]  # the block is written after the cache was filled
+    with torch.no_grad():
+        _, stale = base.cache_pass(x)
+        _, stale2 = base.cache_pass(x)
+        full, fresh = base.cache_pass(y)
+        got = base.span_hidden(y, None, stale, 10, 14, verify=100)
+        plain = base.span_hidden(y, None, stale2, 10, 14)
+    torch.testing.assert_close(got, full[:, 10:14], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain, full[:, 10:14], atol=1e-4)
+    for (k, v), (fk, fv) in zip(stale, fresh):
+        torch.testing.assert_close(k, fk, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v, fv, atol=1e-5, rtol=1e-5)
+
+
+def test_verify_refreshes_the_positions_that_moved_most(bases):
+    """verify = 2: per row the span and exactly 2 other positions get fresh keys/values in the later layers, the
+    2 whose second-layer values are least like the cached ones; the rest keep the stale cache."""
+    base = bases["tiny"]
+    model = base.model
+    x = canvas(base)
+    y = x.clone()
+    y[:, 10:14] = x[:, 0:4]
+    with torch.no_grad():
+        _, stale = base.cache_pass(x)
+        before = [(k.clone(), v.clone()) for k, v in stale]
+        base.span_hidden(y, None, stale, 10, 14, verify=2)
+        h = model.blocks[0](model.embed(y), *rope_of(model, y))
+        rows = model.verify_rows(h, None, before[1], 10, 14, 2)
+        _, fresh = base.cache_pass(y)
+    changed = (stale[-1][1] != before[-1][1]).any(1).any(-1)  # (B, L) positions rewritten in the last layer
+    for b in range(x.shape[0]):
+        picked = rows[b, 4:].tolist()
+        assert changed[b].nonzero().flatten().tolist() == sorted(list(range(10, 14)) + picked)
+        assert len(set(picked)) == 2 and not set(picked) & set(range(10, 14))
+        cached_v = before[1][1][b].transpose(0, 1).flatten(1)
+        new_v = torch.nn.functional.linear(model.blocks[1].attn_norm(h[b]),
+                                           model.blocks[1].attn.qkv.weight[-cached_v.shape[1]:])
+        score = 1 - torch.nn.functional.cosine_similarity(new_v, cached_v, dim=-1)
+        score[10:14] = -1
+        assert set(picked) == set(score.topk(2).indices.tolist())
+
+
+def rope_of(model, x):
+    from adjust.layers import rope_for
+
+    return rope_for(None, x.shape, x.device, model.head_dim, model.rope_theta, torch.float32)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("name,params", STRATEGIES[:3])
+def test_verify_always_gives_the_uncached_tokens(bases, samplers, kind, mode, name, params):
+    """The rule at its always-fresh setting (every position verified): the uncached tokens, with a refresh only
+    at block starts. (ADJUST's sampler reads the base's states outside the block, which a cached pass leaves
+    at the last refresh's, verified positions included: not compared.)"""
+    base, sampler = bases[kind], samplers[kind]
+    want = run(base, sampler, name, params)
+    got = run(base, sampler, name, params, cache=mode, cache_verify=64)
+    assert got.tokens.equal(want.tokens)
+    assert got.stats.refresh_passes == 4 and got.stats.positions == 22 * got.stats.full_passes
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_verify_with_left_padding(bases, kind):
+    """Prompts of different lengths (left padding): padding is never verified before a real position, and
+    verifying every position still gives the uncached tokens."""
+    base = bases[kind]
+    prompts = [p[:n] for p, n in zip(prompts_for(base, n=3, seed=6), (6, 3, 5))]
+    want = run(base, None, "exact", {}, prompts=prompts)
+    got = run(base, None, "exact", {}, cache="dual", cache_verify=64, prompts=prompts)
+    assert got.tokens.equal(want.tokens)
+    x = canvas(base, B=2)
+    mask = torch.ones_like(x)
+    mask[0, :4] = 0
+    x[mask == 0] = base.pad_id
+    with torch.no_grad():
+        _, kv = base.cache_pass(x, mask)
+        h = base.model.blocks[0](base.model.embed(x), *rope_of(base.model, x))
+        rows = base.model.verify_rows(h, mask.bool(), kv[1], 10, 14, 3)
+    assert not set(rows[0, 4:].tolist()) & {0, 1, 2, 3}  # 14 real positions outside the span: no padding picked
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_verify_never_is_the_plain_cache(bases, samplers, kind, mode):
+    """The rule at its never setting (0, the default) is today's cache: the same tokens and positions."""
+    base, sampler = bases[kind], samplers[kind]
+    for name, params in [("exact", {}), ("adjust", {"tokens_per_pass": 4})]:
+        plain = run(base, sampler, name, params, cache=mode)
+        got = run(base, sampler, name, params, cache=mode, cache_verify=0)
+        assert got.tokens.equal(plain.tokens) and got.stats.positions == plain.stats.positions
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_verify_counts_its_positions(bases, kind):
+    """verify = 3: each cached pass computes the block and 3 more positions in every layer (Stats.positions)."""
+    base = bases[kind]
+    g = run(base, None, "exact", {}, cache="dual", cache_verify=3)  # 4 blocks of 4: 4 refreshes, 12 cached passes
+    assert g.stats.full_passes == 16 and g.stats.refresh_passes == 4
+    assert g.stats.positions == 4 * 22 + 12 * (4 + 3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name,params", [("exact", {}), ("threshold", {"tau": 0.9}),
+                                         ("adjust", {"tokens_per_pass": 4})])
+def test_alone_equals_in_a_batch_with_verify(bases, samplers, kind, name, params):
+    base, sampler = bases[kind], samplers[kind]
+    prompts = prompts_for(base, n=3, seed=4)
+    batch = run(base, sampler, name, params, cache="dual", cache_verify=2, prompts=prompts)
+    for b, p in enumerate(prompts):
+        alone = run(base, sampler, name, params, cache="dual", cache_verify=2, prompts=[p])
+        assert alone.tokens[0].equal(batch.tokens[b])
+
+
+def test_verify_refusals(bases, capsys):
+    from adjust.cli import main
+
+    base = bases["tiny"]
+    for bad in (-1, 1.5, "2", True):
+        with pytest.raises(AdjustError, match="--cache-verify must be a whole number"):
+            generate(base, [[]], make_strategy("exact"), gen_length=8, block_length=4, cache="dual", cache_verify=bad)
+    with pytest.raises(AdjustError, match="there is none with --cache none"):
+        generate(base, [[]], make_strategy("exact"), gen_length=8, block_length=4, cache_verify=2)
+    for argv, flag in ((["generate", "--cache-verify", "2", "--gen-length", "8"], "--cache-verify"),
+                       (["generate", "--cache", "dual", "--block-length", "4", "--cache-verify", "-1"],
+                        "--cache-verify"),
+                       (["bench", "--cache", "none", "--cache-verify", "0,2"], "--cache-verify"),
+                       (["bench", "--cache", "dual", "--block-length", "4", "--cache-verify", "x"], "--cache-verify")):
+        rc = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("adjust: error: ") and flag in err[0], (argv, err)
+
+
 # --- refusals -------------------------------------------------------------------------------------------
 def test_refusals(bases, tmp_path):
     base = bases["tiny"]

@@ -106,6 +106,8 @@ def _refuse_unused_flags(args, strategy) -> None:
         raise_bad(unused[1])
     if args.cache_refresh is not None and args.cache == "none":
         raise_bad("--cache-refresh refreshes a key/value cache; there is none with --cache none")
+    if args.cache_verify and args.cache == "none":
+        raise_bad("--cache-verify recomputes positions of a key/value cache; there is none with --cache none")
 
 
 def cmd_generate(args) -> None:
@@ -115,7 +117,7 @@ def cmd_generate(args) -> None:
     _refuse_unused_flags(args, strategy)
     sampling = _sampling_from_args(args)
     prompts = _read_prompts(args)  # bad prompts fail before a model loads
-    check_cache(None, args.cache, args.block_length, args.cache_refresh)
+    check_cache(None, args.cache, args.block_length, args.cache_refresh, args.cache_verify)
     unroll_plan(args.unroll or "full")  # a bad mode fails before loading
     from .strategies import sampler_need
 
@@ -126,7 +128,7 @@ def cmd_generate(args) -> None:
                                     block_length=args.block_length, seed=args.seed, sampler=sampler,
                                     record_history=args.show_steps, progress=not args.json, cache=args.cache,
                                     cache_refresh=args.cache_refresh, early_exit=True if args.stop_at_eos else None,
-                                    unroll=args.unroll)
+                                    unroll=args.unroll, cache_verify=args.cache_verify)
     if args.json:
         for s in samples:
             s.pop("sample_index", None)
@@ -317,8 +319,12 @@ def cmd_bench(args) -> None:
     from .decode import check_cache, unroll_plan
 
     caches = [c.strip() for c in args.cache.split(",") if c.strip()]
+    verifies = _int_list([args.cache_verify], "--cache-verify")
+    if any(verifies) and caches == ["none"]:
+        raise_bad("--cache-verify recomputes positions of a key/value cache; there is none with --cache none")
     for c in caches:
-        check_cache(None, c, args.block_length, None)
+        for v in verifies if c != "none" else [0]:
+            check_cache(None, c, args.block_length, None, v)
     unrolls = [u.strip() for u in args.unroll.split(",") if u.strip()]
     for u in unrolls:
         unroll_plan(u)
@@ -338,7 +344,7 @@ def cmd_bench(args) -> None:
                        sampling=_sampling_from_args(args), specs=specs, sampler_source=source,
                        progress=not args.json, prompt_length=args.prompt_length, block_length=args.block_length,
                        caches=caches, unrolls=unrolls, pass_cost=_pick_pass_cost(args, costs, base),
-                       unroll_cost_given=args.unroll_cost)
+                       unroll_cost_given=args.unroll_cost, cache_verifies=verifies)
     print(json.dumps(report) if args.json else format_table(report))
 
 
@@ -395,13 +401,13 @@ def cmd_eval_tasks(args) -> None:
     sampling = _sampling_from_args(args)
     from .decode import check_cache, unroll_plan
 
-    check_cache(None, args.cache, args.block_length, args.cache_refresh)
+    check_cache(None, args.cache, args.block_length, args.cache_refresh, args.cache_verify)
     unroll_plan(args.unroll)
     base, sampler = _load(args, "required" if any(s.uses_sampler for s in built) else "none")
     result = evaluate_tasks(base, sampler, records, specs, gen_length=args.gen_length, seed=args.seed,
                             sampling=sampling, num_samples=args.num_samples, batch_size=args.batch_size,
                             progress=not args.json, block_length=args.block_length, cache=args.cache,
-                            cache_refresh=args.cache_refresh, unroll=args.unroll)
+                            cache_refresh=args.cache_refresh, unroll=args.unroll, cache_verify=args.cache_verify)
     result["base"] = base.name
     if args.out_dir:
         result["files"] = write_report(result, args.out_dir)
@@ -848,6 +854,8 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block size (default: one block)")
     p.add_argument("--cache", default="none", help="comma-separated key/value cache modes to time side by side, "
                    "e.g. none,prefix,dual (prefix/dual need --block-length)")
+    p.add_argument("--cache-verify", default="0", help="comma-separated counts of positions each cached pass "
+                   "also recomputes (see `adjust generate --help`), each timed with every cache mode, e.g. 0,3")
     p.add_argument("--unroll", default="full", help="comma-separated unroll modes of the sampler strategies to time "
                    "side by side, e.g. full,fast (see `adjust generate --help`)")
     p.add_argument("--batch-sizes", default="1,8")
@@ -916,6 +924,10 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
                    "approximation; default none)")
     p.add_argument("--cache-refresh", type=int, default=None,
                    help="also refresh the cache every N full passes (default: only at each block start)")
+    p.add_argument("--cache-verify", type=int, default=0, metavar="N",
+                   help="each cached pass also runs the first layer on the whole canvas and recomputes, with the "
+                   "block, the N positions per sequence whose second-layer values moved most from the cached ones "
+                   "(dLLM-Cache's V-verify; default 0: none)")
 
 
 def _add_unroll_arg(p: argparse.ArgumentParser, default: str | None = "full") -> None:

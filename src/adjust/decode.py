@@ -12,6 +12,10 @@ Key/value cache (`cache`, needs blocks; Fast-dLLM's prefix and dual caches, insi
 passes in between run the base only on the block and what lies right of it, attending to the
 stored keys/values left of it. "dual": those passes run only on the block, with the stored
 keys/values on both sides. Hidden states of positions not recomputed keep their last values.
+`cache_verify` N > 0 (a refresh rule after dLLM-Cache's V-verify): each cached pass also runs the first
+layer on the whole canvas and recomputes, with the block, the N positions per sequence whose second-layer
+values are least like the cached ones, refreshing their keys/values (`layers.Transformer.forward_span`);
+their hidden states keep their last values, as elsewhere outside the block.
 With a cache, ADJUST's sampler computes its own keys/values of the whole canvas once per step
 (from the step's full pass) and each unroll runs only the block's rows against them.
 
@@ -385,7 +389,7 @@ class _Loop:
 
     def __init__(self, base, x, attention_mask, gen_start, sampling, rng, sampler, record_history, stops=None,
                  cache: str = "none", cache_refresh: int | None = None, unroll: FastUnroll | None = None, k: int = 1,
-                 block_length: int | None = None, logprobs: int | None = None):
+                 block_length: int | None = None, logprobs: int | None = None, cache_verify: int = 0):
         self.base, self.x, self.attention_mask = base, x, attention_mask
         self.gen_start, self.sampling, self.rng, self.sampler = gen_start, sampling, rng, sampler
         self.unroll, self.k = unroll, k  # how unrolls are computed (None: full), the strategy's tokens per pass
@@ -398,7 +402,7 @@ class _Loop:
         self.history = [[] for _ in range(x.shape[0])] if record_history else None
         self._cand = None
         self.stops = None if stops is None else torch.tensor(stops, dtype=torch.long, device=x.device)
-        self.cache, self.cache_refresh = cache, cache_refresh
+        self.cache, self.cache_refresh, self.cache_verify = cache, cache_refresh, cache_verify
         self._kv, self._hidden, self._since = None, None, 0  # the base's cache, its hidden states, passes since
         self.forced = None  # teacher forcing (Decoding.force): (columns (B, n), tokens (B, n), next index (B,))
         # per-sequence tensors (batch first) a strategy keeps from one step to the next; joining rows get zeros
@@ -531,9 +535,9 @@ class _Loop:
         else:
             lo, hi = self.block
             end = hi if self.cache == "dual" else L
-            self._hidden[:, lo:end] = self.base.span_hidden(x, mask, self._kv, lo, end)
+            self._hidden[:, lo:end] = self._span(x, mask, self._kv, lo, end)
             hidden = self._hidden
-            stats.positions += end - lo
+            stats.positions += self._span_positions(lo, end)
             self.timer.stop("span_seconds", t0)
             self._since += 1
             return hidden
@@ -542,6 +546,16 @@ class _Loop:
         stats.positions += L
         self.timer.stop("refresh_seconds", t0)
         return hidden
+
+    def _span(self, x, mask, kv, lo: int, end: int) -> torch.Tensor:
+        """A cached pass: the base on lo .. end-1 against `kv` (`cache_verify`: also the positions that moved most)."""
+        if self.cache_verify:
+            return self.base.span_hidden(x, mask, kv, lo, end, verify=self.cache_verify)
+        return self.base.span_hidden(x, mask, kv, lo, end)
+
+    def _span_positions(self, lo: int, end: int) -> int:
+        """Positions a cached pass computes in every layer: the span, and with `cache_verify` the verified ones."""
+        return end - lo + min(self.cache_verify, self.x.shape[1] - (end - lo))
 
     def refreshes_next(self) -> bool:
         """Whether the next `full_pass` runs the whole canvas to refresh the key/value cache (False without one)."""
@@ -574,11 +588,11 @@ class _Loop:
         lo, hi = self.block
         end = hi if self.cache == "dual" else L
         idx = torch.cat([torch.arange(B, device=owners.device), owners])
-        span = self.base.span_hidden(torch.cat([x, extra]), rows_mask, _rows_of(self._kv, idx), lo, end)
+        span = self._span(torch.cat([x, extra]), rows_mask, _rows_of(self._kv, idx), lo, end)
         self._hidden[:, lo:end] = span[:B]
         more = self._hidden[owners].clone()
         more[:, lo:end] = span[B:]
-        stats.positions += end - lo
+        stats.positions += self._span_positions(lo, end)
         self.timer.stop("span_seconds", t0)
         self._since += 1
         return self._hidden, more
@@ -700,13 +714,18 @@ def check_request(base, prompts: list[list[int]], gen_length: int, block_length:
             raise AdjustError("a prompt contains the mask token; prompts must be plain text")
 
 
-def check_cache(base, cache: str, block_length: int | None, cache_refresh: int | None) -> None:
+def check_cache(base, cache: str, block_length: int | None, cache_refresh: int | None, cache_verify: int = 0) -> None:
     """Refuse a cache mode the request or the base cannot have (before any work; base None: the arguments only)."""
     if cache not in CACHE_MODES:
         raise AdjustError(f"unknown --cache {cache!r}; choose one of {', '.join(CACHE_MODES)}")
     if cache_refresh is not None and cache_refresh < 1:
         raise AdjustError(f"--cache-refresh must be at least 1, got {cache_refresh}")
+    if isinstance(cache_verify, bool) or not isinstance(cache_verify, int) or cache_verify < 0:
+        raise AdjustError(f"--cache-verify must be a whole number >= 0, got {cache_verify!r}")
     if cache == "none":
+        if cache_verify:
+            raise AdjustError("--cache-verify recomputes positions of a key/value cache; "
+                              "there is none with --cache none")
         return
     if block_length is None:
         raise AdjustError(f"--cache {cache} needs --block-length: the cache is refreshed at each block start")
@@ -729,9 +748,9 @@ class Decoding:
     def __init__(self, base, strategy, sampling: SamplingConfig = SamplingConfig(), gen_length: int = 64,
                  block_length: int | None = None, seed: int = 0, sampler=None, record_history: bool = False,
                  early_exit: bool = False, cache: str = "none", cache_refresh: int | None = None,
-                 unroll: str | FastUnroll = "full", logprobs: int | None = None):
+                 unroll: str | FastUnroll = "full", logprobs: int | None = None, cache_verify: int = 0):
         check_request(base, [], gen_length, block_length)
-        check_cache(base, cache, block_length, cache_refresh)
+        check_cache(base, cache, block_length, cache_refresh, cache_verify)
         self.plan = unroll_plan(unroll)
         if not strategy.adaptive and strategy.k > gen_length:
             raise AdjustError(f"--tokens-per-pass {strategy.k} is larger than --gen-length {gen_length}")
@@ -743,6 +762,7 @@ class Decoding:
         self.base, self.strategy, self.sampling, self.sampler = base, strategy, sampling, sampler
         self.gen_length, self.block_length, self.seed = gen_length, block_length, seed
         self.record_history, self.cache, self.cache_refresh = record_history, cache, cache_refresh
+        self.cache_verify = cache_verify
         self.logprobs = logprobs  # see _Loop: None (off) or the number of most likely tokens kept per position
         self.stops = tuple(base.stop_ids) if early_exit and base.eos_id is not None and base.stop_ids else None
         self.loop: _Loop | None = None
@@ -774,7 +794,7 @@ class Decoding:
             self.loop = _Loop(self.base, x.to(device), None if attention_mask is None else attention_mask.to(device),
                               P, self.sampling, RowRNG(seeds, device), self.sampler, self.record_history, self.stops,
                               self.cache, self.cache_refresh, self.plan, self.strategy.k, self.block_length,
-                              self.logprobs)
+                              self.logprobs, self.cache_verify)
             return
         if not self.joinable or attention_mask is not None or P != self.loop.gen_start:
             raise AdjustError("rows can join a running generation only without a cache, with prompts of its length")
@@ -792,7 +812,7 @@ class Decoding:
         device = self.base.device
         self.loop = _Loop(self.base, x.to(device).clone(), None, gen_start, self.sampling, RowRNG(seeds, device),
                           self.sampler, self.record_history, self.stops, self.cache, self.cache_refresh, self.plan,
-                          self.strategy.k, self.block_length, self.logprobs)
+                          self.strategy.k, self.block_length, self.logprobs, self.cache_verify)
         self.loop.block_index = current_block(self.loop.x, gen_start, self.base.mask_id, self.loop.block_length)
         if self.loop.lockstep and len(self.loop.block_index.unique()) > 1:
             raise AdjustError("with a key/value cache, states must share their current block")
@@ -867,7 +887,7 @@ def generate(base, prompts: list[list[int]], strategy, sampling: SamplingConfig 
              gen_length: int = 64, block_length: int | None = None, seed: int = 0,
              sample_indices: list[int] | None = None, sampler=None, record_history: bool = False,
              early_exit: bool = False, on_step=None, cache: str = "none",
-             cache_refresh: int | None = None, unroll: str | FastUnroll = "full") -> Generation:
+             cache_refresh: int | None = None, unroll: str | FastUnroll = "full", cache_verify: int = 0) -> Generation:
     """Generate `gen_length` tokens after each prompt (an empty prompt = unconditional).
 
     Each sequence b uses its own generator seeded by (seed, prompts[b], sample_indices[b]),
@@ -878,12 +898,13 @@ def generate(base, prompts: list[list[int]], strategy, sampling: SamplingConfig 
     generation-relative columns and tokens it unmasked; an exception it raises stops the generation.
     It only observes: the tokens are the same with or without it.
     `cache` ("none", "prefix", "dual"; needs `block_length`) and `cache_refresh` (refresh it every N full
-    passes too, not only at block starts): the key/value cache, see the module's docstring.
+    passes too, not only at block starts) and `cache_verify` (recompute that many moved positions per cached
+    pass): the key/value cache, see the module's docstring.
     `unroll` ("full", "fast" or a `FastUnroll`): how the sampler's unrolls are computed, see the module's docstring.
     """
     check_request(base, prompts, gen_length, block_length)
     run = Decoding(base, strategy, sampling, gen_length, block_length, seed, sampler, record_history, early_exit,
-                   cache, cache_refresh, unroll)
+                   cache, cache_refresh, unroll, cache_verify=cache_verify)
     run.add(prompts, sample_indices)
     device = base.device
     t0 = time.perf_counter()
@@ -909,7 +930,8 @@ def generate_texts(base, prompts: list[str], strategy, sampling: SamplingConfig 
                    gen_length: int = 64, num_samples: int = 1, batch_size: int = 16,
                    block_length: int | None = None, seed: int = 0, sampler=None, record_history: bool = False,
                    progress: bool = False, early_exit: bool | None = None, cache: str = "none",
-                   cache_refresh: int | None = None, unroll: str | FastUnroll = "full") -> tuple[list[dict], Stats]:
+                   cache_refresh: int | None = None, unroll: str | FastUnroll = "full",
+                   cache_verify: int = 0) -> tuple[list[dict], Stats]:
     """Text in, samples out: `num_samples` generations per prompt ("" = unconditional), batched.
 
     Returns ([{"prompt", "text", "token_ids", "sample_index", ("history")}], merged Stats); with early exit,
@@ -926,7 +948,7 @@ def generate_texts(base, prompts: list[str], strategy, sampling: SamplingConfig 
         early_exit = bool(getattr(base, "chat", False))
     encoded = [base.encode(p) for p in prompts]
     check_request(base, encoded, gen_length, block_length)
-    check_cache(base, cache, block_length, cache_refresh)
+    check_cache(base, cache, block_length, cache_refresh, cache_verify)
     unroll_plan(unroll)
     jobs = [(n, text, ids, i) for n, (text, ids) in enumerate(zip(prompts, encoded)) for i in range(num_samples)]
     # Batch prompts of equal length only: no padding, so a sequence gets bit-identical
@@ -938,7 +960,7 @@ def generate_texts(base, prompts: list[str], strategy, sampling: SamplingConfig 
     for chunk in batches:
         out = generate(base, [ids for _, _, ids, _ in chunk], strategy, sampling, gen_length, block_length, seed,
                        [i for *_, i in chunk], sampler, record_history, early_exit=early_exit, cache=cache,
-                       cache_refresh=cache_refresh, unroll=unroll)
+                       cache_refresh=cache_refresh, unroll=unroll, cache_verify=cache_verify)
         stats = out.stats if stats is None else stats.merge(out.stats)
         for b, (n, text, _, i) in enumerate(chunk):
             ids = out.tokens[b].tolist()

@@ -168,20 +168,40 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, key_mask, keep=keep)
         return self.norm(x)  # (B, L, H), final post-norm hidden states
 
-    def forward_span(self, input_ids, attention_mask, kv: list, start: int, end: int) -> torch.Tensor:
+    def forward_span(self, input_ids, attention_mask, kv: list, start: int, end: int, verify: int = 0) -> torch.Tensor:
         """Hidden states (B, end - start, H) of the positions start .. end-1 of the canvas `input_ids` (B, L) only.
 
         Those rows are computed afresh in every layer and attend to their own fresh keys/values and to the
         cached ones (`kv`, as `forward(keep=...)` filled it) of every other position: the canvas's other
         tokens are taken to be those the cache was computed on. With a cache of the same canvas the result
-        equals forward(...)[:, start:end] up to floating-point rounding."""
-        x = self.embed(input_ids[:, start:end])
+        equals forward(...)[:, start:end] up to floating-point rounding.
+
+        `verify` > 0 (a refresh rule after dLLM-Cache's V-verify): the first layer runs on the whole canvas (it
+        is exact everywhere: its keys/values depend on each position's own token only), and in each sequence
+        the `verify` positions outside the span whose second-layer values changed most from the cached ones
+        (`verify_rows`) are computed afresh with the span in every later layer, their fresh keys/values written
+        into the cache. With `verify` at least the positions outside the span, this is a
+        whole-canvas pass."""
+        x = self.embed(input_ids if verify > 0 else input_ids[:, start:end])
         cos, sin = rope_for(attention_mask, input_ids.shape, input_ids.device, self.head_dim, self.rope_theta, x.dtype)
-        cos, sin = cos[:, :, start:end], sin[:, :, start:end]
         key_mask = None if attention_mask is None else attention_mask.bool()
-        for block, layer_kv in zip(self.blocks, kv):
-            x = block(x, cos, sin, key_mask, kv=layer_kv, start=start)
-        return self.norm(x)
+        blocks = list(zip(self.blocks, kv))
+        if verify > 0:
+            block, layer_kv = blocks.pop(0)
+            x = block(x, cos, sin, key_mask, kv=layer_kv, start=0)  # the whole canvas: exact, the cache unchanged
+            if not blocks:  # one layer: nothing can drift
+                return self.norm(x[:, start:end])
+            rows = self.verify_rows(x, key_mask, kv[1], start, end, verify)  # (B, n)
+            x = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+            at = rows[:, None, :, None].expand(-1, 1, -1, cos.shape[-1])
+            cos, sin = (t.expand(x.shape[0], -1, -1, -1).gather(2, at) for t in (cos, sin))
+            start_at = rows
+        else:
+            cos, sin = cos[:, :, start:end], sin[:, :, start:end]
+            start_at = start
+        for block, layer_kv in blocks:
+            x = block(x, cos, sin, key_mask, kv=layer_kv, start=start_at)
+        return self.norm(x[:, : end - start])
 
     def output_weight(self) -> torch.Tensor:
         return (self.embed if self.head is None else self.head).weight
@@ -190,6 +210,26 @@ class Transformer(nn.Module):
         """The LM head: hidden (..., H) -> logits (..., V), hidden @ W.T (`head_matmul`)."""
         w = self.output_weight()
         return head_matmul(hidden.to(w.dtype), w, self)
+
+    def verify_rows(self, x, key_mask, layer_kv, start: int, end: int, verify: int) -> torch.Tensor:
+        """(B, end - start + v) positions: the span start .. end-1, then (ascending) the v = min(verify, L - span)
+        positions outside it whose values at the second layer, projected from `x` (the first layer's output on
+        the whole canvas), are least like the cached ones in `layer_kv` = (k, v) of that layer (cosine similarity
+        over the heads, dLLM-Cache's V-verify); padding ranks last. Per sequence, a stable sort: a row's choice does
+        not depend on the batch."""
+        attn = self.blocks[1].attn
+        rows = attn.kv_heads * attn.head_dim  # the value projection: the last rows of qkv (no rotary positions)
+        bias = None if attn.qkv.bias is None else attn.qkv.bias[-rows:]
+        v = F.linear(self.blocks[1].attn_norm(x), attn.qkv.weight[-rows:], bias)  # (B, L, nkv * hd)
+        score = 1 - F.cosine_similarity(v, layer_kv[1].transpose(1, 2).flatten(2), dim=-1)
+        score[:, start:end] = float("-inf")  # (B, L)
+        if key_mask is not None:
+            score = score.masked_fill(~key_mask, float("-inf"))
+        B, L = score.shape
+        n = min(verify, L - (end - start))
+        picked = score.sort(dim=1, descending=True, stable=True).indices[:, :n].sort(dim=1).values
+        span = torch.arange(start, end, device=x.device).expand(B, -1)
+        return torch.cat([span, picked], dim=1)
 
 
 PACK_ROWS_HINT = 6  # oneDNN's row-count hint for the packed layout (batch-invariant for any row count, measured)

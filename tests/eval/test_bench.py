@@ -107,6 +107,21 @@ def test_bench_with_caches(capsys, tiny_model_dir):
     assert rows[("adjust:2", "dual")]["unroll_cost_in_run"] > 0
 
 
+def test_bench_with_cache_verify(capsys, tiny_model_dir):
+    """--cache none,dual --cache-verify 0,3: the dual cache with each verify count, paired to uncached."""
+    report = _bench(capsys, "bench", "--base", tiny_model_dir, "--strategies", "exact", "--prompt-length", 6,
+                    "--gen-length", 8, "--block-length", 4, "--cache", "none,dual", "--cache-verify", "0,3",
+                    "--batch-sizes", "1", "--repeats", 2, "--warmup", 0, "--json")
+    assert report["cache_verifies"] == [0, 3]
+    rows = {(r["cache"], r["cache_verify"]): r for r in report["results"]}
+    assert set(rows) == {("none", 0), ("dual", 0), ("dual", 3)}
+    # 2 blocks of 4: one refresh (14 positions) + 3 cached passes each, of the block and 3 verified positions
+    assert rows[("dual", 3)]["positions_per_full_pass"] == (2 * 14 + 6 * 7) / 8
+    assert rows[("dual", 0)]["positions_per_full_pass"] == (2 * 14 + 6 * 4) / 8
+    assert all(r["ratio_to_uncached"] > 0 for r in rows.values())
+    assert "dual+v3" in format_table(report)
+
+
 def test_bench_cache_needs_blocks(capsys, tiny_model_dir):
     rc = main(["bench", "--base", str(tiny_model_dir), "--cache", "none,dual", "--json"])
     assert rc == 2 and "needs --block-length" in capsys.readouterr().err

@@ -336,6 +336,11 @@ def test_evaluate_tasks_with_cache(tiny_base, capsys, tiny_model_dir, tmp_path):
     assert refreshed["validity"] == plain["validity"]
     assert [r["invalid_examples"] for r in refreshed["results"] if "invalid_examples" in r] == \
         [r["invalid_examples"] for r in plain["results"] if "invalid_examples" in r]
+    verified = T.evaluate_tasks(tiny_base, None, prompts, "exact,parallel:2", gen_length=8, block_length=4,
+                                cache="dual", cache_verify=64)  # every position verified: the uncached answers
+    assert verified["cache_verify"] == 64 and verified["validity"] == plain["validity"]
+    assert [r["invalid_examples"] for r in verified["results"] if "invalid_examples" in r] == \
+        [r["invalid_examples"] for r in plain["results"] if "invalid_examples" in r]
     f = tmp_path / "p.jsonl"
     f.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     rc = main(["eval", "tasks", "--base", str(tiny_model_dir), "--prompts", str(f), "--cache", "prefix", "--json"])

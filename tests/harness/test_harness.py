@@ -187,6 +187,8 @@ def test_loglikelihood_rolling_windows(lm):
     ({"strategy": "adjust-threshold", "max_tokens_per_pass": 0}, "model arg max_tokens_per_pass must be at least 1"),
     ({"cache": "prefix"}, "needs --block-length"),
     ({"cache": "disk", "block_length": 4}, "unknown --cache"),
+    ({"cache_verify": 2}, "there is none with --cache none"),
+    ({"cache": "dual", "block_length": 4, "cache_verify": -1}, "model arg cache_verify must be at least 0"),
     ({"bogus": 1}, "unknown model arg(s) bogus"),
     ({"mc_num": 0}, "mc_num must be at least 1"),
     ({"temperature": -1}, "--temperature"),
@@ -274,6 +276,12 @@ def test_cache_reaches_the_decoding_loop():
     want, stats = generate_texts(cached.base, [p], make_strategy("exact"), SamplingConfig(), gen_length=16,
                                  block_length=8, cache="dual")
     assert out == want[0]["text"] and stats.to_dict()["cache"] == "dual"
+    verified = AdjustLM(base=str(TASK_BASE), gen_length=16, block_length=8, cache="dual", cache_verify=3)
+    (out,) = verified.generate_until([_gen(verified, p, max_gen_toks=16, until=[])])
+    want, stats = generate_texts(verified.base, [p], make_strategy("exact"), SamplingConfig(), gen_length=16,
+                                 block_length=8, cache="dual", cache_verify=3)
+    L = len(verified.base.encode(p)) + 16  # 2 blocks: a refresh and 7 passes of the block and 3 verified positions
+    assert out == want[0]["text"] and stats.positions == 2 * L + 14 * (8 + 3)
 
 
 def test_speculative_gives_exact_answers_with_the_sampler_beside_the_base():

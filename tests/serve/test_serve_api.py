@@ -126,6 +126,13 @@ def test_cache_reaches_the_decoding_loop(client, capsys):
     r = client.completions.create(model="shakespeare-base", prompt=PROMPT, max_tokens=16, seed=4,
                                   extra_body={**ADJ, "block_length": 8, "cache": "dual"})
     assert r.choices[0].text == cli
+    capsys.readouterr()  # and cache_verify as --cache-verify
+    assert main(["generate", "--base", str(SHIPPED), "--prompt", PROMPT, "--seed", "4", "--gen-length", "16",
+                 "--block-length", "8", "--cache", "dual", "--cache-verify", "3", "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)["samples"][0]["text"]
+    r = client.completions.create(model="shakespeare-base", prompt=PROMPT, max_tokens=16, seed=4,
+                                  extra_body={"block_length": 8, "cache": "dual", "cache_verify": 3})
+    assert r.choices[0].text == cli
 
 
 def test_unroll_reaches_the_decoding_loop(client, capsys):
@@ -263,6 +270,9 @@ BAD = [
     ("mask token in prompt", {"prompt": [5, 1, 7]}, "prompt"),
     ("cache without blocks", {"prompt": PROMPT, "cache": "dual"}, "cache"),
     ("unknown cache", {"prompt": PROMPT, "cache": "disk", "block_length": 8}, "cache"),
+    ("cache_verify without a cache", {"prompt": PROMPT, "cache_verify": 2}, "cache_verify"),
+    ("negative cache_verify", {"prompt": PROMPT, "cache": "dual", "block_length": 8, "cache_verify": -1},
+     "cache_verify"),
     ("unknown unroll", {"prompt": PROMPT, "unroll": "faster"}, "unroll"),
     ("unroll not a string", {"prompt": PROMPT, "unroll": 1}, "unroll"),
 ]

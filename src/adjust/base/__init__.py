@@ -73,9 +73,11 @@ class BaseModel(nn.Module):
         raise AdjustError(f"{self.name} cannot take a key/value cache")
 
     def span_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache, start: int,
-                    end: int) -> torch.Tensor:
+                    end: int, verify: int = 0) -> torch.Tensor:
         """Aligned hidden states (B, end - start, H) of positions start .. end-1 only, computed afresh while every
-        other position is seen through `cache` (from `cache_pass` on an earlier canvas)."""
+        other position is seen through `cache` (from `cache_pass` on an earlier canvas). `verify` > 0: also
+        recompute, and refresh in `cache`, that many other positions per sequence, those whose keys/values moved
+        most (`layers.Transformer.forward_span`)."""
         raise AdjustError(f"{self.name} cannot take a key/value cache")
 
     # --- shared behaviour ---------------------------------------------------------------

@@ -139,13 +139,13 @@ class NativeBase(BaseModel):
         attention_mask, kv = _needed(attention_mask), []
         return self._align(self.model(input_ids, attention_mask, keep=kv), attention_mask), kv
 
-    def span_hidden(self, input_ids, attention_mask, cache, start, end):
+    def span_hidden(self, input_ids, attention_mask, cache, start, end, verify=0):
         """Aligned states of start .. end-1: the network runs on start - align_reach .. end-1 (Dream: the aligned
         state of the span's first position is the output of the position just left of it), then `_align` on
         that window (a row whose first real token lies inside the window keeps that token's own state)."""
         attention_mask = _needed(attention_mask)
         s = max(start - self.align_reach, 0)
-        h = self.model.forward_span(input_ids, attention_mask, cache, s, end)
+        h = self.model.forward_span(input_ids, attention_mask, cache, s, end, verify)
         return self._align(h, None if attention_mask is None else attention_mask[:, s:end])[:, start - s:]
 
     def embed(self, input_ids):

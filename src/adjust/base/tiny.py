@@ -88,8 +88,8 @@ class TinyBase(BaseModel):
         kv = []
         return self.model(input_ids, attention_mask, keep=kv), kv
 
-    def span_hidden(self, input_ids, attention_mask, cache, start, end):
-        return self.model.forward_span(input_ids, attention_mask, cache, start, end)
+    def span_hidden(self, input_ids, attention_mask, cache, start, end, verify=0):
+        return self.model.forward_span(input_ids, attention_mask, cache, start, end, verify)
 
     def embed(self, input_ids):
         return self.model.embed(input_ids)

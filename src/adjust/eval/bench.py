@@ -30,8 +30,10 @@ With `caches` (`--cache none,prefix,dual`, needs `block_length`): every strategy
 cache mode, all interleaved in the same repeats; each row has its `cache`, its paired ratio to
 the same strategy uncached in the same repeat (`ratio_to_uncached`), the positions the base and
 the sampler computed per full pass and per unroll, and the unroll's measured cost relative to a
-full pass of that run (`unroll_cost_in_run`: a cached pass with a cache). `ratio_to_exact` is to
-uncached exact. `prompt_length` > 0: every sequence continues one prompt of that many tokens,
+full pass of that run (`unroll_cost_in_run`: a cached pass with a cache). With `cache_verifies`
+(`--cache-verify 0,3`) every cache mode runs with each count of verified positions (`cache_verify`
+in the row; decode's module docstring). `ratio_to_exact` is to uncached exact.
+`prompt_length` > 0: every sequence continues one prompt of that many tokens,
 sampled once by the base itself (exact decoding from an empty prompt, seed `seed`), so the
 workload has a long left context without any data file.
 
@@ -249,7 +251,7 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
               sampling: SamplingConfig = SamplingConfig(), specs: list | None = None,
               sampler_source: str | None = None, progress: bool = False, prompt_length: int = 0,
               block_length: int | None = None, caches=("none",), unrolls=("full",), unroll_k: int = 4,
-              pass_cost=None, unroll_cost_given: float | None = None) -> dict:
+              pass_cost=None, unroll_cost_given: float | None = None, cache_verifies=(0,)) -> dict:
     """The report (see the module docstring). `pass_cost` (adjust.eval.costs.PassCost, default: rows free) and
     `unroll_cost_given` (c; default the report's, else 0): each row's `tokens_per_pass_equivalent`."""
     from tqdm.auto import tqdm
@@ -269,8 +271,10 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
         raise AdjustError(f"--prompt-length {prompt_length} + --gen-length {gen_length} exceeds the model's context "
                           f"of {base.max_length} tokens")
     caches = list(dict.fromkeys(caches)) or ["none"]
+    verifies = list(dict.fromkeys(cache_verifies)) or [0]
     for c in caches:
-        check_cache(base, c, block_length, None)
+        for v in verifies if c != "none" else [0]:
+            check_cache(base, c, block_length, None, v)
     unrolls = list(dict.fromkeys(unrolls)) or ["full"]
     for u in unrolls:
         unroll_plan(u)
@@ -292,32 +296,35 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
         sampler.check_base(base)
 
     results, cost, vs_ideal = [], {}, []
-    # every strategy with every cache; those with a sampler also with every unroll mode
-    runs_list = [(label, s, c, u) for label, s in strategies for c in caches
-                 for u in (unrolls if s.uses_sampler else unrolls[:1])]
+    # every strategy with every cache (a cache with every --cache-verify); those with a sampler also every unroll
+    runs_list = [(label, s, c, v, u) for label, s in strategies for c in caches
+                 for v in (verifies if c != "none" else [0]) for u in (unrolls if s.uses_sampler else unrolls[:1])]
     total = len(batch_sizes) * len(runs_list) * (warmup + repeats)
     prompt = bench_prompt(base, prompt_length, seed)
     bar = tqdm(total=total, desc="bench", disable=not progress, leave=False)
     for B in batch_sizes:
         prompts = [list(prompt) for _ in range(B)]
 
-        def run(s, c, u):
+        def run(s, c, v, u):
             return lambda seed_r: generate(base, prompts, s, sampling, gen_length, block_length, seed=seed_r,
-                                           sample_indices=list(range(B)), sampler=sampler, cache=c, unroll=u)
+                                           sample_indices=list(range(B)), sampler=sampler, cache=c, unroll=u,
+                                           cache_verify=v)
 
-        gens = interleaved_runs([((label, c, u), run(s, c, u)) for label, s, c, u in runs_list], repeats, warmup,
-                                seed, bar=bar)
+        gens = interleaved_runs([((label, c, v, u), run(s, c, v, u)) for label, s, c, v, u in runs_list], repeats,
+                                warmup, seed, bar=bar)
         runs = {key: [g.stats for g in gs] for key, gs in gens.items()}
-        last = gens[(runs_list[0][0], runs_list[0][2], runs_list[0][3])][-1]
+        last = gens[(runs_list[0][0], *runs_list[0][2:])][-1]
         ref_cache = "none" if "none" in caches else caches[0]
-        exact_tps = [st.tokens_per_second for st in runs[("exact", ref_cache, unrolls[0])]]
-        for label, s, c, u in runs_list:
-            stats = runs[(label, c, u)]
+        ref_verify = 0 if ref_cache == "none" else verifies[0]
+        exact_tps = [st.tokens_per_second for st in runs[("exact", ref_cache, ref_verify, unrolls[0])]]
+        for label, s, c, v, u in runs_list:
+            stats = runs[(label, c, v, u)]
             tps = [st.tokens_per_second for st in stats]
             row = {
-                "strategy": label, "name": s.name, "k": s.k, "batch_size": B, "cache": c, "unroll": u,
-                "tokens_per_second": round(_median(tps), 3),
-                "ratio_to_exact": 1.0 if (label, c) == ("exact", ref_cache) else round(paired_ratio(tps, exact_tps), 4),
+                "strategy": label, "name": s.name, "k": s.k, "batch_size": B, "cache": c, "cache_verify": v,
+                "unroll": u, "tokens_per_second": round(_median(tps), 3),
+                "ratio_to_exact": 1.0 if (label, c, v) == ("exact", ref_cache, ref_verify)
+                else round(paired_ratio(tps, exact_tps), 4),
                 "tokens_per_full_pass": round(_median([st.tokens_per_full_pass for st in stats]), 4),
                 "full_passes": _median([st.full_passes for st in stats]),
                 "sampler_passes": _median([st.sampler_passes for st in stats]),
@@ -334,14 +341,15 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
                 in_run = [st.unroll_cost for st in stats if st.unroll_cost is not None]
                 row["unroll_cost_in_run"] = round(_median(in_run), 4) if in_run else None
             if "none" in caches:
-                plain = [st.tokens_per_second for st in runs[(label, "none", u)]]
+                plain = [st.tokens_per_second for st in runs[(label, "none", 0, u)]]
                 row["ratio_to_uncached"] = round(paired_ratio(tps, plain), 4)
             results.append(row)
         if sampler is not None:
             canvas = last.tokens if last is not None else None
             cost[str(B)] = unroll_cost(base, sampler, B, gen_length, unroll_repeats, seed, canvas, unrolls, unroll_k)
             for row in results:
-                if row["batch_size"] == B and row["name"] == "adjust" and row["k"] > 1 and row["cache"] == ref_cache:
+                if (row["batch_size"] == B and row["name"] == "adjust" and row["k"] > 1 and row["cache"] == ref_cache
+                        and row["cache_verify"] == ref_verify):
                     m = cost[str(B)]["modes"][row["unroll"]]
                     ideal = ideal_speedup(row["k"], m["unroll_cost"])
                     vs_ideal.append({"strategy": row["strategy"], "k": row["k"], "batch_size": B, "unroll": row["unroll"],
@@ -353,7 +361,8 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
     return {
         "base": base.name, "device": str(base.device), "dtype": str(base.dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(), "gen_length": gen_length, "batch_sizes": list(batch_sizes),
-        "prompt_length": prompt_length, "block_length": block_length, "caches": caches, "unrolls": unrolls,
+        "prompt_length": prompt_length, "block_length": block_length, "caches": caches, "cache_verifies": verifies,
+        "unrolls": unrolls,
         "repeats": repeats, "warmup": warmup, "seed": seed,
         "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
                      "order": sampling.order},
@@ -386,7 +395,8 @@ def format_table(report: dict) -> str:
         for row in report["results"]:
             if row["batch_size"] == B:
                 unc = row.get("ratio_to_uncached")
-                lines.append(f"  {row['strategy']:<26}{row.get('cache', 'none'):>7}{row.get('unroll', 'full'):>7}"
+                cache = row.get("cache", "none") + (f"+v{row['cache_verify']}" if row.get("cache_verify") else "")
+                lines.append(f"  {row['strategy']:<26}{cache:>7}{row.get('unroll', 'full'):>7}"
                              f"{row['tokens_per_second']:>12.1f}"
                              f"{row['ratio_to_exact']:>10.3f}{'' if unc is None else f'{unc:.3f}':>11}"
                              f"{row['tokens_per_full_pass']:>10.2f}{row.get('tokens_per_pass_equivalent', 0):>8.2f}"

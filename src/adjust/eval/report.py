@@ -22,6 +22,17 @@ def save_figure(fig, path) -> None:
     plt.close(fig)
 
 
+def benchmark_arg_error(bounds, out: str | None) -> str | None:
+    """A benchmark script's argument check before any work: `bounds` (flag, value, lowest allowed) and `--out`
+    (a stem whose folder must exist); the error line to print (exit 2), or None."""
+    for flag, value, low in bounds:
+        if value < low:
+            return f"adjust: error: {flag} must be at least {low}, got {value}"
+    if out is not None and not Path(out).parent.is_dir():
+        return f"adjust: error: --out {out}: its folder does not exist"
+    return None
+
+
 def print_and_write(report: dict, markdown: str, stem: str | None) -> None:
     """A benchmark's end: its Markdown printed, and with `stem` written as <stem>.json and <stem>.md (each
     atomically)."""

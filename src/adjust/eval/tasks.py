@@ -331,7 +331,7 @@ def read_task_prompts(path) -> list[dict]:
 def evaluate_tasks(base, sampler, prompts, strategies, gen_length: int = DEFAULT_GEN_LENGTH, seed: int = 0,
                    sampling=None, num_samples: int = 1, batch_size: int = 64, examples_kept: int = 3,
                    progress: bool = False, block_length: int | None = None, cache: str = "none",
-                   cache_refresh: int | None = None, unroll: str = "full") -> dict:
+                   cache_refresh: int | None = None, unroll: str = "full", cache_verify: int = 0) -> dict:
     """Validity of each strategy's answers, per task.
 
     prompts: records {"task", "prompt"} or prompt strings; strategies: a spec string
@@ -339,7 +339,7 @@ def evaluate_tasks(base, sampler, prompts, strategies, gen_length: int = DEFAULT
     {"results": [row per (task, strategy)], "validity": {task: {label: fraction}}, ...};
     a row holds the task, strategy name, label, K, validity, n, tokens per full pass (the
     achieved K), full and sampler passes, seconds and a few invalid answers. The task "all"
-    pools every prompt. `block_length`, `cache`, `cache_refresh`, `unroll`: as in `decode.generate`.
+    pools every prompt. `block_length`, `cache`, `cache_refresh`, `cache_verify`, `unroll`: as in `decode.generate`.
     """
     from ..decode import generate_texts, unroll_plan
     from ..sampling import SamplingConfig
@@ -371,7 +371,8 @@ def evaluate_tasks(base, sampler, prompts, strategies, gen_length: int = DEFAULT
             samples, stats = generate_texts(base, task_prompts, strategy, sampling, gen_length=gen_length,
                                             num_samples=num_samples, batch_size=batch_size, seed=seed,
                                             sampler=sampler, progress=progress, block_length=block_length,
-                                            cache=cache, cache_refresh=cache_refresh, unroll=unroll)
+                                            cache=cache, cache_refresh=cache_refresh, unroll=unroll,
+                                            cache_verify=cache_verify)
             ok = [is_valid(s["prompt"], s["text"]) for s in samples]
             bad = [{"prompt": s["prompt"], "answer": s["text"]} for s, v in zip(samples, ok) if not v]
             d = stats.to_dict()
@@ -397,7 +398,8 @@ def evaluate_tasks(base, sampler, prompts, strategies, gen_length: int = DEFAULT
 
     return {"validity": validity, "results": rows, "gen_length": gen_length, "num_samples": num_samples,
             "seed": seed, "sampling": sampling.__dict__, "prompts": {t: len(p) for t, p in by_task.items()},
-            "block_length": block_length, "cache": cache, "cache_refresh": cache_refresh, "unroll": unroll,
+            "block_length": block_length, "cache": cache, "cache_refresh": cache_refresh, "cache_verify": cache_verify,
+            "unroll": unroll,
             "code_version": code_version()}
 
 

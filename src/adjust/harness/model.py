@@ -37,7 +37,8 @@ MODEL_ARGS = {
     "strategy": "exact", **dict.fromkeys(STRATEGY_PARAMS),
     "block_length": None, "gen_length": None,
     "temperature": None, "top_p": None, "top_k": None, "order": None,
-    "cache": None, "unroll": None, "chat": False, "dtype": "float32", "device": "cpu", "batch_size": DEFAULT_BATCH_SIZE,
+    "cache": None, "cache_verify": 0, "unroll": None, "chat": False, "dtype": "float32", "device": "cpu",
+    "batch_size": DEFAULT_BATCH_SIZE,
     "seed": 0, "mc_num": 128, "check_greedy": True, "likelihood": "bound",
 }
 LIKELIHOODS = ("bound", "chain")
@@ -104,7 +105,8 @@ class AdjustLM(LM):
     likelihood bound; check_greedy: compute loglikelihood's
     is_greedy by a greedy decode (false: always False, as LLaDA's evaluation without it).
     cache: none | prefix | dual, the decoding loop's key/value cache (needs block_length; only bases
-    that can take one: our tiny model, native Dream and LLaDA). unroll: full | fast, how ADJUST's sampler
+    that can take one: our tiny model, native Dream and LLaDA); cache_verify: positions each cached pass also
+    recomputes (`--cache-verify`, default 0). unroll: full | fast, how ADJUST's sampler
     unrolls are computed (`--unroll`; docs/method.md section 3; default fast for a strategy with unrolls).
     """
 
@@ -123,6 +125,7 @@ class AdjustLM(LM):
         from ..decode import check_cache, resolve_unroll, unroll_plan
 
         self.cache = "none" if a["cache"] in (None, False, "", "None") else str(a["cache"])
+        self.cache_verify = _int("cache_verify", a["cache_verify"], 0)
         unroll = None if a["unroll"] in (None, "", "None") else str(a["unroll"])
         unroll_plan(unroll or "full")  # a bad unroll mode fails before loading
         self.gen_length = _int("gen_length", a["gen_length"], 1)
@@ -144,10 +147,10 @@ class AdjustLM(LM):
                          dtype=str(a["dtype"]), device=str(a["device"]),
                          remote_code=_bool("remote_code", a["remote_code"]),
                          sampler=None if a["sampler"] is None else str(a["sampler"]))
-        check_cache(None, self.cache, self.block_length, None)  # a bad cache setting fails before loading
+        check_cache(None, self.cache, self.block_length, None, self.cache_verify)  # fails before loading
         self.base, self.sampler = load_models(spec, sampler_need(self.strategy))
         self.unroll = resolve_unroll(unroll, self.strategy, self.sampler)
-        check_cache(self.base, self.cache, self.block_length, None)
+        check_cache(self.base, self.cache, self.block_length, None, self.cache_verify)
         self._device = self.base.device
         if self.chat:
             self._template()  # no chat template: refused now, not after the first batch
@@ -256,7 +259,8 @@ class AdjustLM(LM):
                 samples, _ = generate_texts(self.base, contexts, self.strategy, sampling, gen_length=gen_length,
                                             num_samples=c, batch_size=self.batch_size,
                                             block_length=self.block_length, seed=self.seed, sampler=self.sampler,
-                                            progress=not disable_tqdm, cache=self.cache, unroll=self.unroll)
+                                            progress=not disable_tqdm, cache=self.cache, unroll=self.unroll,
+                                            cache_verify=self.cache_verify)
                 for s in samples:
                     texts.setdefault(s["prompt"], []).append(s)
             taken: dict[str, int] = {}

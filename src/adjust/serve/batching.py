@@ -57,6 +57,7 @@ class DecodeSettings:
     unroll: str = "full"  # how ADJUST's sampler unrolls are computed (decode.UNROLL_MODES; requests resolve it)
     early_exit: bool = False  # stop a row at its first stop token (chat: EOS / end of turn), as --chat does
     logprobs: int | None = None  # record each drawn token's log-probability and the N most likely (None: off)
+    cache_verify: int = 0  # positions each cached pass also recomputes (decode's module docstring)
 
     def make_strategy(self):
         return make_strategy(self.strategy, **dict(self.strategy_params))
@@ -64,7 +65,7 @@ class DecodeSettings:
     def decoding(self, base, sampler) -> Decoding:
         return Decoding(base, self.make_strategy(), self.sampling, self.gen_length, self.block_length, self.seed,
                         sampler, early_exit=self.early_exit, cache=self.cache, unroll=self.unroll,
-                        logprobs=self.logprobs)
+                        logprobs=self.logprobs, cache_verify=self.cache_verify)
 
 
 @dataclass(eq=False)

@@ -25,7 +25,7 @@ STRATEGY_FIELDS = STRATEGY_PARAMS
 # The request fields, by what the server does with them (docs/serve.md has the table).
 OPENAI_FIELDS = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
                  "stream", "stream_options", "stop", "seed", "user"}
-EXTENSION_FIELDS = {"strategy", "block_length", "order", "top_k", "cache", "unroll", *STRATEGY_FIELDS}
+EXTENSION_FIELDS = {"strategy", "block_length", "order", "top_k", "cache", "cache_verify", "unroll", *STRATEGY_FIELDS}
 # OpenAI fields accepted only at a value that asks for nothing; anything else is a 400 naming the field
 # (completions implement logprobs and echo: see COMPLETIONS_ONLY)
 NEUTRAL = {"logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
@@ -290,11 +290,13 @@ def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults:
                        "invalid_value")
     block_length = get_int(body, "block_length", None, lo=1)
     cache = get_str(body, "cache", "none")
+    cache_verify = get_int(body, "cache_verify", 0, lo=0)
     try:
-        check_cache(base, cache, block_length, None)
+        check_cache(base, cache, block_length, None, cache_verify)
     except AdjustError as e:
-        raise ApiError(str(e).replace("--block-length", "'block_length'").replace("--cache", "'cache'"), "cache",
-                       "invalid_value")
+        field = "cache_verify" if "--cache-verify" in str(e) else "cache"
+        raise ApiError(str(e).replace("--block-length", "'block_length'").replace("--cache-verify", "'cache_verify'")
+                       .replace("--cache", "'cache'"), field, "invalid_value")
     unroll = get_str(body, "unroll", None)
     try:
         unroll_plan(unroll or "full")
@@ -336,7 +338,8 @@ def parse_request(body: dict, base, sampler, prompts: list[list[int]], defaults:
         raise ApiError("'stream_options' must be an object", "stream_options", "invalid_type")
     opts = opts or {}
     settings = DecodeSettings(name, tuple(sorted(params.items())), sampling, max_tokens, block_length,
-                              server_seed if seed is None else seed, cache, unroll, early_exit=chat, logprobs=logprobs)
+                              server_seed if seed is None else seed, cache, unroll, early_exit=chat, logprobs=logprobs,
+                              cache_verify=cache_verify)
     return Parsed(prompts, n, settings, seed is not None, parse_stops(body), get_bool(body, "stream"),
                   get_bool(opts, "include_usage"), get_bool(opts, "include_steps"), echo, logprobs)
 
