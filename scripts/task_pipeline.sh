@@ -12,7 +12,7 @@
 # The sampler has two blocks (SAMPLER_LAYERS=2): one block kept list, shuffle and reverse but did not
 # learn pick's copy; two learn it (models/task-base/sampler/README.md).
 # Measured for the shipped models: train-base 2,095 s on 2 threads (about 0.09 s/step), rollouts
-# 43 s, distill 926 s on 1 thread (OMP_NUM_THREADS=1), eval about 1 min.
+# 43 s, distill 1,241 s on 2 threads (two blocks; one block took 926 s on 1 thread), eval about 1 min.
 # Every knob is an environment variable (see below). Each step resumes: train-base, rollouts and
 # distill continue from their checkpoints when rerun with the same directories.
 set -euo pipefail
