@@ -246,6 +246,17 @@ def bench_prompt(base, prompt_length: int, seed: int) -> list[int]:
     return generate(base, [[]], make_strategy("exact"), gen_length=prompt_length, seed=seed).tokens[0].tolist()
 
 
+def cache_settings(caches, verifies, base=None, block_length: int | None = None) -> list[tuple[str, int]]:
+    """The (cache mode, --cache-verify count) pairs a bench times: each cache mode with every count, no cache with
+    0 only; each checked as `decode.check_cache` checks one setting (base None: the arguments only)."""
+    from ..decode import check_cache
+
+    pairs = [(c, v) for c in caches for v in (verifies if c != "none" else [0])]
+    for c, v in pairs:
+        check_cache(base, c, block_length, None, v)
+    return pairs
+
+
 def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(2, 4, 8), repeats: int = 5,
               warmup: int = 1, unroll_repeats: int = 30, seed: int = 0,
               sampling: SamplingConfig = SamplingConfig(), specs: list | None = None,
@@ -258,7 +269,7 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
 
     from .costs import FREE, check_unroll_cost, tokens_per_pass_equivalent, unroll_costs_of
 
-    from ..decode import check_cache, unroll_plan
+    from ..decode import unroll_plan
     from .specs import build_strategy, spec_label
 
     if gen_length < 1 or repeats < 1 or warmup < 0 or unroll_repeats < 1:
@@ -272,9 +283,7 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
                           f"of {base.max_length} tokens")
     caches = list(dict.fromkeys(caches)) or ["none"]
     verifies = list(dict.fromkeys(cache_verifies)) or [0]
-    for c in caches:
-        for v in verifies if c != "none" else [0]:
-            check_cache(base, c, block_length, None, v)
+    settings = cache_settings(caches, verifies, base, block_length)
     unrolls = list(dict.fromkeys(unrolls)) or ["full"]
     for u in unrolls:
         unroll_plan(u)
@@ -297,8 +306,8 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
 
     results, cost, vs_ideal = [], {}, []
     # every strategy with every cache (a cache with every --cache-verify); those with a sampler also every unroll
-    runs_list = [(label, s, c, v, u) for label, s in strategies for c in caches
-                 for v in (verifies if c != "none" else [0]) for u in (unrolls if s.uses_sampler else unrolls[:1])]
+    runs_list = [(label, s, c, v, u) for label, s in strategies for c, v in settings
+                 for u in (unrolls if s.uses_sampler else unrolls[:1])]
     total = len(batch_sizes) * len(runs_list) * (warmup + repeats)
     prompt = bench_prompt(base, prompt_length, seed)
     bar = tqdm(total=total, desc="bench", disable=not progress, leave=False)
