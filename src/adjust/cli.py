@@ -921,9 +921,9 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-refresh", type=int, default=None,
                    help="also refresh the cache every N full passes (default: only at each block start)")
     p.add_argument("--cache-verify", type=int, default=0, metavar="N",
-                   help="each cached pass also runs the first layer on the whole canvas and recomputes, with the "
-                   "block, the N positions per sequence whose second-layer values moved most from the cached ones "
-                   "(dLLM-Cache's V-verify; default 0: none)")
+                   help="each cached pass also recomputes, with the block, the N positions per sequence whose "
+                   "first-layer attention output moved most since their keys/values were cached (after dLLM-Cache's "
+                   "V-verify; default 0: none)")
 
 
 def _add_unroll_arg(p: argparse.ArgumentParser, default: str | None = "full") -> None:

@@ -12,12 +12,13 @@ Key/value cache (`cache`, needs blocks; Fast-dLLM's prefix and dual caches, insi
 passes in between run the base only on the block and what lies right of it, attending to the
 stored keys/values left of it. "dual": those passes run only on the block, with the stored
 keys/values on both sides. Hidden states of positions not recomputed keep their last values.
-`cache_verify` N > 0 (a refresh rule after dLLM-Cache's V-verify): each cached pass also runs the first
-layer on the whole canvas and recomputes, with the block, the N positions per sequence whose second-layer
-values are least like the cached ones, refreshing their keys/values (`layers.Transformer.forward_span`);
-their hidden states keep their last values, as elsewhere outside the block.
+`cache_verify` N > 0 (a refresh rule after dLLM-Cache's V-verify): each cached pass also recomputes, with the
+block, the N positions per sequence whose first-layer attention output moved most since their keys/values were
+cached (a probe of the first layer's queries and attention on the canvas), refreshing their keys/values
+(`layers.Transformer.forward_span`); their hidden states keep their last values, as elsewhere outside the block.
 With a cache, ADJUST's sampler computes its own keys/values of the whole canvas once per step
-(from the step's full pass) and each unroll runs only the block's rows against them.
+(from the step's full pass) and each unroll runs only the block's rows against them; a sampler of
+several blocks (`--sampler-layers`) unrolls on every row instead, as without a cache.
 
 Unrolls (`unroll`, the sampler's passes inside a step): "full" runs the sampler on every row and the
 LM head at every masked position of the block after each unroll. "fast" (`FastUnroll`) fixes, at
@@ -312,8 +313,8 @@ class StepContext:
     def unroll_sampler(self, prior: torch.Tensor) -> torch.Tensor:
         """One pass of the joint sampler on the current canvas; returns its hidden states (B, L, H).
 
-        Full: every row. With a cache: the block's rows; fast: the step's kept and written positions (all rows
-        with `all_rows`); both against the sampler's keys/values of the other positions, computed once per step
+        Full: every row. With a cache: the block's rows (a sampler of several blocks: every row); fast: the
+        step's kept and written positions (all rows with `all_rows`); both against the sampler's keys/values of the other positions, computed once per step
         from the step's full pass (nothing outside those rows changes within a step). Rows not computed keep
         `prior`."""
         loop, sampler = self.loop, self.loop.sampler
@@ -322,7 +323,10 @@ class StepContext:
         loop.stats.sampler_passes += 1
         self.unroll += 1
         t0 = loop.timer.start()
-        if loop.cache == "none" and loop.unroll is None:
+        if loop.unroll is None and (loop.cache == "none" or len(sampler.blocks) > 1):
+            # a sampler of several blocks unrolls on every row under a cache too: its later blocks read a written
+            # word through other positions (the prompt's copy), whose keys/values a block-only unroll would keep
+            # as the step began (the task model's `pick`, docs/results.md "A refresh rule")
             out = sampler(loop.base, self.x, prior, loop.attention_mask)
             loop.stats.sampler_positions += self.x.shape[1]
         else:

@@ -176,32 +176,75 @@ class Transformer(nn.Module):
         tokens are taken to be those the cache was computed on. With a cache of the same canvas the result
         equals forward(...)[:, start:end] up to floating-point rounding.
 
-        `verify` > 0 (a refresh rule after dLLM-Cache's V-verify): the first layer runs on the whole canvas (it
-        is exact everywhere: its keys/values depend on each position's own token only), and in each sequence
-        the `verify` positions outside the span whose second-layer values changed most from the cached ones
-        (`verify_rows`) are computed afresh with the span in every later layer, their fresh keys/values written
-        into the cache. With `verify` at least the positions outside the span, this is a
-        whole-canvas pass."""
-        x = self.embed(input_ids if verify > 0 else input_ids[:, start:end])
-        cos, sin = rope_for(attention_mask, input_ids.shape, input_ids.device, self.head_dim, self.rope_theta, x.dtype)
-        key_mask = None if attention_mask is None else attention_mask.bool()
-        blocks = list(zip(self.blocks, kv))
-        if verify > 0:
-            block, layer_kv = blocks.pop(0)
-            x = block(x, cos, sin, key_mask, kv=layer_kv, start=0)  # the whole canvas: exact, the cache unchanged
-            if not blocks:  # one layer: nothing can drift
-                return self.norm(x[:, start:end])
-            rows = self.verify_rows(x, key_mask, kv[1], start, end, verify)  # (B, n)
-            x = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+        `verify` > 0 (a refresh rule after dLLM-Cache's V-verify, with a cheaper probe): in each sequence the
+        `verify` positions outside the span whose first-layer attention output moved most (`verify_rows`) are
+        computed afresh with the span in every layer, their fresh keys/values written into the cache. With
+        `verify` at least the positions outside the span, this is a whole-canvas pass. (One layer: nothing can
+        drift, the span alone.)"""
+        if verify > 0 and len(self.blocks) > 1:
+            span = torch.arange(start, end, device=input_ids.device).expand(input_ids.shape[0], -1)
+            rows = torch.cat([span, self.verify_rows(input_ids, attention_mask, kv, start, end, verify)], dim=1)
+            x = self.embed(input_ids.gather(1, rows))
+            cos, sin = rope_for(attention_mask, input_ids.shape, input_ids.device, self.head_dim, self.rope_theta,
+                                x.dtype)
             at = rows[:, None, :, None].expand(-1, 1, -1, cos.shape[-1])
             cos, sin = (t.expand(x.shape[0], -1, -1, -1).gather(2, at) for t in (cos, sin))
             start_at = rows
         else:
+            x = self.embed(input_ids[:, start:end])
+            cos, sin = rope_for(attention_mask, input_ids.shape, input_ids.device, self.head_dim, self.rope_theta,
+                                x.dtype)
             cos, sin = cos[:, :, start:end], sin[:, :, start:end]
             start_at = start
-        for block, layer_kv in blocks:
+        key_mask = None if attention_mask is None else attention_mask.bool()
+        for block, layer_kv in zip(self.blocks, kv):
             x = block(x, cos, sin, key_mask, kv=layer_kv, start=start_at)
         return self.norm(x[:, : end - start])
+
+    def verify_rows(self, input_ids, attention_mask, kv: list, start: int, end: int, verify: int) -> torch.Tensor:
+        """(B, v) positions, ascending: the v = min(verify, L - span) outside start .. end-1 whose first-layer
+        attention output moved most (L2 norm of the change) from the one their cached keys/values were computed
+        from; padding ranks last. Per sequence, a stable sort: a row's choice does not depend on the batch.
+
+        The probe (a first layer's keys/values depend on each position's own token, so only the attention
+        moves there): every position's first-layer query against the cached first-layer keys/values, with the
+        span's written afresh, is each position's attention output now; the cache `kv` keeps, as one more entry
+        after the layers' (k, v) (added on its first verified pass, from the cache as it was filled), the
+        attention output each position's cached keys/values were computed from, updated for the positions
+        recomputed. It costs the first layer's queries, attention and output projection on the canvas (no MLP,
+        no later layer): a position whose first layer is unchanged but whose later layers moved goes unseen."""
+        B, L = input_ids.shape
+        block = self.blocks[0]
+        attn = block.attn
+        nq = attn.heads * attn.head_dim
+        h = block.attn_norm(self.embed(input_ids))
+        cos, sin = rope_for(attention_mask, input_ids.shape, input_ids.device, self.head_dim, self.rope_theta, h.dtype)
+        q = F.linear(h, attn.qkv.weight[:nq], None if attn.qkv.bias is None else attn.qkv.bias[:nq])
+        q = apply_rope(q.view(B, L, attn.heads, attn.head_dim).transpose(1, 2), cos, sin)
+        gqa = {"enable_gqa": True} if attn.kv_heads != attn.heads else {}
+        key_mask = None if attention_mask is None else attention_mask.bool()
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        ck, cv = kv[0]
+
+        def attended() -> torch.Tensor:  # (B, L, H)
+            y = F.scaled_dot_product_attention(q, ck, cv, attn_mask=mask, **gqa)
+            return attn.out(y.transpose(1, 2).reshape(B, L, -1))
+
+        if len(kv) == len(self.blocks):  # the cache as filled: the reference is the attention now
+            kv.append(attended())
+        ref = kv[len(self.blocks)]
+        _, k, v = attn.project(h[:, start:end], cos[:, :, start:end], sin[:, :, start:end])
+        ck[:, :, start:end], cv[:, :, start:end] = k, v  # the span's own first-layer keys/values, as written now
+        now = attended()
+        score = (now - ref).norm(dim=-1)
+        score[:, start:end] = float("-inf")  # (B, L)
+        if key_mask is not None:
+            score = score.masked_fill(~key_mask, float("-inf"))
+        n = min(verify, L - (end - start))
+        picked = score.sort(dim=1, descending=True, stable=True).indices[:, :n].sort(dim=1).values
+        at = picked[..., None].expand(-1, -1, ref.shape[-1])
+        ref.scatter_(1, at, now.gather(1, at))  # recomputed now: their keys/values follow this attention
+        return picked
 
     def output_weight(self) -> torch.Tensor:
         return (self.embed if self.head is None else self.head).weight
@@ -210,26 +253,6 @@ class Transformer(nn.Module):
         """The LM head: hidden (..., H) -> logits (..., V), hidden @ W.T (`head_matmul`)."""
         w = self.output_weight()
         return head_matmul(hidden.to(w.dtype), w, self)
-
-    def verify_rows(self, x, key_mask, layer_kv, start: int, end: int, verify: int) -> torch.Tensor:
-        """(B, end - start + v) positions: the span start .. end-1, then (ascending) the v = min(verify, L - span)
-        positions outside it whose values at the second layer, projected from `x` (the first layer's output on
-        the whole canvas), are least like the cached ones in `layer_kv` = (k, v) of that layer (cosine similarity
-        over the heads, dLLM-Cache's V-verify); padding ranks last. Per sequence, a stable sort: a row's choice does
-        not depend on the batch."""
-        attn = self.blocks[1].attn
-        rows = attn.kv_heads * attn.head_dim  # the value projection: the last rows of qkv (no rotary positions)
-        bias = None if attn.qkv.bias is None else attn.qkv.bias[-rows:]
-        v = F.linear(self.blocks[1].attn_norm(x), attn.qkv.weight[-rows:], bias)  # (B, L, nkv * hd)
-        score = 1 - F.cosine_similarity(v, layer_kv[1].transpose(1, 2).flatten(2), dim=-1)
-        score[:, start:end] = float("-inf")  # (B, L)
-        if key_mask is not None:
-            score = score.masked_fill(~key_mask, float("-inf"))
-        B, L = score.shape
-        n = min(verify, L - (end - start))
-        picked = score.sort(dim=1, descending=True, stable=True).indices[:, :n].sort(dim=1).values
-        span = torch.arange(start, end, device=x.device).expand(B, -1)
-        return torch.cat([span, picked], dim=1)
 
 
 PACK_ROWS_HINT = 6  # oneDNN's row-count hint for the packed layout (batch-invariant for any row count, measured)
