@@ -50,6 +50,20 @@ def make_tiny_base(tokenizer=None, seed: int = 0, scale: float = 20.0, **overrid
     return base
 
 
+def random_sampler(base, seed: int = 3, num_layers: int = 1):
+    """A random JointSampler for `base` (torch seed `seed`, `num_layers` blocks), its matrices x10 so that unrolls
+    move the distributions (the initialisation's small weights barely do)."""
+    from adjust.sampler import JointSampler, SamplerConfig
+
+    torch.manual_seed(seed)
+    s = JointSampler(SamplerConfig.for_base(base, num_layers=num_layers)).eval()
+    with torch.no_grad():
+        for p in s.parameters():
+            if p.dim() == 2:
+                p.mul_(10)
+    return s
+
+
 @pytest.fixture(scope="session")
 def corpus() -> list[str]:
     return list(CORPUS)

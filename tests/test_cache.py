@@ -12,10 +12,9 @@ import torch
 from adjust.base import load_base
 from adjust.decode import generate
 from adjust.errors import AdjustError
-from adjust.sampler import JointSampler, SamplerConfig
 from adjust.strategies import make_strategy
 
-from conftest import make_tiny_base
+from conftest import make_tiny_base, random_sampler
 
 sys.path.insert(0, str(Path(__file__).parent / "base"))
 from published import write_dream, write_llada  # noqa: E402
@@ -41,13 +40,7 @@ def bases(tokenizer, tmp_path_factory):
 def samplers(bases):
     out = {}
     for kind, base in bases.items():
-        torch.manual_seed(3)
-        s = JointSampler(SamplerConfig.for_base(base)).eval()
-        with torch.no_grad():  # larger weights than the init, so unrolls move the distributions
-            for p in s.parameters():
-                if p.dim() == 2:
-                    p.mul_(10)
-        out[kind] = s
+        out[kind] = random_sampler(base, seed=3)
     return out
 
 
@@ -218,12 +211,7 @@ def test_sampler_of_two_blocks_unrolls_every_row_under_a_cache(bases, kind, mode
     gives the uncached tokens bit for bit, and every unroll counts the whole canvas; the block-only unroll
     (what the one-block sampler keeps) would not see the later block's rows move."""
     base = bases[kind]
-    torch.manual_seed(5)
-    sampler = JointSampler(SamplerConfig.for_base(base, num_layers=2)).eval()
-    with torch.no_grad():
-        for p in sampler.parameters():
-            if p.dim() == 2:
-                p.mul_(10)
+    sampler = random_sampler(base, seed=5, num_layers=2)
     want = run(base, sampler, "adjust", {"tokens_per_pass": 4})
     got = run(base, sampler, "adjust", {"tokens_per_pass": 4}, cache=mode, refresh=1)
     assert got.tokens.equal(want.tokens)

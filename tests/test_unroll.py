@@ -15,7 +15,7 @@ from adjust.sampler import JointSampler, SamplerConfig
 from adjust.sampling import SamplingConfig
 from adjust.strategies import make_strategy
 
-from conftest import make_tiny_base
+from conftest import make_tiny_base, random_sampler
 
 EVERY_MODE = ["full", "fast", FastUnroll(picks=1), FastUnroll(all_rows=True)]
 ALL = 10 ** 6  # more picks than any canvas has masked positions
@@ -28,25 +28,13 @@ def base(tokenizer):
 
 @pytest.fixture(scope="module")
 def sampler(base):
-    torch.manual_seed(3)
-    s = JointSampler(SamplerConfig.for_base(base)).eval()
-    with torch.no_grad():  # larger weights than the init, so that unrolls move the distributions
-        for p in s.parameters():
-            if p.dim() == 2:
-                p.mul_(10)
-    return s
+    return random_sampler(base, seed=3)
 
 
 @pytest.fixture(scope="module")
 def deep_sampler(base):
     """A sampler of two blocks (`adjust distill --sampler-layers 2`)."""
-    torch.manual_seed(4)
-    s = JointSampler(SamplerConfig.for_base(base, num_layers=2)).eval()
-    with torch.no_grad():
-        for p in s.parameters():
-            if p.dim() == 2:
-                p.mul_(10)
-    return s
+    return random_sampler(base, seed=4, num_layers=2)
 
 
 def prompts_for(base, n=3, length=5, seed=0):

@@ -21,8 +21,8 @@ from adjust.sampler import JointSampler
 from adjust.sampling import SamplingConfig, log_probs, order_scores
 from adjust.strategies import make_strategy
 
-from conftest import make_tiny_base
-from test_threshold_adjust import random_sampler, task_prompts, tiny_sampler  # noqa: F401  (fixtures)
+from conftest import make_tiny_base, random_sampler
+from test_threshold_adjust import task_prompts, tiny_sampler  # noqa: F401  (fixtures)
 
 stats = pytest.importorskip("scipy.stats")
 

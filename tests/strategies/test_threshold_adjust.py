@@ -20,6 +20,7 @@ from adjust.sampler import JointSampler, SamplerConfig
 from adjust.sampling import SamplingConfig, log_probs, order_scores
 from adjust.strategies import make_strategy
 
+from conftest import random_sampler
 from test_adaptive import CONF, identity_sampler, table
 
 TASK_BASE = Path(__file__).resolve().parents[2] / "models" / "task-base"
@@ -153,17 +154,6 @@ def task_model():
 def task_prompts(base, n=3):
     """Held-out prompts of every task, padded into one batch (rows of several lengths)."""
     return [base.encode(e.prompt) for task in T.TASKS for e in T.examples(task, n, seed=1, split="eval")]
-
-
-def random_sampler(base):
-    """A random JointSampler for `base`, weights x10 so unrolls move the distributions."""
-    torch.manual_seed(3)
-    s = JointSampler(SamplerConfig.for_base(base)).eval()
-    with torch.no_grad():
-        for p in s.parameters():
-            if p.dim() == 2:
-                p.mul_(10)
-    return s
 
 
 @pytest.fixture(scope="module")
