@@ -59,8 +59,7 @@ def resolve_unroll(unroll: str | None, strategy, sampler=None) -> str:
     K = 4, docs/results.md "Cheaper unrolls")."""
     if unroll is not None:
         return unroll
-    deep = sampler is not None and sampler.cfg.num_layers > 1
-    return DEFAULT_UNROLL if strategy.uses_sampler and not deep else "full"
+    return DEFAULT_UNROLL if strategy.uses_sampler and not (sampler is not None and sampler.deep) else "full"
 
 
 @dataclass(frozen=True)
@@ -314,19 +313,18 @@ class StepContext:
         """One pass of the joint sampler on the current canvas; returns its hidden states (B, L, H).
 
         Full: every row. With a cache: the block's rows (a sampler of several blocks: every row); fast: the
-        step's kept and written positions (all rows with `all_rows`); both against the sampler's keys/values of the other positions, computed once per step
-        from the step's full pass (nothing outside those rows changes within a step). Rows not computed keep
-        `prior`."""
+        step's kept and written positions (all rows with `all_rows`); both against the sampler's keys/values of
+        the other positions, computed once per step from the step's full pass (nothing outside those rows changes
+        within a step). Rows not computed keep `prior`."""
         loop, sampler = self.loop, self.loop.sampler
         if sampler is None:
             raise AdjustError("this strategy needs a joint sampler (--sampler)")
         loop.stats.sampler_passes += 1
         self.unroll += 1
         t0 = loop.timer.start()
-        if loop.unroll is None and (loop.cache == "none" or len(sampler.blocks) > 1):
-            # a sampler of several blocks unrolls on every row under a cache too: its later blocks read a written
-            # word through other positions (the prompt's copy), whose keys/values a block-only unroll would keep
-            # as the step began (the task model's `pick`, docs/results.md "A refresh rule")
+        if loop.unroll is None and (loop.cache == "none" or sampler.deep):
+            # a deep sampler unrolls on every row under a cache too (`JointSampler.deep`; the task model's `pick`,
+            # docs/results.md "A refresh rule")
             out = sampler(loop.base, self.x, prior, loop.attention_mask)
             loop.stats.sampler_positions += self.x.shape[1]
         else:

@@ -127,6 +127,12 @@ class JointSampler(nn.Module):
     def blocks(self) -> list:
         return [self.block, *self.more_blocks]
 
+    @property
+    def deep(self) -> bool:
+        """More than one block: the later blocks read what was written through other positions (the prompt's copy
+        of a written word), so an unroll restricted to some rows (the fast unroll, a cached one) misses it."""
+        return len(self.more_blocks) > 0
+
     def _inputs(self, base, input_ids, prior):
         """(prior in the sampler's dtype, z = proj([norm(embed(x)); norm(prior)])) for the given rows."""
         dtype = self.proj.weight.dtype
