@@ -433,6 +433,10 @@ def test_verify_refusals(bases, capsys):
             generate(base, [[]], make_strategy("exact"), gen_length=8, block_length=4, cache="dual", cache_verify=bad)
     with pytest.raises(AdjustError, match="there is none with --cache none"):
         generate(base, [[]], make_strategy("exact"), gen_length=8, block_length=4, cache_verify=2)
+    from adjust.eval.bench import run_bench
+
+    with pytest.raises(AdjustError, match="there is none with --cache none"):  # the bench's library call too
+        run_bench(base, gen_length=8, block_length=4, caches=["none"], cache_verifies=[0, 2], progress=False)
     for argv, flag in ((["generate", "--cache-verify", "2", "--gen-length", "8"], "--cache-verify"),
                        (["generate", "--cache", "dual", "--block-length", "4", "--cache-verify", "-1"],
                         "--cache-verify"),

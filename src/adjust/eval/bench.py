@@ -248,9 +248,12 @@ def bench_prompt(base, prompt_length: int, seed: int) -> list[int]:
 
 def cache_settings(caches, verifies, base=None, block_length: int | None = None) -> list[tuple[str, int]]:
     """The (cache mode, --cache-verify count) pairs a bench times: each cache mode with every count, no cache with
-    0 only; each checked as `decode.check_cache` checks one setting (base None: the arguments only)."""
+    0 only; each checked as `decode.check_cache` checks one setting (base None: the arguments only), and a count
+    with no cache mode to verify is refused as `check_cache` refuses it."""
     from ..decode import check_cache
 
+    if any(verifies) and all(c == "none" for c in caches):
+        check_cache(base, "none", block_length, None, max(verifies))
     pairs = [(c, v) for c in caches for v in (verifies if c != "none" else [0])]
     for c, v in pairs:
         check_cache(base, c, block_length, None, v)
