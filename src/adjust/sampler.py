@@ -149,9 +149,10 @@ class JointSampler(nn.Module):
         (a list of (k, v), one per block; for the last block only its projection is computed)."""
         _, z = self._inputs(base, input_ids, prior)
         cos, sin = self._rope(input_ids, attention_mask, z.dtype)
+        key_mask = None if attention_mask is None else attention_mask.bool()
         kv = []
         for block in self.blocks[:-1]:
-            z = block(z, cos, sin, None if attention_mask is None else attention_mask.bool(), keep=kv)
+            z = block(z, cos, sin, key_mask, keep=kv)
         last = self.blocks[-1]
         _, k, v = last.attn.project(last.attn_norm(z), cos, sin)
         return kv + [(k, v)]
