@@ -174,7 +174,8 @@ def build_native(size: str, device: torch.device, dtype: torch.dtype):
     return base
 
 
-def build(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, native: bool = False):
+def build(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, native: bool = False,
+          sampler_layers: int = 1):
     """(base, sampler): a random Qwen2 of this size as a Dream stand-in (or with `native` our own Dream), and an
     untrained sampler for it."""
     import transformers
@@ -198,7 +199,8 @@ def build(size: str, device: torch.device, dtype: torch.dtype, seed: int = 0, na
         from stand_ins import stand_in_base
 
         base = stand_in_base("dream", net, tok, name=f"random Qwen2 {size} as a Dream stand-in")
-    scfg = SamplerConfig.for_base(base, intermediate_ratio=s["intermediate_size"] / s["hidden_size"])
+    scfg = SamplerConfig.for_base(base, intermediate_ratio=s["intermediate_size"] / s["hidden_size"],
+                                  num_layers=sampler_layers)
     with torch.device(device):
         sampler = JointSampler(scfg)
     sampler = sampler.to(dtype=dtype).eval()
@@ -326,6 +328,8 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap.add_argument("--tau", type=float, default=0.9, help="tau of threshold and threshold-adjust (0: neither runs)")
     ap.add_argument("--unroll", default="full,fast", help="unroll modes of the sampler strategies (adjust.decode): "
                     "full, fast or both")
+    ap.add_argument("--sampler-layers", type=int, default=1, help="blocks of the joint sampler (1: the method's; "
+                    "2: the task model's), each of the base's MLP width")
     ap.add_argument("--json", default=None, help="write the report to this JSON file")
     preset = ap.parse_known_args(argv)[0].preset
     if preset:
@@ -380,7 +384,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     log(f"building a random {args.size} {'native Dream' if native else 'Qwen2 (Dream stand-in)'} on {device} in {dtype}")
-    base, sampler = build(args.size, device, dtype, args.seed, native)
+    base, sampler = build(args.size, device, dtype, args.seed, native, args.sampler_layers)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     build_s = time.perf_counter() - t0
@@ -397,7 +401,8 @@ def main(argv=None) -> int:
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
               "model": {k: v for k, v in spec.items() if k not in ("prompt_length", "gen_length", "max_tokens", "dtype")},
-              "base_params": n_base, "sampler_params": n_sampler, "sampler_intermediate": sampler.cfg.intermediate_size,
+              "base_params": n_base, "sampler_params": n_sampler, "sampler_layers": sampler.cfg.num_layers,
+              "sampler_intermediate": sampler.cfg.intermediate_size,
               "build_seconds": round(build_s, 2), "prompt_length": P, "gen_length": G, "canvas": P + G, "k": K,
               "max_tokens": M, "repeats": args.repeats, "warmup": args.warmup, "pass_vs_unroll": {},
               "preset": args.preset, "unrolls": unrolls, "tau": tau or None,

@@ -113,10 +113,11 @@ def test_issue23_preset(gpu_bench, tmp_path, capsys):
     rc = gpu_bench.main(["--preset", "issue23", "--size", "tiny", "--device", "cpu", "--dtype", "float32",
                          "--batch-sizes", "1", "--prompt-length", "8", "--gen-length", "16", "--block-length", "8",
                          "--max-tokens", "8", "--repeats", "1", "--warmup", "0", "--pass-repeats", "2",
-                         "--json", str(out)])
+                         "--sampler-layers", "2", "--json", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["preset"] == "issue23" and report["caches"] == ["none", "dual"]
+    assert report["sampler_layers"] == 2  # the task model's two-block sampler, timed at the base's shape
     assert report["unrolls"] == ["full", "fast"] and report["tau"] == 0.9
     rows = {r["strategy"]: r for r in report["throughput"]}
     labels = ("exact", "parallel:4", "threshold:0.9", "adjust:4", "adjust:4+fast", "threshold-adjust:0.9:4",
