@@ -344,9 +344,9 @@ def cmd_bench(args) -> None:
 
 def _read_pass_costs(args):
     """--pass-cost's report (every table checked) and --unroll-cost, before anything is loaded."""
-    from .eval.costs import check_unroll_cost, read_pass_costs
+    from .eval.costs import parse_unroll_cost, read_pass_costs
 
-    check_unroll_cost(args.unroll_cost)
+    args.unroll_cost = parse_unroll_cost(args.unroll_cost)
     return None if args.pass_cost is None else read_pass_costs(args.pass_cost)
 
 
@@ -360,9 +360,9 @@ def _add_cost_args(p) -> None:
     p.add_argument("--pass-cost", default=None, metavar="FILE",
                    help="a pass-cost report (benchmarks/pass_cost.py, benchmarks/gpu_bench.py): the cost of one base "
                    "pass of r rows, for tokens per pass-equivalent (default: none, rows assumed free)")
-    p.add_argument("--unroll-cost", type=float, default=None, metavar="C",
-                   help="one sampler unroll's cost relative to one base pass, every unroll mode (default: the "
-                   "--pass-cost report's for the point's unroll mode, else 0)")
+    p.add_argument("--unroll-cost", default=None, metavar="C",
+                   help="one sampler unroll's cost relative to one base pass: C for every unroll mode, or per mode "
+                   "(full=C1,fast=C2) (default: the --pass-cost report's for the point's unroll mode, else 0)")
 
 
 def cmd_eval_quality(args) -> None:

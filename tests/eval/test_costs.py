@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from adjust.cli import main
 from adjust.decode import generate
 from adjust.errors import AdjustError
-from adjust.eval.costs import (FREE, PassCost, measure_pass_cost, pass_equivalents, read_pass_cost,
+from adjust.eval.costs import (FREE, PassCost, measure_pass_cost, parse_unroll_cost, pass_equivalents, read_pass_cost,
                                read_pass_costs, tokens_per_pass_equivalent, unroll_cost_of, unroll_costs_of)
 from adjust.strategies import make_strategy
 
@@ -97,12 +98,24 @@ def test_each_unroll_mode_has_its_own_c(tmp_path):
     assert unroll_cost_of(both, None, "fast") == 0.05
     assert unroll_costs_of(both, None, ["full", "fast", "full"]) == {"full": 0.3, "fast": 0.05}
     assert unroll_costs_of(both, 0.2, ["full", "fast"]) == {"full": 0.2, "fast": 0.2}  # --unroll-cost: every mode
+    assert unroll_costs_of(both, {"fast": 0.15}, ["full", "fast"]) == {"full": 0.3, "fast": 0.15}  # one mode given
     full_only = read_pass_cost(_report(tmp_path, {"m": {"full": {"1": 1}, "unroll_cost": 0.3}}, "f.json"))
     assert full_only.unroll_cost_fast is None
     assert unroll_cost_of(full_only, None, "fast") == 0.3  # no fast figure: charged as a full unroll (upper bound)
     assert unroll_costs_of(FREE, None, ["full", "fast"]) == {"full": 0.0, "fast": 0.0}
     assert "0.3 (full unroll), 0.05 (fast unroll)" in both.describe({"full": 0.3, "fast": 0.05})
     assert "c = 0.3 of" in both.describe({"full": 0.3, "fast": 0.3}) and "c = 0.3 of" in both.describe(0.3)
+
+
+def test_unroll_cost_flag_takes_one_c_or_one_per_mode():
+    assert parse_unroll_cost(None) is None and parse_unroll_cost("0.13") == 0.13
+    assert parse_unroll_cost("full=0.13, fast=0.148") == {"full": 0.13, "fast": 0.148}
+    assert parse_unroll_cost("fast=0") == {"fast": 0.0}
+    for bad, words in (("fast=0.1,fast=0.2", "repeated unroll mode 'fast'"), ("slow=0.1", "unknown unroll mode"),
+                       ("full=x", "'x' is not a number"), ("abc", "'abc' is not a number"),
+                       ("full=-0.1", ">= 0, got -0.1"), ("inf", ">= 0, got inf")):
+        with pytest.raises(AdjustError, match=re.escape(words)):
+            parse_unroll_cost(bad)
 
 
 @torch.inference_mode()

@@ -349,6 +349,7 @@ def test_free_text_prompts_score_the_continuation(tiny_base):
     (["--timing-prompts", "0"], ["--timing-prompts", "got 0"]),
     (["--pass-cost", "nosuch.json"], ["--pass-cost", "nosuch.json"]),
     (["--unroll-cost", "nan"], ["--unroll-cost", "nan"]),
+    (["--unroll-cost", "full=0.1,slow=0.2"], ["--unroll-cost", "unknown unroll mode 'slow'"]),
 ])
 def test_bad_arguments_one_line_exit_2(capsys, tiny_model_dir, task_prompts, tmp_path, argv, names):
     rc, _, err = cli(capsys, "eval", "frontier", "--base", tiny_model_dir, "--prompts", task_prompts,

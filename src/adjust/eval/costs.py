@@ -18,9 +18,9 @@ cost(r) / cost(B) for each of its sequences still decoding (at batch 1: cost(r))
 ("full" for whole-canvas passes, "span" for cached ones); c is one sampler unroll's cost relative to one pass,
 and the unrolls are counted per decoding sequence. c is that of the decoding's unroll mode
 (`unroll_cost_of`): a report without "unroll_cost_fast" charges a fast unroll as a full one (an upper bound);
---unroll-cost sets c for every mode. Without a report every cost(r) is 1: rows are free (as
-batch-1 passes nearly are on a GPU, where they are memory-bound), and tokens per pass-equivalent is then
-tokens per full pass less the unrolls' share.
+--unroll-cost sets c for every mode, or per mode ("full=0.13,fast=0.15"). Without a report every cost(r) is 1:
+rows are free (as batch-1 passes nearly are on a GPU, where they are memory-bound), and tokens per
+pass-equivalent is then tokens per full pass less the unrolls' share.
 """
 
 from __future__ import annotations
@@ -132,15 +132,45 @@ def read_pass_cost(path, model: str | None = None) -> PassCost:
     return pick_pass_cost(read_pass_costs(path), model, path)
 
 
-def check_unroll_cost(c) -> float | None:
-    if c is not None and (not math.isfinite(c) or c < 0):
-        raise AdjustError(f"--unroll-cost must be a number >= 0, got {c!r}")
+def parse_unroll_cost(text: str | None) -> float | dict[str, float] | None:
+    """--unroll-cost: "C" (every unroll mode) or "full=C1,fast=C2" (per mode; a mode left out takes the
+    report's); AdjustError on anything else."""
+    if text is None:
+        return None
+    if "=" not in text:
+        return check_unroll_cost(_cost_number(text, text))
+    out = {}
+    for part in text.split(","):
+        mode, _, value = part.partition("=")
+        mode = mode.strip()
+        if mode not in UNROLL_KEYS or mode in out:
+            raise AdjustError(f"--unroll-cost {text!r}: {'repeated' if mode in out else 'unknown'} unroll mode "
+                              f"{mode!r} (give C, or MODE=C for the modes {', '.join(UNROLL_KEYS)})")
+        out[mode] = _cost_number(value, text)
+    return check_unroll_cost(out)
+
+
+def _cost_number(value: str, text: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise AdjustError(f"--unroll-cost {text!r}: {value.strip()!r} is not a number") from None
+
+
+def check_unroll_cost(c):
+    """c (a number, or {unroll mode: number}) if every number is finite and >= 0, else AdjustError."""
+    for v in (c.values() if isinstance(c, dict) else [c]):
+        if v is not None and (not math.isfinite(v) or v < 0):
+            raise AdjustError(f"--unroll-cost must be a number >= 0, got {v!r}")
     return c
 
 
-def unroll_cost_of(cost: PassCost, given: float | None, unroll: str = "full") -> float:
-    """c of unroll mode `unroll` ("full", "fast"): the one given (--unroll-cost, every mode), else the report's for
-    that mode, else (a fast unroll) the report's full unroll's, an upper bound; else 0 (unrolls free)."""
+def unroll_cost_of(cost: PassCost, given: float | dict | None, unroll: str = "full") -> float:
+    """c of unroll mode `unroll` ("full", "fast"): the one given (--unroll-cost: one number for every mode, or
+    {mode: c} for the modes it names), else the report's for that mode, else (a fast unroll) the report's full
+    unroll's, an upper bound; else 0 (unrolls free)."""
+    if isinstance(given, dict):
+        given = given.get(unroll)
     if given is not None:
         return given
     if unroll == "fast" and cost.unroll_cost_fast is not None:
