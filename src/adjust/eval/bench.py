@@ -274,9 +274,10 @@ def run_bench(base, sampler=None, gen_length: int = 64, batch_sizes=(1, 8), ks=(
               sampling: SamplingConfig = SamplingConfig(), specs: list | None = None,
               sampler_source: str | None = None, progress: bool = False, prompt_length: int = 0,
               block_length: int | None = None, caches=("none",), unrolls=("full",), unroll_k: int = 4,
-              pass_cost=None, unroll_cost_given: float | None = None, cache_verifies=(0,)) -> dict:
+              pass_cost=None, unroll_cost_given: float | dict | None = None, cache_verifies=(0,)) -> dict:
     """The report (see the module docstring). `pass_cost` (adjust.eval.costs.PassCost, default: rows free) and
-    `unroll_cost_given` (c; default the report's, else 0): each row's `tokens_per_pass_equivalent`."""
+    `unroll_cost_given` (c, or {unroll mode: c}; default the report's, else 0): each row's
+    `tokens_per_pass_equivalent`."""
     from tqdm.auto import tqdm
 
     from .costs import FREE, check_unroll_cost, tokens_per_pass_equivalent, unroll_costs_of

@@ -277,7 +277,7 @@ def run_frontier(base, sampler=None, prompts: list[str] | None = None, families:
                  unrolls=("full",),
                  nll_draws: int = 4, two_sided: Callable | None = None, out_dir=None, progress: bool = True,
                  sampler_source: str | None = None, prompts_source: str | None = None, pass_cost=None,
-                 unroll_cost_given: float | None = None) -> dict:
+                 unroll_cost_given: float | dict | None = None) -> dict:
     """Sweep, measure and analyse (see the module docstring); with `out_dir`, write frontier.json/.md/.png as a set.
 
     prompts: task prompts (validity), plain prompts or None (unconditional free text). num_samples:
