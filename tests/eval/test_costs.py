@@ -107,6 +107,29 @@ def test_each_unroll_mode_has_its_own_c(tmp_path):
     assert "c = 0.3 of" in both.describe({"full": 0.3, "fast": 0.3}) and "c = 0.3 of" in both.describe(0.3)
 
 
+def test_a_gpu_bench_report_charges_the_loops_unroll_cost(tmp_path):
+    """benchmarks/gpu_bench.py's pass_vs_unroll at batch 1 (LM heads included) is the c read, not pass_cost's
+    head-free figures; a report without it keeps those. The shipped GPU reports read as their runs measured."""
+    entry = {"full": {"1": 1.0, "2": 1.7}, "unroll_cost": 0.08, "unroll_cost_fast": 0.07}
+    loop = {"1": {"modes": {"full": {"unroll_cost": 0.13}, "fast": {"unroll_cost": 0.15}}},
+            "8": {"modes": {"full": {"unroll_cost": 0.09}, "fast": {"unroll_cost": 0.03}}}}
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"pass_cost": {"7b": entry}, "pass_vs_unroll": loop}))
+    c = read_pass_cost(path)
+    assert (c.unroll_cost, c.unroll_cost_fast) == (0.13, 0.15) and "pass_vs_unroll at batch 1" in c.source
+    assert c.cost("full", 2) == 1.7  # the rows' table is pass_cost's still
+    plain = read_pass_cost(_report(tmp_path, {"7b": entry}))
+    assert (plain.unroll_cost, plain.unroll_cost_fast) == (0.08, 0.07)
+    path.write_text(json.dumps({"pass_cost": {"7b": entry}, "pass_vs_unroll": {"1": {"modes": {"fast": {
+        "unroll_cost": -1}}}}}))
+    with pytest.raises(AdjustError, match=r"pass_vs_unroll\.1\.modes\.fast\.unroll_cost must be a number >= 0"):
+        read_pass_cost(path)
+    from pathlib import Path
+
+    shipped = read_pass_cost(Path(__file__).parents[2] / "results" / "gpu_bench_7b_sampler2.json")
+    assert (shipped.unroll_cost, shipped.unroll_cost_fast) == (0.1299, 0.1478)
+
+
 def test_unroll_cost_flag_takes_one_c_or_one_per_mode():
     assert parse_unroll_cost(None) is None and parse_unroll_cost("0.13") == 0.13
     assert parse_unroll_cost("full=0.13, fast=0.148") == {"full": 0.13, "fast": 0.148}

@@ -10,6 +10,10 @@ K - 1 unrolls):
     {"pass_cost": {MODEL: {"full": {"1": 1.0, "2": 1.4, ...}, "span": {...}, "unroll_cost": 0.3,
                            "unroll_cost_fast": 0.05}}, ...}
 
+Those unroll costs leave out the LM head on both sides. A benchmarks/gpu_bench.py report also times, in its
+"pass_vs_unroll" at batch 1, each mode's unroll as the decoding loop runs it, LM head included, against a full pass
+with its LM head; where it has those, they are the c read (`read_pass_costs`).
+
 cost(r) between measured r is linear interpolation, past the last measured r the last segment's slope.
 
 Tokens per pass-equivalent = decoded tokens / (sum over full passes of cost(rows of that pass) + c x unrolls),
@@ -102,20 +106,39 @@ def read_pass_costs(path) -> dict[str, PassCost]:
     if not isinstance(models, dict) or not models:
         raise AdjustError(f"--pass-cost {path}: no \"pass_cost\" object of model -> tables "
                           "(write one with benchmarks/pass_cost.py or benchmarks/gpu_bench.py)")
+    loop_c = _loop_unroll_costs(obj.get("pass_vs_unroll"), path)
     out = {}
     for name, entry in models.items():
         if not isinstance(entry, dict) or "full" not in entry:
             raise AdjustError(f"--pass-cost {path}: model {name!r} has no \"full\" table")
         tables = {k: _table(entry[k], f"--pass-cost {path}: {name}.{k}") for k in KINDS if k in entry}
-        c = {}
-        for key in UNROLL_KEYS.values():
-            v = entry.get(key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-                                  or v < 0):
-                raise AdjustError(f"--pass-cost {path}: {name}.{key} must be a number >= 0, got {v!r}")
-            c[key] = None if v is None else float(v)
-        out[name] = PassCost(tables, c["unroll_cost"], f"{path} ({name})", c["unroll_cost_fast"])
+        c = {key: _cost_or_none(entry.get(key), f"--pass-cost {path}: {name}.{key}") for key in UNROLL_KEYS.values()}
+        source = f"{path} ({name})"
+        if loop_c:  # a GPU bench report: the loop's unrolls, LM heads included, at batch 1
+            c.update(loop_c)
+            source += ", c from its pass_vs_unroll at batch 1"
+        out[name] = PassCost(tables, c["unroll_cost"], source, c["unroll_cost_fast"])
     return out
+
+
+def _cost_or_none(v, where: str) -> float | None:
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0):
+        raise AdjustError(f"{where} must be a number >= 0, got {v!r}")
+    return None if v is None else float(v)
+
+
+def _loop_unroll_costs(pass_vs_unroll, path) -> dict[str, float]:
+    """{"unroll_cost": c, "unroll_cost_fast": c} from a benchmarks/gpu_bench.py report's `pass_vs_unroll` at batch 1
+    (each mode's unroll as the decoding loop runs it, with its LM head, over one full pass with its LM head), or {}
+    where the report has none. Those, not the head-free `pass_cost` figures, are what the loop pays: at Dream-7B
+    shape the LM head is most of an unroll's weights (docs/results.md, the GPU section)."""
+    one = pass_vs_unroll.get("1") if isinstance(pass_vs_unroll, dict) else None
+    modes = one.get("modes") if isinstance(one, dict) else None
+    if not isinstance(modes, dict):
+        return {}
+    return {UNROLL_KEYS[m]: _cost_or_none(v.get("unroll_cost") if isinstance(v, dict) else v,
+                                          f"--pass-cost {path}: pass_vs_unroll.1.modes.{m}.unroll_cost")
+            for m, v in modes.items() if m in UNROLL_KEYS}
 
 
 def pick_pass_cost(costs: dict[str, PassCost], model: str | None, path) -> PassCost:
