@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from adjust import provenance
-from adjust.provenance import code_version, sampling_code_hash
+from adjust.provenance import code_version, sampling_code_hash, source_hash
 
 PACKAGE = Path(provenance.__file__).resolve().parent
 
@@ -44,9 +44,12 @@ def test_code_version_in_a_checkout_records_the_commit_and_dirty_flag(checkout):
     (checkout / "results" / "r.json").write_text('{"new": 1}\n')  # a run writing its results: still clean
     (checkout / "README.md").write_text("prose\n")
     _git(checkout, "add", "README.md")  # tracked prose changed: still clean
-    assert code_version(pkg)["dirty"] is False
+    assert code_version(pkg)["dirty"] is False and "source" not in code_version(pkg)
     (pkg / "decode.py").write_text("X = 2\n")
-    assert code_version(pkg)["dirty"] is True
+    dirty = code_version(pkg)
+    assert dirty["dirty"] is True and dirty["source"] == source_hash(pkg)  # the commit no longer names the code
+    _git(checkout, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "X = 2")
+    assert "source" not in code_version(pkg) and source_hash(pkg) == dirty["source"]  # found: this commit
 
 
 def test_code_version_outside_a_checkout_is_the_package_version(tmp_path, checkout):

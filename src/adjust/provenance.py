@@ -2,7 +2,8 @@
 
 Every report writer (eval quality / tasks / joint-kl, bench, benchmarks/gpu_bench.py) records
 `code_version()`: the git commit of this checkout and whether its tracked files differ from it
-(`dirty`), or, for an installed package outside a checkout, only the package version.
+(`dirty`; when they do, also a hash of the package's source), or, for an installed package outside a
+checkout, only the package version.
 """
 
 from __future__ import annotations
@@ -39,8 +40,12 @@ def code_version(package_dir=PACKAGE_DIR) -> dict:
     """{"package", "commit", "dirty"} in a git checkout of this package, {"package"} otherwise.
 
     `dirty` is whether tracked files differ from the commit, apart from results/ (which runs
-    write) and Markdown files (prose cannot change a figure); None if git could not tell. A checkout counts only if `package_dir` is its src/adjust, so an
-    installed copy inside some other repository reports no commit.
+    write) and Markdown files (prose cannot change a figure); None if git could not tell. A checkout
+    counts only if `package_dir` is its src/adjust, so an installed copy inside some other repository
+    reports no commit. Where `dirty` is not False the commit does not name the code; "source"
+    (`source_hash`) then does: `python -m adjust.provenance` prints it for a checkout of any commit,
+    to find the one that made the report (a copy of the tree whose git metadata is older than its
+    files reads as dirty, as on a GPU machine that received the files of a later commit).
     """
     package_dir = Path(package_dir).resolve()
     info: dict = {"package": package_version()}
@@ -52,16 +57,26 @@ def code_version(package_dir=PACKAGE_DIR) -> dict:
         status = _git(["status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results",
                        ":(exclude,glob)**/*.md"], top)
         info.update(commit=commit, dirty=None if status is None else bool(status))
+        if info["dirty"] is not False:
+            info["source"] = source_hash(package_dir)
     return info
+
+
+def source_hash(package_dir=PACKAGE_DIR) -> str:
+    """Short SHA-256 over every .py file of the package (paths and contents)."""
+    return _hash_py(Path(package_dir), lambda rel: True)
 
 
 def sampling_code_hash(package_dir=PACKAGE_DIR) -> str:
     """Short SHA-256 over the package's .py files that can change generated tokens (all but NOT_SAMPLING)."""
-    package_dir = Path(package_dir)
+    return _hash_py(Path(package_dir), lambda rel: rel.parts[0] not in NOT_SAMPLING)
+
+
+def _hash_py(package_dir: Path, keep) -> str:
     h = hashlib.sha256()
     for path in sorted(package_dir.rglob("*.py")):
         rel = path.relative_to(package_dir)
-        if rel.parts[0] in NOT_SAMPLING or "__pycache__" in rel.parts:
+        if "__pycache__" in rel.parts or not keep(rel):
             continue
         h.update(rel.as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
@@ -76,3 +91,9 @@ def sampling_code_version() -> str:
     and works the same in a checkout and in an installed package.
     """
     return f"{package_version()}+{sampling_code_hash()}"
+
+
+if __name__ == "__main__":  # python -m adjust.provenance: this checkout's code version and source hash
+    import json
+
+    print(json.dumps({**code_version(), "source": source_hash()}))
