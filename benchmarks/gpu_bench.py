@@ -72,16 +72,16 @@ after a PROMPT-token prompt (default 256 + 256 = a 512-token canvas):
    pass-cost rows 1,2,4,8,16 with both unroll costs, 3 repeats after 1 warmup, written to
    results/gpu_bench_7b_issue23.json (from the repository root):
      python benchmarks/gpu_bench.py --preset issue23
-   Estimated ~5 minutes on one H100/H200 (under 8 even if the native Dream ran 1.5x slower than
-   the stand-in), from results/gpu_bench_7b_h200.json (older code, the transformers stand-in,
-   uncached): a full pass of the 512-token canvas took 20-27 ms in the timed runs at batch 1
-   (exact: 0.66-0.86 s for 32 passes) and 114 ms at batch 8 (3.66 s / 32), an unroll 2 ms and
-   10 ms. One round at M = 64 runs 208 full passes (exact 64, threshold 64, parallel 16, the four
-   sampler runs 16 each) and 192 unrolls: ~6 s at batch 1, ~26 s at batch 8, uncached; the dual
-   cache's passes (the 32-row block, one whole-canvas refresh per block) cost at most as much,
-   so <= 12 s and <= 51 s a round for both caches, x 4 rounds (warmup + 3) = <= 250 s; the pass
-   costs (21 x the rows 1-16 of full, refresh and span, ~0.9 s each) ~20 s; pass_vs_unroll
-   ~4 s; building ~11 s. Peak memory ~20 GB (that run's 20.6 GiB).
+   Measured: 214 s on one H200, 22.6 GiB at most (results/gpu_bench_7b_issue23.json; docs/results.md has its
+   tables). Estimated before it ran at ~5 minutes on one H100/H200, from results/gpu_bench_7b_h200.json
+   (older code, the transformers stand-in, uncached): a full pass of the 512-token canvas took 20-27 ms in
+   the timed runs at batch 1 (exact: 0.66-0.86 s for 32 passes) and 114 ms at batch 8 (3.66 s / 32), an
+   unroll 2 ms and 10 ms. One round at M = 64 runs 208 full passes (exact 64, threshold 64, parallel 16, the
+   four sampler runs 16 each) and 192 unrolls: ~6 s at batch 1, ~26 s at batch 8, uncached; the dual cache's
+   passes (the 32-row block, one whole-canvas refresh per block) cost at most as much, so <= 12 s and
+   <= 51 s a round for both caches, x 4 rounds (warmup + 3) = <= 250 s; the pass costs (21 x the rows 1-16 of
+   full, refresh and span, ~0.9 s each) ~20 s; pass_vs_unroll ~4 s; building ~11 s. Peak memory ~20 GB (that
+   run's 20.6 GiB).
 
 Usage:
   python benchmarks/gpu_bench.py --preset issue23                                # issue 23's run, one GPU
