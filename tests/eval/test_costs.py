@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,8 +125,9 @@ def test_a_gpu_bench_report_charges_the_loops_unroll_cost(tmp_path):
         "unroll_cost": -1}}}}}))
     with pytest.raises(AdjustError, match=r"pass_vs_unroll\.1\.modes\.fast\.unroll_cost must be a number >= 0"):
         read_pass_cost(path)
-    from pathlib import Path
-
+    path.write_text(json.dumps({"pass_cost": {"7b": entry}, "pass_vs_unroll": {"1": {"modes": {"full": {
+        "unroll_cost": 0.13}}}}}))
+    assert (read_pass_cost(path).unroll_cost, read_pass_cost(path).unroll_cost_fast) == (0.13, 0.07)  # fast: untimed
     shipped = read_pass_cost(Path(__file__).parents[2] / "results" / "gpu_bench_7b_sampler2.json")
     assert (shipped.unroll_cost, shipped.unroll_cost_fast) == (0.1299, 0.1478)
 

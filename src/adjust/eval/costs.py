@@ -136,9 +136,10 @@ def _loop_unroll_costs(pass_vs_unroll, path) -> dict[str, float]:
     modes = one.get("modes") if isinstance(one, dict) else None
     if not isinstance(modes, dict):
         return {}
-    return {UNROLL_KEYS[m]: _cost_or_none(v.get("unroll_cost") if isinstance(v, dict) else v,
-                                          f"--pass-cost {path}: pass_vs_unroll.1.modes.{m}.unroll_cost")
-            for m, v in modes.items() if m in UNROLL_KEYS}
+    out = {UNROLL_KEYS[m]: _cost_or_none(v.get("unroll_cost") if isinstance(v, dict) else v,
+                                         f"--pass-cost {path}: pass_vs_unroll.1.modes.{m}.unroll_cost")
+           for m, v in modes.items() if m in UNROLL_KEYS}
+    return {k: c for k, c in out.items() if c is not None}  # a mode it did not time keeps pass_cost's figure
 
 
 def pick_pass_cost(costs: dict[str, PassCost], model: str | None, path) -> PassCost:
@@ -201,7 +202,7 @@ def unroll_cost_of(cost: PassCost, given: float | dict | None, unroll: str = "fu
     return cost.unroll_cost if cost.unroll_cost is not None else 0.0
 
 
-def unroll_costs_of(cost: PassCost, given: float | None, unrolls=("full",)) -> dict[str, float]:
+def unroll_costs_of(cost: PassCost, given: float | dict | None, unrolls=("full",)) -> dict[str, float]:
     """{unroll mode: c} for every mode of `unrolls` (`unroll_cost_of`)."""
     return {u: unroll_cost_of(cost, given, u) for u in dict.fromkeys(unrolls)}
 
