@@ -88,6 +88,9 @@ Usage:
   python benchmarks/gpu_bench.py --size 7b --json results/gpu_bench_7b.json     # on one GPU, bf16
   python benchmarks/gpu_bench.py --size tiny --device cpu                        # seconds on a CPU (CI smoke)
 
+With --json the report is written after the pass costs and after each batch size, with "complete": false
+until the run ends, so a run cut off by a device's time limit leaves what it measured.
+
 The 7b run needs ~17 GB of GPU memory (15.2 GB of weights, 0.6 GB sampler, ~6 GB of float32
 logits at batch 8 peak) and takes about 3 minutes on an H100 after the model is built (estimated as in
 item 6: the default strategies, speculative included, uncached, 4 rounds).
@@ -422,13 +425,24 @@ def main(argv=None) -> int:
                         "keys/values, span = the active block after a cache_pass (native Dream only); "
                         "unroll_cost / unroll_cost_fast: one full / fast sampler unroll relative to a one-row full "
                         "pass, the fast one as --unroll fast runs it at this K (keys/values once per step shared "
-                        "over K-1 unrolls of 2(K-1)+1 rows)")}
+                        "over K-1 unrolls of 2(K-1)+1 rows), no LM head on either side; --pass-cost reads c from "
+                        "pass_vs_unroll at batch 1 instead (the loop's unrolls and full pass, LM heads included); "
+                        "complete: false in a report written before the run ended (one is written after the pass "
+                        "costs and after each batch size)"),
+              "complete": False}
+
+    def save():  # atomic: an interrupted write leaves the previous file; a cut-off run leaves what it measured
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            write_json(args.json, report)
+
     block = args.block_length or 32
     kinds = ("full", "refresh", "span") if native else ("full",)
     x1 = torch.tensor(prompt + [base.mask_id] * G)
     pc = measure_pass_cost(base, x1, (P, min(P + G, P + block)), pass_rows, repeats=args.pass_repeats, warmup=1,
                            kinds=kinds, sampler=sampler, unroll_k=K)
     report["pass_cost"][f"dream-7b-shape" if args.size == "7b" else args.size] = pc
+    save()
     log("pass of r rows / one row: " + "; ".join(
         f"{k} " + " ".join(f"r={r}:{pc[k][str(r)]:.2f}" for r in pass_rows) for k in kinds)
         + f"; unroll {pc['unroll_cost']:.3f} (fast {pc['unroll_cost_fast']:.3f}) of a one-row full pass")
@@ -492,15 +506,16 @@ def main(argv=None) -> int:
                                                   "ideal_speedup": round(ideal, 4),
                                                   "achieved_speedup": row["ratio_to_exact"],
                                                   "fraction_of_ideal": round(row["ratio_to_exact"] / ideal, 4)})
+        save()
     if device.type == "cuda":
         report["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
     report["total_seconds"] = round(time.perf_counter() - t0, 1)
     for v in report["adjust_vs_ideal"]:
         log(f"batch {v['batch_size']}: {v['strategy']} ideal {v['ideal_speedup']:.2f}x, achieved "
             f"{v['achieved_speedup']:.2f}x = {100 * v['fraction_of_ideal']:.0f}% of ideal")
+    report["complete"] = True
+    save()
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.json, report)  # atomic: an interrupted run leaves the old file
         log(f"wrote {args.json}")
     print(json.dumps(report))
     return 0 if all(math.isfinite(r["tokens_per_second"]) for r in report["throughput"]) else 1

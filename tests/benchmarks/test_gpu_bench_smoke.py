@@ -23,7 +23,7 @@ def test_tiny_size_on_cpu(gpu_bench, tmp_path, capsys):
     assert rc == 0
     report = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == report  # stdout holds the same single JSON object
-    assert report["size"] == "tiny" and report["canvas"] == 24 and report["k"] == 4
+    assert report["size"] == "tiny" and report["canvas"] == 24 and report["k"] == 4 and report["complete"] is True
     from adjust.provenance import code_version
 
     assert report["code_version"] == code_version()  # which code made the figures
@@ -64,6 +64,27 @@ def test_tiny_size_on_cpu(gpu_bench, tmp_path, capsys):
     loop = report["pass_vs_unroll"]["1"]["modes"]  # whose c is the loop's at batch 1, LM heads included
     assert cost.cost("full", 16) == pc["full"]["16"] and cost.unroll_cost == loop["full"]["unroll_cost"]
     assert unroll_cost_of(cost, None, "fast") == loop["fast"]["unroll_cost"]
+
+
+def test_a_run_cut_off_leaves_what_it_measured(gpu_bench, tmp_path, monkeypatch, capsys):
+    """The report is written after the pass costs and after each batch size, marked incomplete until the end, so a
+    run stopped by a device's time limit still returns its finished batch sizes."""
+    real = gpu_bench.timed_generation
+
+    def cut_off_at_batch_2(base, sampler, s, prompt, B, *args):
+        if B == 2:
+            raise KeyboardInterrupt  # the time limit's kill, as a test can raise it
+        return real(base, sampler, s, prompt, B, *args)
+
+    monkeypatch.setattr(gpu_bench, "timed_generation", cut_off_at_batch_2)
+    out = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        gpu_bench.main(["--size", "tiny", "--device", "cpu", "--batch-sizes", "1,2", "--prompt-length", "8",
+                        "--gen-length", "16", "--max-tokens", "8", "--repeats", "1", "--warmup", "0",
+                        "--pass-repeats", "2", "--spec-depth", "0", "--tau", "0", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["complete"] is False and report["pass_cost"]["tiny"]["unroll_cost"] > 0
+    assert report["throughput"] and {r["batch_size"] for r in report["throughput"]} == {1}
 
 
 def test_7b_config_has_dream_shape(gpu_bench):
