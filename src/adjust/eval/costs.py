@@ -23,8 +23,9 @@ cost(r) / cost(B) for each of its sequences still decoding (at batch 1: cost(r))
 and the unrolls are counted per decoding sequence. c is that of the decoding's unroll mode
 (`unroll_cost_of`): a report without "unroll_cost_fast" charges a fast unroll as a full one (an upper bound);
 --unroll-cost sets c for every mode, or per mode ("full=0.13,fast=0.15"). Without a report every cost(r) is 1:
-rows are free (as batch-1 passes nearly are on a GPU, where they are memory-bound), and tokens per
-pass-equivalent is then tokens per full pass less the unrolls' share.
+rows are free (as batch-1 passes of a short span nearly are on a GPU, where they are memory-bound; whole
+512-token canvases at Dream-7B shape are not, docs/speculative.md), and tokens per pass-equivalent is then
+tokens per full pass less the unrolls' share.
 """
 
 from __future__ import annotations
