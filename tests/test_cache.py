@@ -12,6 +12,7 @@ import torch
 from adjust.base import load_base
 from adjust.decode import generate
 from adjust.errors import AdjustError
+from adjust.layers import rope_for
 from adjust.strategies import make_strategy
 
 from conftest import make_tiny_base, random_sampler
@@ -352,8 +353,6 @@ def test_verify_refreshes_the_positions_that_moved_most(bases):
 
 
 def rope_of(model, x):
-    from adjust.layers import rope_for
-
     return rope_for(None, x.shape, x.device, model.head_dim, model.rope_theta, torch.float32)
 
 
@@ -388,7 +387,8 @@ def test_verify_with_left_padding(bases, kind):
     y[:, 10:14] = x[:, 6:10]
     with torch.no_grad():
         _, kv = base.cache_pass(x, mask)
-        rows = base.model.verify_rows(y, mask, kv, 10, 14, 3)
+        cos, sin = rope_for(mask, y.shape, y.device, base.model.head_dim, base.model.rope_theta, torch.float32)
+        rows = base.model.verify_rows(y, mask.bool(), cos, sin, kv, 10, 14, 3)
     assert rows.shape == (2, 3) and not set(rows[0].tolist()) & {0, 1, 2, 3}  # 14 real positions: no padding
 
 

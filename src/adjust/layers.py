@@ -181,30 +181,29 @@ class Transformer(nn.Module):
         computed afresh with the span in every layer, their fresh keys/values written into the cache. With
         `verify` at least the positions outside the span, this is a whole-canvas pass. (One layer: nothing can
         drift, the span alone.)"""
+        cos, sin = rope_for(attention_mask, input_ids.shape, input_ids.device, self.head_dim, self.rope_theta,
+                            self.embed.weight.dtype)  # the whole canvas's, once
+        key_mask = None if attention_mask is None else attention_mask.bool()
         if verify > 0 and len(self.blocks) > 1:
             span = torch.arange(start, end, device=input_ids.device).expand(input_ids.shape[0], -1)
-            rows = torch.cat([span, self.verify_rows(input_ids, attention_mask, kv, start, end, verify)], dim=1)
+            rows = torch.cat([span, self.verify_rows(input_ids, key_mask, cos, sin, kv, start, end, verify)], dim=1)
             x = self.embed(input_ids.gather(1, rows))
-            cos, sin = rope_for(attention_mask, input_ids.shape, input_ids.device, self.head_dim, self.rope_theta,
-                                x.dtype)
             at = rows[:, None, :, None].expand(-1, 1, -1, cos.shape[-1])
             cos, sin = (t.expand(x.shape[0], -1, -1, -1).gather(2, at) for t in (cos, sin))
             start_at = rows
         else:
             x = self.embed(input_ids[:, start:end])
-            cos, sin = rope_for(attention_mask, input_ids.shape, input_ids.device, self.head_dim, self.rope_theta,
-                                x.dtype)
             cos, sin = cos[:, :, start:end], sin[:, :, start:end]
             start_at = start
-        key_mask = None if attention_mask is None else attention_mask.bool()
         for block, layer_kv in zip(self.blocks, kv):
             x = block(x, cos, sin, key_mask, kv=layer_kv, start=start_at)
         return self.norm(x[:, : end - start])
 
-    def verify_rows(self, input_ids, attention_mask, kv: list, start: int, end: int, verify: int) -> torch.Tensor:
+    def verify_rows(self, input_ids, key_mask, cos, sin, kv: list, start: int, end: int, verify: int) -> torch.Tensor:
         """(B, v) positions, ascending: the v = min(verify, L - span) outside start .. end-1 whose first-layer
         attention output moved most (L2 norm of the change) from the one their cached keys/values were computed
-        from; padding ranks last. Per sequence, a stable sort: a row's choice does not depend on the batch.
+        from; padding (False in `key_mask`) ranks last. Per sequence, a stable sort: a row's choice does not depend
+        on the batch. `cos`, `sin`: the whole canvas's rotary tables (`forward_span` computes them once for both).
 
         The probe (a first layer's keys/values depend on each position's own token, so only the attention
         moves there): every position's first-layer query against the cached first-layer keys/values, with the
@@ -218,11 +217,9 @@ class Transformer(nn.Module):
         attn = block.attn
         nq = attn.heads * attn.head_dim
         h = block.attn_norm(self.embed(input_ids))
-        cos, sin = rope_for(attention_mask, input_ids.shape, input_ids.device, self.head_dim, self.rope_theta, h.dtype)
         q = F.linear(h, attn.qkv.weight[:nq], None if attn.qkv.bias is None else attn.qkv.bias[:nq])
         q = apply_rope(q.view(B, L, attn.heads, attn.head_dim).transpose(1, 2), cos, sin)
         gqa = {"enable_gqa": True} if attn.kv_heads != attn.heads else {}
-        key_mask = None if attention_mask is None else attention_mask.bool()
         mask = None if key_mask is None else key_mask[:, None, None, :]
         ck, cv = kv[0]
 
