@@ -185,8 +185,7 @@ def _cost_number(value: str, text: str) -> float:
 def check_unroll_cost(c):
     """c (a number, or {unroll mode: number}) if every number is finite and >= 0, else AdjustError."""
     for v in (c.values() if isinstance(c, dict) else [c]):
-        if v is not None and (not math.isfinite(v) or v < 0):
-            raise AdjustError(f"--unroll-cost must be a number >= 0, got {v!r}")
+        _cost_or_none(v, "--unroll-cost")
     return c
 
 
