@@ -32,8 +32,8 @@ after a PROMPT-token prompt (default 256 + 256 = a 512-token canvas):
    so its last pass may write past M, and its tokens/s counts the tokens it wrote. With random
    weights no position is ever confident (the largest probability is near 1/vocabulary), so
    threshold writes one token per full pass (M passes, exact's count, at the cost of its
-   confidence rule) and threshold-adjust 2 (its one unsure draw, then an unroll whose pick is unsure and writes
-   nothing): as for speculative
+   confidence rule) and threshold-adjust at most 2 (its one unsure draw where a masked position lies beyond its
+   spacing, then an unroll whose pick is unsure and writes nothing): as for speculative
    below, the figure is the cost of their passes and unrolls, not the speedup a trained model's
    confidence would give. --tau 0 leaves both out. --max-tokens 0 times whole generations.
    Default: 64 for --size 7b, 0 for --size tiny.

@@ -948,6 +948,9 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--factor", type=float, default=None, help="f of the factor strategy")
     p.add_argument("--gamma", type=float, default=None, help="entropy budget of entropy-bound")
     p.add_argument("--max-tokens-per-pass", type=int, default=None, help="cap of adjust-threshold (default 8)")
+    p.add_argument("--spacing", type=int, default=None,
+                   help="threshold-adjust: its sampler draws stay more than this many positions away from every "
+                   "token written in the same step (default 2; 0: anywhere)")
     p.add_argument("--group", type=int, default=None,
                    help="adjust: tokens written at once per draw, the full pass's and each unroll's (default 1; "
                    "K / group draws per full pass; group = K is parallel)")

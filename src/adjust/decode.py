@@ -309,13 +309,15 @@ class StepContext:
         self.loop.write(rows[entries], cols[entries], tokens, self.step, self.unroll)
         return tokens
 
-    def unroll_sampler(self, prior: torch.Tensor) -> torch.Tensor:
+    def unroll_sampler(self, prior: torch.Tensor, eligible: torch.Tensor | None = None) -> torch.Tensor:
         """One pass of the joint sampler on the current canvas; returns its hidden states (B, L, H).
 
         Full: every row. With a cache: the block's rows (a sampler of several blocks: every row); fast: the
         step's kept and written positions (all rows with `all_rows`); both against the sampler's keys/values of
         the other positions, computed once per step from the step's full pass (nothing outside those rows changes
-        within a step). Rows not computed keep `prior`."""
+        within a step). Rows not computed keep `prior`. `eligible` (B, L) bool, read at a fast step's first
+        unroll only: the positions the strategy may pick this step, the only masked ones a fast unroll keeps
+        (default: every one)."""
         loop, sampler = self.loop, self.loop.sampler
         if sampler is None:
             raise AdjustError("this strategy needs a joint sampler (--sampler)")
@@ -338,7 +340,7 @@ class StepContext:
                 loop.stats.sampler_positions += hi - lo
             else:
                 if self._fast is None:
-                    self._fast = self._fast_rows()
+                    self._fast = self._fast_rows(eligible)
                 at = self._fast[2]
                 new = sampler.forward_rows(loop.base, self.x, prior, loop.attention_mask, self._sampler_kv, at)
                 out.scatter_(1, at[..., None].expand(-1, -1, out.shape[-1]), new)
@@ -346,11 +348,11 @@ class StepContext:
         loop.timer.stop("unroll_seconds", t0)
         return out
 
-    def _fast_rows(self) -> tuple:
+    def _fast_rows(self, eligible: torch.Tensor | None = None) -> tuple:
         """(rows, cols, positions) of a fast step's unrolls: each sequence's masked positions kept for them (the
-        best `picks` by the full pass's order scores) and those it wrote since the full pass, row-major; positions
-        (B, n) are the sampler's query rows (those, padded per sequence by repeating one; every position with
-        `all_rows`)."""
+        best `picks` by the full pass's order scores, among the `eligible` ones if given) and those it wrote since
+        the full pass, row-major; positions (B, n) are the sampler's query rows (those, padded per sequence by
+        repeating one; every position with `all_rows`)."""
         loop, x, mask_id = self.loop, self.x, self.loop.base.mask_id
         if self._full is None:
             self.distributions()
@@ -358,9 +360,10 @@ class StepContext:
         scores = self.scores(logp, rows) if scores is None else scores
         if loop.forced is not None:  # teacher forcing: the path's remaining positions are kept first
             scores = torch.where(loop.on_forced_path(rows, cols), torch.inf, scores)
-        still = (x[rows, cols] == mask_id).nonzero(as_tuple=True)[0]
+        open_ = x[rows, cols] == mask_id
+        keep = ~open_  # written in this step (the full pass's candidates were all masked)
+        still = (open_ if eligible is None else open_ & eligible[rows, cols]).nonzero(as_tuple=True)[0]
         counts = torch.full((x.shape[0],), loop.unroll.count(loop.k), device=x.device)
-        keep = x[rows, cols] != mask_id  # written in this step (the full pass's candidates were all masked)
         keep[still[self.choose(scores[still], rows[still], counts)]] = True
         rows, cols = rows[keep], cols[keep]
         B, L = x.shape

@@ -46,13 +46,14 @@ def test_tiny_size_on_cpu(gpu_bench, tmp_path, capsys):
             assert r["tokens"] == 8 * B and r["tokens_per_second"] > 0 and r["ratio_to_exact"] > 0
         assert (rows["exact"]["full_passes"], rows["exact"]["sampler_passes"]) == (8, 0)
         assert (rows["parallel:4"]["full_passes"], rows["parallel:4"]["sampler_passes"]) == (2, 0)
-        # random weights are never confident: threshold writes one token a pass, threshold-adjust 1 + 1 (its one
-        # unsure draw; the next unroll finds its pick unsure and writes nothing)
+        # random weights are never confident: threshold writes one token a pass, threshold-adjust 1 + at most 1 (its
+        # one unsure draw where a position beyond its spacing is masked; a next unroll finds its pick unsure)
         assert (rows["threshold:0.9"]["full_passes"], rows["threshold:0.9"]["sampler_passes"]) == (8, 0)
         for label in ("adjust:4", "adjust:4+fast"):
             assert (rows[label]["full_passes"], rows[label]["sampler_passes"]) == (2, 6), label  # fast ones counted
         for label in ("threshold-adjust:0.9:4", "threshold-adjust:0.9:4+fast"):
-            assert (rows[label]["full_passes"], rows[label]["sampler_passes"]) == (4, 8), label
+            full, unrolls = rows[label]["full_passes"], rows[label]["sampler_passes"]
+            assert 4 <= full < 8 and 0 < unrolls <= 2 * full, label  # it drew, never more than 2 tokens a pass
     assert [(v["batch_size"], v["unroll"]) for v in report["adjust_vs_ideal"]] == [(1, "full"), (1, "fast"),
                                                                                    (2, "full"), (2, "fast")]
     pc = report["pass_cost"]["tiny"]  # the transformers stand-in takes no cache: the whole canvas only
@@ -149,9 +150,10 @@ def test_issue23_preset(gpu_bench, tmp_path, capsys):
         for s in labels:
             r = rows[f"{s} [{c}]"]
             assert r["tokens"] == 8 and r["ratio_to_uncached"] > 0
-            # threshold-adjust: two tokens a pass, and no unsure unroll after the draw that empties the block
+            if s.startswith("threshold-adjust"):  # one or two tokens a pass (a draw beyond its spacing)
+                assert 4 <= r["full_passes"] < 8 and 0 < r["sampler_passes"] <= 2 * r["full_passes"], (s, c)
+                continue
             assert (r["full_passes"], r["sampler_passes"]) == {"exact": (8, 0), "parallel:4": (2, 0),
-                                                               "threshold:0.9": (8, 0)}.get(
-                s, (4, 7) if s.startswith("threshold-adjust") else (2, 6)), (s, c)
+                                                               "threshold:0.9": (8, 0)}.get(s, (2, 6)), (s, c)
     pc = report["pass_cost"]["tiny"]
     assert {"full", "refresh", "span"} <= set(pc) and pc["unroll_cost"] > 0 and pc["unroll_cost_fast"] > 0

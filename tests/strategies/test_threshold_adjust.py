@@ -72,7 +72,7 @@ def test_one_unsure_draw_per_pass_then_confident_ones(dummy_base, tau, k):
     none is left that confident: each pass takes its one unsure draw and no more (a test can tell: K - 1 draws
     would write up to 5 tokens a pass here)."""
     base = dummy_base(table())
-    out = run(base, make_strategy("threshold-adjust", tau=tau, tokens_per_pass=k), identity_sampler(base))
+    out = run(base, make_strategy("threshold-adjust", tau=tau, tokens_per_pass=k, spacing=0), identity_sampler(base))
     left, unrolls = len(CONF), 0
     for step in out.history[0]:
         u = unrolls_of(step)
@@ -105,7 +105,7 @@ def permuting_sampler(base, perm: list[int], gain: float) -> JointSampler:
 def test_each_unroll_commits_the_best_position_of_the_samplers_distributions(dummy_base):
     base = dummy_base(table())
     sampler = permuting_sampler(base, perm=[5, 4, 3, 2, 1, 0], gain=2.0)
-    out = run(base, make_strategy("threshold-adjust", tau=0.9, tokens_per_pass=4), sampler)
+    out = run(base, make_strategy("threshold-adjust", tau=0.9, tokens_per_pass=4, spacing=0), sampler)
     step = out.history[0][0]["unmasked"]
     assert len(out.history[0]) == 1 and unrolls_of(out.history[0][0]) == [0, 0, 0, 1, 2, 3]
 
@@ -133,12 +133,56 @@ def test_each_unroll_commits_the_best_position_of_the_samplers_distributions(dum
     assert picks != sorted(picks, key=lambda i: -full[i])
 
 
-def test_describe_names_tau_and_k():
-    s = make_strategy("threshold-adjust", tau=0.8, tokens_per_pass=3)
-    assert s.describe() == "threshold-adjust(tau=0.8,K=3)"
+def test_describe_names_tau_k_and_spacing():
+    s = make_strategy("threshold-adjust", tau=0.8, tokens_per_pass=3, spacing=1)
+    assert s.describe() == "threshold-adjust(tau=0.8,K=3,spacing=1)"
     assert s.uses_sampler and s.adaptive
     d = make_strategy("threshold-adjust")
-    assert (d.tau, d.k) == (0.9, 4)
+    assert (d.tau, d.k, d.spacing) == (0.9, 4, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# spacing: no sampler draw within `spacing` positions of a token written in the same step
+# --------------------------------------------------------------------------------------------
+
+SPACED = [0.95, 0.6, 0.3, 0.5, 0.4, 0.2, 0.45, 0.35]  # tau 0.9: only position 0 is sure
+
+
+def spaced_table() -> torch.Tensor:
+    return torch.stack([torch.tensor([1e-9, 1e-9, c] + [(1 - c) / 5] * 5).log() for c in SPACED])
+
+
+@pytest.mark.parametrize("unroll", ["full", "fast"])
+@pytest.mark.parametrize("spacing,drawn", [(0, 1), (1, 3), (2, 3), (3, 6), (7, None)])
+def test_the_unsure_draw_is_the_best_position_beyond_the_spacing(dummy_base, unroll, spacing, drawn):
+    """The full pass writes position 0; the sampler (identity: its distributions are the full pass's, entropy
+    order) draws the best position more than `spacing` away: 1 (0.6), else 3 (0.5), else 6 (0.45); none left
+    within 7: no unroll at all. The fast unroll keeps its 2 positions among those allowed (keeping the best two
+    overall, 1 and 3, would leave nothing to draw at spacing 3)."""
+    base = dummy_base(spaced_table())
+    out = run(base, make_strategy("threshold-adjust", tau=0.9, tokens_per_pass=2, spacing=spacing),
+              identity_sampler(base), unroll=unroll)
+    first = out.history[0][0]["unmasked"]
+    assert [(p, u) for p, _t, u in first] == [(0, 0)] + ([] if drawn is None else [(drawn, 1)])
+    if drawn is None:  # nothing is ever more than 7 away on 8 positions: threshold's steps, no unroll run
+        assert out.stats.sampler_passes == 0 and all(u == 0 for s in out.history[0] for _p, _t, u in s["unmasked"])
+
+
+def test_no_later_draw_lands_near_any_write_of_the_step(task_model):
+    """On the task model (real modules), every step of K = 4: each sampler draw is more than `spacing` away from
+    every other token written in the same step, and spacing 0 does write next to them (the test can tell)."""
+    base, sampler = task_model
+    prompts = task_prompts(base, n=6)
+
+    def min_gap(spacing):
+        out = generate(base, prompts, make_strategy("threshold-adjust", tau=0.9, tokens_per_pass=4, spacing=spacing),
+                       gen_length=16, seed=3, sampler=sampler, record_history=True)
+        gaps = [abs(p - q) for h in out.history for s in h for p, _t, u in s["unmasked"] if u > 0
+                for q, _t2, _u in s["unmasked"] if q != p]
+        return min(gaps)
+
+    assert min_gap(2) > 2
+    assert min_gap(0) == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,12 +231,12 @@ def test_k1_is_threshold_on_the_task_model(task_model):
 
 @pytest.mark.parametrize("k,order", [(2, "entropy"), (2, "random"), (4, "entropy")])
 def test_tau_1_is_adjust_on_the_tiny_model(tiny_base, tiny_sampler, k, order):
-    """K = 2 is `adjust` at K = 2, any order rule. At K = 4 no later draw is sure: the same tokens as `adjust` at
+    """With spacing 0: K = 2 is `adjust` at K = 2, any order rule. At K = 4 no later draw is sure: the same tokens as `adjust` at
     K = 2, plus one unroll per pass whose best is below tau (with --order random its scores draw position noise, so
     the tokens differ from there on)."""
     prompts = [[5, 6, 7], [8, 9, 10], [11, 12, 13]]
     kw = dict(sampling=SamplingConfig(order=order), gen_length=14, seed=2, sampler=tiny_sampler, record_history=True)
-    a = generate(tiny_base, prompts, make_strategy("threshold-adjust", tau=1.0, tokens_per_pass=k), **kw)
+    a = generate(tiny_base, prompts, make_strategy("threshold-adjust", tau=1.0, tokens_per_pass=k, spacing=0), **kw)
     b = generate(tiny_base, prompts, make_strategy("adjust", tokens_per_pass=2), **kw)
     assert torch.equal(a.tokens, b.tokens) and a.history == b.history
     if k == 2:
@@ -203,7 +247,7 @@ def test_tau_1_is_adjust_on_the_tiny_model(tiny_base, tiny_sampler, k, order):
 
 @pytest.mark.parametrize("k", [2, 4])
 def test_tau_1_is_adjust_on_the_shipped_model(k):
-    """On a trained model whose probabilities stay below 1 (the shipped model on free text). The task model
+    """With spacing 0, on a trained model whose probabilities stay below 1 (the shipped model on free text). The task model
     is not one: it gives the EOS after a `list` answer probability 1.0 exactly in float32 at some positions,
     so threshold-adjust at tau 1 commits those from the full pass and differs from adjust."""
     shipped = TASK_BASE.parent / "shakespeare-base"
@@ -211,7 +255,7 @@ def test_tau_1_is_adjust_on_the_shipped_model(k):
     sampler = JointSampler.load(shipped / "sampler", base)
     prompts = [base.encode(p) for p in ("KING HENRY.", "To be", "ROMEO:\nO")]
     kw = dict(gen_length=16, seed=7, sampler=sampler, record_history=True)
-    a = generate(base, prompts, make_strategy("threshold-adjust", tau=1.0, tokens_per_pass=k), **kw)
+    a = generate(base, prompts, make_strategy("threshold-adjust", tau=1.0, tokens_per_pass=k, spacing=0), **kw)
     b = generate(base, prompts, make_strategy("adjust", tokens_per_pass=2), **kw)  # K = min(K, 2): no draw is sure
     assert torch.equal(a.tokens, b.tokens) and a.history == b.history
 
@@ -244,7 +288,7 @@ def test_alone_equals_in_a_batch(task_model, early_exit):
 
 def test_reported_tokens_per_full_pass_match_the_committed_counts(task_model):
     base, sampler = task_model
-    out = generate(base, task_prompts(base), make_strategy("threshold-adjust", tau=0.9, tokens_per_pass=3),
+    out = generate(base, task_prompts(base), make_strategy("threshold-adjust", tau=0.9, tokens_per_pass=3, spacing=0),
                    gen_length=16, seed=3, sampler=sampler, early_exit=True, record_history=True)
     committed = sum(len(s["unmasked"]) for h in out.history for s in h)
     passes = sum(len(h) for h in out.history)
@@ -253,7 +297,8 @@ def test_reported_tokens_per_full_pass_match_the_committed_counts(task_model):
     assert out.stats.tokens_per_full_pass == pytest.approx(committed / passes)
     assert out.stats.full_passes == max(len(h) for h in out.history)
     # one batched unroll per unroll index any row reached in that pass: its last draw's, and one more where the
-    # row drew (index 1 .. K - 2) and kept masks for a later pass (that unroll's pick was unsure: nothing written)
+    # row drew (index 1 .. K - 2) and kept masks for a later pass (that unroll's pick was unsure: nothing written;
+    # spacing 0: with a spacing the unroll is skipped where no position is far enough)
     def ran(h, i):
         m = max(unrolls_of(h[i]))
         return m + (1 <= m < 2 and i + 1 < len(h))  # K = 3: unrolls 1 and 2
@@ -270,8 +315,9 @@ def test_reported_tokens_per_full_pass_match_the_committed_counts(task_model):
     (["--tau", "0"], ["--tau must be in (0, 1]"]),
     (["--tau", "1.5"], ["--tau must be in (0, 1]"]),
     (["-K", "0"], ["--tokens-per-pass must be at least 1"]),
-    (["--gamma", "0.5"], ["takes no --gamma", "--tau, -K/--tokens-per-pass"]),
+    (["--gamma", "0.5"], ["takes no --gamma", "--tau, -K/--tokens-per-pass, --spacing"]),
     (["--max-tokens-per-pass", "4"], ["takes no --max-tokens-per-pass"]),
+    (["--spacing", "-1"], ["--spacing must be an integer >= 0"]),
 ])
 def test_bad_parameters_exit_2_with_one_line(capsys, args, words):
     rc = main(["generate", "--base", str(TASK_BASE), "--strategy", "threshold-adjust", *args, "--gen-length", "4"])
@@ -284,7 +330,8 @@ def test_bad_parameters_exit_2_with_one_line(capsys, args, words):
 @pytest.mark.parametrize("spec,words", [("threshold-adjust:tau=2;K=2", ["--tau must be in (0, 1]"]),
                                         ("threshold-adjust:K=0", ["must be at least 1"]),
                                         ("threshold-adjust:tau=abc", ["--tau must be a number"]),
-                                        ("threshold-adjust:gamma=1", ["takes no gamma", "tau, K"])])
+                                        ("threshold-adjust:gamma=1", ["takes no gamma", "tau, K, spacing"]),
+                                        ("threshold-adjust:spacing=1.5", ["--spacing must be an integer >= 0"])])
 def test_bad_specs_exit_2_with_one_line(capsys, tmp_path, spec, words):
     prompts = tmp_path / "p.txt"
     prompts.write_text("list: cat dog sun =\n")

@@ -96,7 +96,7 @@ class AdjustLM(LM):
     """lm-eval model `adjust`. model_args (comma-separated key=value):
 
     base, base_type, sampler, remote_code: what to load (`adjust.loader.ModelSpec`);
-    strategy, tokens_per_pass, tau, gamma, factor, max_tokens_per_pass, group: the decoding strategy
+    strategy, tokens_per_pass, tau, gamma, factor, max_tokens_per_pass, group, spacing, ...: the decoding strategy
     (a parameter the strategy does not take is refused); block_length, gen_length: the
     generation region; temperature, top_p, top_k, order: override the request's sampling
     (requests with do_sample false, like GSM8K's, are greedy); chat: wrap each context as one

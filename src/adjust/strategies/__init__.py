@@ -12,8 +12,8 @@ STRATEGIES: dict[str, type] = {}
 # Every keyword parameter of any strategy, and those that are integers: the one list the command line, the
 # server and the lm-eval model read (each strategy refuses the ones it does not take).
 STRATEGY_PARAMS = ("tokens_per_pass", "tau", "gamma", "factor", "max_tokens_per_pass", "group", "depth", "drafter",
-                   "branch", "rule", "target")
-INT_PARAMS = ("tokens_per_pass", "max_tokens_per_pass", "group", "depth", "branch")
+                   "branch", "rule", "target", "spacing")
+INT_PARAMS = ("tokens_per_pass", "max_tokens_per_pass", "group", "depth", "branch", "spacing")
 STR_PARAMS = ("drafter", "rule", "target")  # those that are strings (the others are numbers)
 
 

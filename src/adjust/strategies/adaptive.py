@@ -161,7 +161,8 @@ class AdjustThreshold(Strategy):
 @register("threshold-adjust")
 class ThresholdAdjust(Strategy):
     """Threshold first, then ADJUST: the confident positions come free from the full pass, one sampler draw goes
-    to an uncertain position, and further draws only where the sampler is confident (docs/method.md section 9).
+    to an uncertain position away from them, and further draws only where the sampler is confident (docs/method.md
+    section 9).
 
     Rule, per sequence, in each step:
     1. from the full pass, commit every masked position of the block whose confidence (largest
@@ -169,28 +170,43 @@ class ThresholdAdjust(Strategy):
        drawn from its own marginal; no unroll is spent on them;
     2. if no position is that confident, commit instead the one best position by the order rule
        (so every full pass writes at least one token, as `adjust`'s first pick);
-    3. if masks remain in the block (and K >= 2): one sampler unroll on the canvas as it is now (every
-       token written in this step included), and commit the best-scored (order rule) remaining position,
-       drawn from the sampler's distribution, however unsure: the draw `threshold` cannot make without
-       another full pass;
-    4. then, while masks remain and fewer than K - 1 unrolls have run: one more unroll, and commit its best
-       position only if the sampler's confidence there is >= tau; the first one below tau ends the
+    3. if masks remain in the block farther than `spacing` positions from every token written in this step (and
+       K >= 2): one sampler unroll on the canvas as it is now (every token written in this step included), and
+       commit the best-scored (order rule) of those positions, drawn from the sampler's distribution, however
+       unsure: the draw `threshold` cannot make without another full pass;
+    4. then, while such masks remain and fewer than K - 1 unrolls have run: one more unroll, and commit its best
+       such position only if the sampler's confidence there is >= tau; the first one below tau ends the
        sequence's step (as `adjust-threshold`).
+    Why the spacing (default 2): a sampler of one or two layers conditions poorly on a token written in the same
+    step right next to the position it draws (the task model's `either`: a group's second word written confidently,
+    the sampler's draw beside it takes the other group's first word, below `threshold`'s validity without the
+    spacing; docs/results.md "Verifiable tasks"); neighbours are also where text depends most.
     Why step 4 is gated: a second unsure draw in one step must condition on the first, and where the sampler
     has not learned that dependency (the task model's `pick`: copy the word just written) ungated draws fall to
     `adjust`'s validity, while a confident one is what the full pass would have made free next. K = 1 is
     `threshold` except for the fallback pick of step 2 (order rule here, the most confident position there: the
-    same with --order confidence); with tau = 1.0 on a model whose probabilities never reach 1 it is `adjust`
-    with K = min(K, 2). A batch's rows are independent: an unroll runs while any row is still drawing, and a
-    row that is not takes nothing from it.
+    same with --order confidence); with tau = 1.0 and spacing 0 on a model whose probabilities never reach 1 it is
+    `adjust` with K = min(K, 2). A batch's rows are independent: an unroll runs while any row is still drawing, and
+    a row that is not takes nothing from it.
     """
 
     uses_sampler = True
     adaptive = True
 
-    def __init__(self, tau: float = 0.9, tokens_per_pass: int = 4):
+    def __init__(self, tau: float = 0.9, tokens_per_pass: int = 4, spacing: int = 2):
         super().__init__(tokens_per_pass)
         self.tau = _check_unit("tau", tau)
+        if isinstance(spacing, bool) or not isinstance(spacing, int) or spacing < 0:
+            raise AdjustError(f"--spacing must be an integer >= 0, got {spacing!r}")
+        self.spacing = spacing
+
+    def _mark(self, near: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        """Set near[b, c] for every c within `spacing` positions of a written (rows, cols)."""
+        L = near.shape[1]
+        for offset in range(-self.spacing, self.spacing + 1):
+            c = cols + offset
+            inside = (c >= 0) & (c < L)
+            near[rows[inside], c[inside]] = True
 
     def step(self, ctx) -> None:
         B = ctx.x.shape[0]
@@ -198,22 +214,28 @@ class ThresholdAdjust(Strategy):
         confident = confidence(logp) >= self.tau
         unsure = torch.bincount(rows[confident], minlength=B) == 0  # rows with no confident position
         fallback = ctx.choose(ctx.scores(logp, rows), rows, unsure.long())
-        ctx.commit(torch.cat([confident.nonzero(as_tuple=True)[0], fallback]), rows, cols, logp)
+        written = torch.cat([confident.nonzero(as_tuple=True)[0], fallback])
+        ctx.commit(written, rows, cols, logp)
+        near = torch.zeros_like(ctx.x, dtype=torch.bool)  # within `spacing` of a token written in this step
+        self._mark(near, rows[written], cols[written])
         drawing = torch.ones(B, dtype=torch.bool, device=ctx.x.device)
         hidden = ctx.hidden
         for j in range(1, self.k):
-            drawing &= ctx.remaining() > 0
+            left, at = ctx.unroll_candidates()
+            drawing &= torch.bincount(left[~near[left, at]], minlength=B) > 0  # a position it may draw
             if not drawing.any():
                 return
-            hidden = ctx.unroll_sampler(hidden)
+            hidden = ctx.unroll_sampler(hidden, eligible=~near)
             rows, cols, logp = ctx.distributions(hidden)
-            chosen = ctx.choose(ctx.scores(logp, rows), rows, drawing.long())
+            scores = ctx.scores(logp, rows).masked_fill(near[rows, cols], float("-inf"))
+            chosen = ctx.choose(scores, rows, drawing.long())
             if j > 1:  # step 4: only a confident draw
                 sure = confidence(logp[chosen]) >= self.tau
                 drawing[rows[chosen[~sure]]] = False
                 chosen = chosen[sure]
             if len(chosen):
                 ctx.commit(chosen, rows, cols, logp)
+                self._mark(near, rows[chosen], cols[chosen])
 
     def describe(self):
-        return f"threshold-adjust(tau={self.tau},K={self.k})"
+        return f"threshold-adjust(tau={self.tau},K={self.k},spacing={self.spacing})"
