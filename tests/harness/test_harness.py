@@ -185,6 +185,8 @@ def test_loglikelihood_rolling_windows(lm):
     ({"strategy": "adjust", "tokens_per_pass": 2, "group": 3}, "group must be an integer from 1 to K (2)"),
     ({"strategy": "adjust", "group": "two"}, "model arg group='two' is not an integer"),
     ({"strategy": "adjust-threshold", "max_tokens_per_pass": 0}, "model arg max_tokens_per_pass must be at least 1"),
+    ({"strategy": "threshold-adjust", "spacing": -1}, "model arg spacing must be at least 0"),
+    ({"strategy": "speculative", "branch": -1}, "model arg branch must be at least 0"),
     ({"cache": "prefix"}, "needs --block-length"),
     ({"cache": "disk", "block_length": 4}, "unknown --cache"),
     ({"cache_verify": 2}, "there is none with --cache none"),
@@ -199,6 +201,12 @@ def test_bad_model_args_are_refused(args, message):
     with pytest.raises(AdjustError, match=None) as e:
         AdjustLM(base=str(TASK_BASE), **args)
     assert message in str(e.value)
+
+
+def test_integer_args_that_may_be_zero_are_taken():
+    """spacing and branch are 0 at their smallest (spacing 0: the hybrid's rule without it); the others 1."""
+    assert AdjustLM(base=str(TASK_BASE), strategy="threshold-adjust", spacing="0").strategy.spacing == 0
+    assert AdjustLM(base=str(TASK_BASE), strategy="speculative", branch=0).strategy.branch == 0
 
 
 def test_chat_template(lm):

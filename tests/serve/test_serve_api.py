@@ -266,6 +266,8 @@ BAD = [
     ("group > K", {"prompt": PROMPT, "strategy": "adjust", "tokens_per_pass": 2, "group": 3}, "group"),
     ("group not an integer", {"prompt": PROMPT, "strategy": "adjust", "group": 1.5}, "group"),
     ("group for parallel", {"prompt": PROMPT, "strategy": "parallel", "group": 2}, "group"),
+    ("negative spacing", {"prompt": PROMPT, "strategy": "threshold-adjust", "spacing": -1}, "spacing"),
+    ("spacing not an integer", {"prompt": PROMPT, "strategy": "threshold-adjust", "spacing": 1.5}, "spacing"),
     ("wrong type", {"prompt": PROMPT, "max_tokens": "16"}, "max_tokens"),
     ("mask token in prompt", {"prompt": [5, 1, 7]}, "prompt"),
     ("cache without blocks", {"prompt": PROMPT, "cache": "dual"}, "cache"),

@@ -140,7 +140,7 @@ class AdjustLM(LM):
         self.chat = _bool("chat", a["chat"])
         self.sampling_overrides = {k: a[k] for k in ("temperature", "top_p", "top_k", "order") if a[k] is not None}
         self._sampling({})  # a bad temperature/top_p/top_k/order fails before loading
-        strategy_params = {k: _int(k, a[k], 1) if k in INT_PARAMS else a[k] for k in STRATEGY_PARAMS}
+        strategy_params = {k: _int(k, a[k], INT_PARAMS[k]) if k in INT_PARAMS else a[k] for k in STRATEGY_PARAMS}
         self.strategy = build_strategy(str(a["strategy"]), strategy_params,
                                        spell=lambda p: f"model arg {p}")  # refused before loading a model
         spec = ModelSpec(base=None if a["base"] is None else str(a["base"]), base_type=str(a["base_type"]),

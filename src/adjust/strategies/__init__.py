@@ -13,7 +13,8 @@ STRATEGIES: dict[str, type] = {}
 # server and the lm-eval model read (each strategy refuses the ones it does not take).
 STRATEGY_PARAMS = ("tokens_per_pass", "tau", "gamma", "factor", "max_tokens_per_pass", "group", "depth", "drafter",
                    "branch", "rule", "target", "spacing")
-INT_PARAMS = ("tokens_per_pass", "max_tokens_per_pass", "group", "depth", "branch", "spacing")
+# the integer ones, each with its smallest value
+INT_PARAMS = {"tokens_per_pass": 1, "max_tokens_per_pass": 1, "group": 1, "depth": 1, "branch": 0, "spacing": 0}
 STR_PARAMS = ("drafter", "rule", "target")  # those that are strings (the others are numbers)
 
 
