@@ -345,3 +345,15 @@ def test_evaluate_tasks_with_cache(tiny_base, capsys, tiny_model_dir, tmp_path):
     f.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     rc = main(["eval", "tasks", "--base", str(tiny_model_dir), "--prompts", str(f), "--cache", "prefix", "--json"])
     assert rc == 2 and "needs --block-length" in capsys.readouterr().err
+
+
+def test_report_says_which_prompts_are_held_out(tiny_base):
+    """A file of train-split prompts is reported as such, never as held-out; an eval-split file as before."""
+    train = [e.prompt for task in ("list", "pick") for e in T.examples(task, 3, seed=2, split="train")]
+    held = [e.prompt for task in ("list", "pick") for e in T.examples(task, 2, seed=2, split="eval")]
+    res = T.evaluate_tasks(tiny_base, None, train + held[:2], "parallel:2", gen_length=4)
+    assert res["prompts"] == {"list": 5, "pick": 3} and res["held_out"] == {"list": 2, "pick": 0}
+    md = T.markdown_table(res)
+    assert "prompts per task: list 5 (2 held out), pick 3 (0 held out);" in md and "held-out prompts" not in md
+    md = T.markdown_table(T.evaluate_tasks(tiny_base, None, held, "parallel:2", gen_length=4))
+    assert "held-out prompts per task: list 2, pick 2;" in md

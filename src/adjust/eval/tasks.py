@@ -398,6 +398,8 @@ def evaluate_tasks(base, sampler, prompts, strategies, gen_length: int = DEFAULT
 
     return {"validity": validity, "results": rows, "gen_length": gen_length, "num_samples": num_samples,
             "seed": seed, "sampling": sampling.__dict__, "prompts": {t: len(p) for t, p in by_task.items()},
+            # how many of each task's prompts are in the held-out split (a file of train-split prompts is not)
+            "held_out": {t: sum(split_of(*parse_prompt(q)) == "eval" for q in p) for t, p in by_task.items()},
             "block_length": block_length, "cache": cache, "cache_refresh": cache_refresh, "cache_verify": cache_verify,
             "unroll": unroll,
             "code_version": code_version()}
@@ -420,9 +422,12 @@ def markdown_table(result: dict) -> str:
     for task, row in result["validity"].items():
         lines.append(f"| {task} | " + " | ".join(f"{row[label]:.3f}" for label in labels) + " |")
     lines.append("| tokens / full pass | " + " | ".join(f"{tpp[label]:.2f}" for label in labels) + " |")
-    n = result["prompts"]
-    lines += ["", "Validity = fraction of valid answers; held-out prompts per task: "
-              + ", ".join(f"{t} {k}" for t, k in n.items()) + f"; {result['num_samples']} answer(s) each, "
+    n, held = result["prompts"], result.get("held_out")  # reports before `held_out` held eval prompts only
+    if held is None or held == n:
+        counts = "held-out prompts per task: " + ", ".join(f"{t} {k}" for t, k in n.items())
+    else:
+        counts = "prompts per task: " + ", ".join(f"{t} {k} ({held[t]} held out)" for t, k in n.items())
+    lines += ["", "Validity = fraction of valid answers; " + counts + f"; {result['num_samples']} answer(s) each, "
               f"gen length {result['gen_length']}, T = {result['sampling']['temperature']}, "
               f"order {result['sampling']['order']}, seed {result['seed']}."]
     return "\n".join(lines) + "\n"
