@@ -48,7 +48,7 @@ ENTROPY_WINDOWS=${ENTROPY_WINDOWS:-0.8}       # share of windows drawn by the en
 MAX_UNROLLS=${MAX_UNROLLS:-3}                # serves adjust up to K = MAX_UNROLLS + 1
 SAMPLER_LAYERS=${SAMPLER_LAYERS:-2}          # blocks in the sampler (1 is the method's; see its card)
 # evaluation
-STRATEGIES=${STRATEGIES:-exact,parallel:2,parallel:4,adjust:2,adjust:4,threshold:tau=0.9,entropy-bound:gamma=0.5,adjust-threshold:tau=0.9,threshold-adjust:tau=0.9;K=2,threshold-adjust:tau=0.9}
+STRATEGIES=${STRATEGIES:-exact,parallel:2,parallel:4,adjust:2,adjust:4,threshold:tau=0.9,entropy-bound:gamma=0.5,adjust-threshold:tau=0.9,threshold-adjust:tau=0.9;K=2,threshold-adjust:tau=0.9;K=4}
 TEMPERATURE=${TEMPERATURE:-1.0}; ORDER=${ORDER:-entropy}
 
 if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON

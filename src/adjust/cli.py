@@ -941,8 +941,8 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", default="exact", help="exact | parallel | adjust | threshold | factor | "
                    "entropy-bound | adjust-threshold | threshold-adjust | speculative (default: exact)")
     p.add_argument("--tokens-per-pass", "-K", type=int, default=None,
-                   help="K, tokens unmasked per full pass (default: 1 for exact, 4 otherwise); threshold-adjust: "
-                   "its confident tokens (or one), then at most K - 1 sampler unrolls")
+                   help="K, tokens unmasked per full pass (default: 1 for exact, 2 for threshold-adjust, 4 "
+                   "otherwise); threshold-adjust: its confident tokens (or one), then at most K - 1 sampler unrolls")
     p.add_argument("--tau", type=float, default=None,
                    help="confidence threshold of threshold / adjust-threshold / threshold-adjust (default 0.9)")
     p.add_argument("--factor", type=float, default=None, help="f of the factor strategy")

@@ -193,7 +193,7 @@ class ThresholdAdjust(Strategy):
     uses_sampler = True
     adaptive = True
 
-    def __init__(self, tau: float = 0.9, tokens_per_pass: int = 4, spacing: int = 2):
+    def __init__(self, tau: float = 0.9, tokens_per_pass: int = 2, spacing: int = 2):
         super().__init__(tokens_per_pass)
         self.tau = _check_unit("tau", tau)
         if isinstance(spacing, bool) or not isinstance(spacing, int) or spacing < 0:
