@@ -231,9 +231,9 @@ def test_k1_is_threshold_on_the_task_model(task_model):
 
 @pytest.mark.parametrize("k,order", [(2, "entropy"), (2, "random"), (4, "entropy")])
 def test_tau_1_is_adjust_on_the_tiny_model(tiny_base, tiny_sampler, k, order):
-    """With spacing 0: K = 2 is `adjust` at K = 2, any order rule. At K = 4 no later draw is sure: the same tokens as `adjust` at
-    K = 2, plus one unroll per pass whose best is below tau (with --order random its scores draw position noise, so
-    the tokens differ from there on)."""
+    """With spacing 0: K = 2 is `adjust` at K = 2, any order rule. At K = 4 no later draw is sure: the same tokens
+    as `adjust` at K = 2, plus one unroll per pass whose best is below tau (with --order random its scores draw
+    position noise, so the tokens differ from there on)."""
     prompts = [[5, 6, 7], [8, 9, 10], [11, 12, 13]]
     kw = dict(sampling=SamplingConfig(order=order), gen_length=14, seed=2, sampler=tiny_sampler, record_history=True)
     a = generate(tiny_base, prompts, make_strategy("threshold-adjust", tau=1.0, tokens_per_pass=k, spacing=0), **kw)
@@ -247,9 +247,9 @@ def test_tau_1_is_adjust_on_the_tiny_model(tiny_base, tiny_sampler, k, order):
 
 @pytest.mark.parametrize("k", [2, 4])
 def test_tau_1_is_adjust_on_the_shipped_model(k):
-    """With spacing 0, on a trained model whose probabilities stay below 1 (the shipped model on free text). The task model
-    is not one: it gives the EOS after a `list` answer probability 1.0 exactly in float32 at some positions,
-    so threshold-adjust at tau 1 commits those from the full pass and differs from adjust."""
+    """With spacing 0, on a trained model whose probabilities stay below 1 (the shipped model on free text). The
+    task model is not one: it gives the EOS after a `list` answer probability 1.0 exactly in float32 at some
+    positions, so threshold-adjust at tau 1 commits those from the full pass and differs from adjust."""
     shipped = TASK_BASE.parent / "shakespeare-base"
     base = load_base(shipped)
     sampler = JointSampler.load(shipped / "sampler", base)
