@@ -201,12 +201,10 @@ class ThresholdAdjust(Strategy):
         self.spacing = spacing
 
     def _mark(self, near: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
-        """Set near[b, c] for every c within `spacing` positions of a written (rows, cols)."""
-        L = near.shape[1]
-        for offset in range(-self.spacing, self.spacing + 1):
-            c = cols + offset
-            inside = (c >= 0) & (c < L)
-            near[rows[inside], c[inside]] = True
+        """Mark every position within `spacing` of a written (rows, cols) in `near`, the (B, L + 2 spacing) table
+        whose columns spacing .. spacing + L - 1 are the canvas's (a margin each side: no index falls outside)."""
+        for offset in range(2 * self.spacing + 1):
+            near[rows, cols + offset] = True
 
     def step(self, ctx) -> None:
         B = ctx.x.shape[0]
@@ -216,13 +214,15 @@ class ThresholdAdjust(Strategy):
         fallback = ctx.choose(ctx.scores(logp, rows), rows, unsure.long())
         written = torch.cat([confident.nonzero(as_tuple=True)[0], fallback])
         ctx.commit(written, rows, cols, logp)
-        near = torch.zeros_like(ctx.x, dtype=torch.bool)  # within `spacing` of a token written in this step
-        self._mark(near, rows[written], cols[written])
+        L, s = ctx.x.shape[1], self.spacing
+        margin = torch.zeros((B, L + 2 * s), dtype=torch.bool, device=ctx.x.device)
+        near = margin[:, s:s + L]  # (B, L) view: within `spacing` of a token written in this step
+        self._mark(margin, rows[written], cols[written])
         drawing = torch.ones(B, dtype=torch.bool, device=ctx.x.device)
         hidden = ctx.hidden
         for j in range(1, self.k):
             left, at = ctx.unroll_candidates()
-            drawing &= torch.bincount(left[~near[left, at]], minlength=B) > 0  # a position it may draw
+            drawing &= torch.bincount(left, weights=(~near[left, at]).float(), minlength=B) > 0  # one it may draw
             if not drawing.any():
                 return
             hidden = ctx.unroll_sampler(hidden, eligible=~near)
@@ -235,7 +235,7 @@ class ThresholdAdjust(Strategy):
                 chosen = chosen[sure]
             if len(chosen):
                 ctx.commit(chosen, rows, cols, logp)
-                self._mark(near, rows[chosen], cols[chosen])
+                self._mark(margin, rows[chosen], cols[chosen])
 
     def describe(self):
         return f"threshold-adjust(tau={self.tau},K={self.k},spacing={self.spacing})"
